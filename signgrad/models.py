@@ -1,0 +1,446 @@
+"""Full-precision reference architectures, ready to be binarized.
+
+Every model here is built only from ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear``,
+pooling and activation modules, so that :func:`signgrad.layers.binarize` can swap the
+conv and linear modules for binary versions. Conventions every model keeps:
+
+* every conv / linear layer is an ``nn.Conv2d`` / ``nn.Linear`` submodule (no functional
+  convolutions), and convs followed by batch norm have ``bias=False``;
+* the stem (first layer) is the first ``nn.Conv2d`` in ``model.modules()`` order and the
+  classifier is the last ``nn.Linear`` (it is also ``model.fc``);
+* ``num_classes`` and ``in_channels`` are always arguments;
+* ``activation`` picks the nonlinearity (see :func:`make_activation`): with 1-bit
+  activations ``sign(relu(x))`` is constantly +1, so binary-activation networks want
+  ``"hardtanh"``.
+
+Parameter counts quoted in the docstrings are ``sum(p.numel() for p in
+model.parameters())`` (batch-norm running statistics are buffers, not counted).
+
+Use :func:`get` (by name, see :func:`names`) or call a builder directly.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from signgrad.errors import SigngradError
+
+__all__ = [
+    "ACTIVATIONS",
+    "BasicBlock",
+    "CifarResNet",
+    "ConvNet",
+    "ResNet18",
+    "ShortcutA",
+    "VGGSmall",
+    "convnet",
+    "get",
+    "make_activation",
+    "names",
+    "resnet18",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "vgg_small",
+]
+
+ACTIVATIONS: tuple[str, ...] = ("relu", "hardtanh", "prelu", "identity")
+
+
+def make_activation(name: str, channels: int) -> nn.Module:
+    """A fresh activation module by name.
+
+    ``"relu"``, ``"hardtanh"`` (clip to [-1, 1]), ``"prelu"`` (one learnable slope per
+    channel, so ``channels`` matters) or ``"identity"``. Unknown names raise
+    :class:`SigngradError`.
+    """
+    if name == "relu":
+        return nn.ReLU()
+    if name == "hardtanh":
+        return nn.Hardtanh()
+    if name == "prelu":
+        return nn.PReLU(num_parameters=channels)
+    if name == "identity":
+        return nn.Identity()
+    raise SigngradError(f"unknown activation {name!r}; valid activations: {', '.join(ACTIVATIONS)}")
+
+
+def _check_int(what: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SigngradError(f"{what} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_args(num_classes: object, in_channels: object, activation: object) -> None:
+    _check_int("num_classes", num_classes, 2)
+    _check_int("in_channels", in_channels, 1)
+    if activation not in ACTIVATIONS:
+        raise SigngradError(
+            f"unknown activation {activation!r}; valid activations: {', '.join(ACTIVATIONS)}"
+        )
+
+
+def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+
+
+# --------------------------------------------------------------------------- CIFAR ResNets
+
+
+class ShortcutA(nn.Module):
+    """He et al. (2016) option-A shortcut: parameter-free identity that changes shape.
+
+    Subsamples space with ``x[:, :, ::stride, ::stride]`` and zero-pads the channel
+    dimension from ``in_planes`` to ``out_planes``, split evenly before and after (the
+    original channels sit in the middle, as in the common reference implementation).
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        if out_planes < in_planes:
+            raise SigngradError(
+                f"option-A shortcut cannot shrink channels ({in_planes} -> {out_planes})"
+            )
+        self.in_planes = in_planes
+        self.out_planes = out_planes
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        extra = self.out_planes - self.in_planes
+        if extra:
+            before = extra // 2
+            x = F.pad(x, (0, 0, 0, 0, before, extra - before))
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.in_planes}, {self.out_planes}, stride={self.stride}"
+
+
+class BasicBlock(nn.Module):
+    """Residual block conv3x3-BN-act-conv3x3-BN, plus shortcut, then act.
+
+    ``shortcut="A"``: parameter-free :class:`ShortcutA` when the shape changes (CIFAR
+    ResNets); ``shortcut="B"``: 1x1 conv (stride ``stride``) + BN projection when the
+    shape changes (ResNet-18). Identity otherwise.
+    """
+
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        *,
+        activation: str = "relu",
+        shortcut: str = "A",
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.act1 = make_activation(activation, planes)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module
+        if stride == 1 and in_planes == planes:
+            self.shortcut = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = ShortcutA(in_planes, planes, stride)
+        elif shortcut == "B":
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+        else:
+            raise SigngradError(f"unknown shortcut {shortcut!r}; valid shortcuts: A, B")
+        self.act2 = make_activation(activation, planes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet of He et al. (2016), Sec. 4.2: depth = 6n + 2.
+
+    conv3x3(16)-BN-act stem, three stages of ``n`` :class:`BasicBlock` with 16/32/64
+    channels (stride 2 at the start of stages 2 and 3, option-A shortcuts), global
+    average pool, linear classifier. Convs and the linear layer use Kaiming-normal
+    initialization, as in the common reference implementations.
+    """
+
+    def __init__(
+        self, depth: int, *, num_classes: int, in_channels: int, activation: str = "relu"
+    ) -> None:
+        super().__init__()
+        _check_args(num_classes, in_channels, activation)
+        if depth < 8 or (depth - 2) % 6:
+            raise SigngradError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.conv1 = _conv3x3(in_channels, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.act1 = make_activation(activation, 16)
+        self.in_planes = 16
+        self.layer1 = self._make_stage(16, n, 1, activation)
+        self.layer2 = self._make_stage(32, n, 2, activation)
+        self.layer3 = self._make_stage(64, n, 2, activation)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+
+    def _make_stage(self, planes: int, n: int, stride: int, activation: str) -> nn.Sequential:
+        blocks = []
+        for s in [stride] + [1] * (n - 1):
+            blocks.append(
+                BasicBlock(self.in_planes, planes, s, activation=activation, shortcut="A")
+            )
+            self.in_planes = planes
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnet20(*, num_classes: int, in_channels: int, activation: str = "relu") -> CifarResNet:
+    """ResNet-20 for CIFAR (He et al. 2016): n=3; 0.27M parameters (269,722 for 10 classes)."""
+    return CifarResNet(20, num_classes=num_classes, in_channels=in_channels, activation=activation)
+
+
+def resnet32(*, num_classes: int, in_channels: int, activation: str = "relu") -> CifarResNet:
+    """ResNet-32 for CIFAR (He et al. 2016): n=5; 0.46M parameters (464,154 for 10 classes)."""
+    return CifarResNet(32, num_classes=num_classes, in_channels=in_channels, activation=activation)
+
+
+def resnet44(*, num_classes: int, in_channels: int, activation: str = "relu") -> CifarResNet:
+    """ResNet-44 for CIFAR (He et al. 2016): n=7; 0.66M parameters (658,586 for 10 classes)."""
+    return CifarResNet(44, num_classes=num_classes, in_channels=in_channels, activation=activation)
+
+
+def resnet56(*, num_classes: int, in_channels: int, activation: str = "relu") -> CifarResNet:
+    """ResNet-56 for CIFAR (He et al. 2016): n=9; 0.85M parameters (853,018 for 10 classes)."""
+    return CifarResNet(56, num_classes=num_classes, in_channels=in_channels, activation=activation)
+
+
+def resnet110(*, num_classes: int, in_channels: int, activation: str = "relu") -> CifarResNet:
+    """ResNet-110 for CIFAR (He et al. 2016): n=18; 1.7M parameters (1,727,962 for 10 classes)."""
+    return CifarResNet(110, num_classes=num_classes, in_channels=in_channels, activation=activation)
+
+
+# --------------------------------------------------------------------------- ResNet-18
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (He et al. 2016) with the usual CIFAR stem.
+
+    conv3x3(64, stride 1)-BN-act stem (no max-pool), four stages of two
+    :class:`BasicBlock` with 64/128/256/512 channels (stride 2 at the start of stages
+    2-4, 1x1-conv + BN projection shortcuts when the shape changes), global average
+    pool, linear classifier. Convs use Kaiming-normal (fan-out) initialization and the
+    linear layer PyTorch's default, as in torchvision.
+    """
+
+    def __init__(self, *, num_classes: int, in_channels: int, activation: str = "relu") -> None:
+        super().__init__()
+        _check_args(num_classes, in_channels, activation)
+        self.conv1 = _conv3x3(in_channels, 64)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.act1 = make_activation(activation, 64)
+        self.in_planes = 64
+        self.layer1 = self._make_stage(64, 1, activation)
+        self.layer2 = self._make_stage(128, 2, activation)
+        self.layer3 = self._make_stage(256, 2, activation)
+        self.layer4 = self._make_stage(512, 2, activation)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_stage(self, planes: int, stride: int, activation: str) -> nn.Sequential:
+        first = BasicBlock(self.in_planes, planes, stride, activation=activation, shortcut="B")
+        self.in_planes = planes
+        second = BasicBlock(planes, planes, 1, activation=activation, shortcut="B")
+        return nn.Sequential(first, second)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnet18(*, num_classes: int, in_channels: int, activation: str = "relu") -> ResNet18:
+    """ResNet-18, CIFAR stem (He et al. 2016): 11.17M parameters (11,173,962 for 10 classes)."""
+    return ResNet18(num_classes=num_classes, in_channels=in_channels, activation=activation)
+
+
+# --------------------------------------------------------------------------- VGG-Small
+
+
+class VGGSmall(nn.Module):
+    """VGG-Small as used by LQ-Nets (Zhang et al. 2018) and later binary-network papers.
+
+    conv(128)-BN-act, conv(128)-maxpool-BN-act, conv(256)-BN-act,
+    conv(256)-maxpool-BN-act, conv(512)-BN-act, conv(512)-maxpool-BN-act (all 3x3,
+    padding 1, no bias), flatten, Linear(512 * s * s -> num_classes) with
+    ``s = image_size // 8``. PyTorch default initialization.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_channels: int,
+        image_size: int = 32,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        _check_args(num_classes, in_channels, activation)
+        _check_int("image_size", image_size, 8)
+        if image_size % 8:
+            raise SigngradError(f"vgg-small needs image_size divisible by 8, got {image_size}")
+        self.image_size = image_size
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for c_out in (128, 256, 512):
+            layers += [_conv3x3(c_in, c_out), nn.BatchNorm2d(c_out)]
+            layers.append(make_activation(activation, c_out))
+            layers += [_conv3x3(c_out, c_out), nn.MaxPool2d(2), nn.BatchNorm2d(c_out)]
+            layers.append(make_activation(activation, c_out))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        s = image_size // 8
+        self.fc = nn.Linear(512 * s * s, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+def vgg_small(
+    *, num_classes: int, in_channels: int, image_size: int = 32, activation: str = "relu"
+) -> VGGSmall:
+    """VGG-Small (LQ-Nets, Zhang et al. 2018): 4.66M parameters (4,660,106 on 32x32x3, 10 cls)."""
+    return VGGSmall(
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        activation=activation,
+    )
+
+
+# --------------------------------------------------------------------------- ConvNet
+
+
+class ConvNet(nn.Module):
+    """Small ConvNet for MNIST-sized inputs (28x28; any size >= 4 works).
+
+    conv(32)-BN-act, conv(64)-BN-act, maxpool, conv(128)-BN-act, maxpool (all 3x3,
+    padding 1, no bias), global average pool, Linear(128 -> num_classes). PyTorch
+    default initialization.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_channels: int,
+        image_size: int = 28,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        _check_args(num_classes, in_channels, activation)
+        _check_int("image_size", image_size, 4)
+        self.conv1 = _conv3x3(in_channels, 32)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.act1 = make_activation(activation, 32)
+        self.conv2 = _conv3x3(32, 64)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.act2 = make_activation(activation, 64)
+        self.pool2 = nn.MaxPool2d(2)
+        self.conv3 = _conv3x3(64, 128)
+        self.bn3 = nn.BatchNorm2d(128)
+        self.act3 = make_activation(activation, 128)
+        self.pool3 = nn.MaxPool2d(2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.pool2(self.act2(self.bn2(self.conv2(x))))
+        x = self.pool3(self.act3(self.bn3(self.conv3(x))))
+        return self.fc(torch.flatten(self.gap(x), 1))
+
+
+def convnet(
+    *, num_classes: int, in_channels: int, image_size: int = 28, activation: str = "relu"
+) -> ConvNet:
+    """Small ConvNet for 28x28 inputs: 94,186 parameters (1 input channel, 10 classes)."""
+    return ConvNet(
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        activation=activation,
+    )
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _sized(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Adapt a builder that does not use ``image_size`` (fully convolutional + GAP)."""
+
+    def build(*, num_classes: int, in_channels: int, image_size: int, activation: str) -> nn.Module:
+        _check_int("image_size", image_size, 1)
+        return builder(num_classes=num_classes, in_channels=in_channels, activation=activation)
+
+    return build
+
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": _sized(resnet20),
+    "resnet32": _sized(resnet32),
+    "resnet44": _sized(resnet44),
+    "resnet56": _sized(resnet56),
+    "resnet110": _sized(resnet110),
+    "resnet18": _sized(resnet18),
+    "vgg-small": vgg_small,
+    "convnet": convnet,
+}
+
+
+def names() -> list[str]:
+    """Names accepted by :func:`get`, in registry order."""
+    return list(_REGISTRY)
+
+
+def get(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int = 32,
+    activation: str = "relu",
+) -> nn.Module:
+    """Build a full-precision model by name (see :func:`names`).
+
+    ``image_size`` is the side of the (square) input; only ``vgg-small`` needs it to size
+    its classifier (and requires a multiple of 8), the others are size-agnostic through
+    global average pooling. Bad names or arguments raise :class:`SigngradError`.
+    """
+    key = name.lower().replace("_", "-") if isinstance(name, str) else None
+    if key not in _REGISTRY:
+        raise SigngradError(f"unknown model {name!r}; valid models: {', '.join(_REGISTRY)}")
+    return _REGISTRY[key](
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        activation=activation,
+    )
