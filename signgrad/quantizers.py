@@ -197,6 +197,8 @@ def get(name: str | Quantizer, **params: Any) -> Quantizer:
         raise SigngradError(f"unknown quantizer '{name}'; valid: {', '.join(_REGISTRY)}")
     accepted = parameters(name)
     unknown = sorted(set(params) - set(accepted))
+    if cls.sharpness_name is None and {"sharpness", "exact_sign_after"} & set(unknown):
+        raise SigngradError(f"quantizer '{name}' has no sharpness to schedule")
     if unknown:
         raise SigngradError(
             f"quantizer '{name}' takes no parameter {', '.join(unknown)}; "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from signgrad.checkpoint import CONFIG_NAME, METRICS_NAME, atomic_write
 from signgrad.errors import SigngradError
 
 __all__ = [
@@ -39,8 +39,6 @@ __all__ = [
     "compare",
 ]
 
-CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.jsonl"
 
 #: Config keys that say how or where a run was made, not what was trained: runs that differ
 #: only in these belong to the same group (they are repeats of one configuration).
@@ -52,11 +50,7 @@ GROUP_IGNORE = (
     "data_root",
     "version",
     "channels_last",
-    "workers",
-    "num_workers",
-    "progress",
-    "quiet",
-    "verbose",
+    "download",
 )
 
 #: Metric fields that must be numbers (or null) when present.
@@ -167,21 +161,12 @@ def _series(records: Sequence[dict[str, Any]], key: str, scale: float = 1.0) -> 
 
 def _save_atomic(fig: Figure, path: Path) -> Path:
     """Render ``fig`` as PNG to ``path`` via a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)  # attach an Agg canvas: no pyplot, no global backend
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        # os.open with 0o666 lets the umask decide the final permissions (unlike mkstemp).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SigngradError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    FigureCanvasAgg(fig)  # attach an Agg canvas: no pyplot, no global backend
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
     return path
 
 

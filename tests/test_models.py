@@ -87,7 +87,8 @@ def test_parameter_counts_match_papers(name, millions, exact):
 
 def test_convnet_is_small():
     count = n_params(build("convnet", in_channels=1, size=28))
-    assert count == 94_186
+    # conv 1*16*9 + 16*32*9 + 32*64*9, BN 2*(16+32+64), fc 64*10 + 10
+    assert count == 144 + 4608 + 18432 + 224 + 650 == 24_058
 
 
 def test_vgg_classifier_depends_on_image_size():

@@ -1,0 +1,171 @@
+"""The ``signgrad`` command line: train, eval, compare, list.
+
+A user's mistake (a :class:`SigngradError`) is one line on stderr and exit status 2;
+Ctrl-C during training leaves the last complete epoch's checkpoint and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from signgrad import __version__, data, models, quantizers
+from signgrad.errors import SigngradError
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a (binary) network",
+        description="Train a network; every flag left out keeps its default "
+        "(or, with --resume, the value saved in the run).",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--model", help=f"architecture: {', '.join(models.names())} (resnet20)")
+    p.add_argument("--data", help="data set: cifar10, cifar100, fashion-mnist, mnist, "
+                   "imagefolder:PATH (cifar10)")  # fmt: skip
+    p.add_argument("--quantizer", help=f"weight quantizer: {', '.join(quantizers.names())} (bnn)")
+    p.add_argument("--input-quantizer", help="activation quantizer for 1W1A (none)")
+    p.add_argument("--scaling", help="binary weight scaling: none, tensor, channel (none)")
+    p.add_argument("--keep", help="layers kept full precision: first_last, first, last, none "
+                   "(first_last)")  # fmt: skip
+    p.add_argument("--sharpness", help="schedule of the quantizer's sharpness, e.g. const:5, "
+                   "linear:1:10, exp:0.1:10, decay:1:0.95")  # fmt: skip
+    p.add_argument("--exact-sign-after", type=int, help="epoch (0-based) from which a soft "
+                   "forward becomes the exact sign (default: the last 10%%)")  # fmt: skip
+    p.add_argument("--activation", help="relu, hardtanh, prelu, identity "
+                   "(relu; hardtanh with --input-quantizer)")  # fmt: skip
+    p.add_argument("--optimizer", help="adam or sgd (adam)")
+    p.add_argument("--lr", type=float, help="base learning rate (adam 1e-3, sgd 0.1)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
+    p.add_argument("--weight-decay", type=float, help="on conv/linear weights only (0)")
+    p.add_argument("--schedule", help="lr schedule: cosine, step, constant (cosine)")
+    p.add_argument("--milestones", type=int, nargs="+", help="epochs of the step schedule")
+    p.add_argument("--gamma", type=float, help="factor of the step schedule (0.1)")
+    p.add_argument("--epochs", type=int, help="number of epochs (30)")
+    p.add_argument("--batch-size", type=int, help="batch size (128)")
+    p.add_argument("--seed", type=int, help="random seed (0)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--init", help="start from this full-precision checkpoint or run directory")
+    p.add_argument("--data-root", help="data root (default: $SIGNGRAD_DATA, else "
+                   "~/.cache/signgrad/data)")  # fmt: skip
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="fail instead of downloading missing data")  # fmt: skip
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (auto)")
+    p.add_argument("--out", help="run directory (default: runs/<model>-<data>-<quantizer>-...)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--stop-after", type=int, help="stop after this many epochs in total, "
+                   "keeping the schedules of --epochs; continue later with --resume")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from signgrad import train
+
+    fields = {f.name for f in dataclasses.fields(train.Config)}
+    flags = {k: v for k, v in vars(args).items() if k in fields}
+    resume = getattr(args, "resume", False)
+    if resume:
+        if "out" not in flags:
+            raise SigngradError("--resume needs --out RUN_DIR")
+        cfg = train.resume_config(flags.pop("out"), flags)
+    else:
+        cfg = train.Config(**flags)
+    history = train.train(
+        cfg,
+        resume=resume,
+        stop_after=getattr(args, "stop_after", None),
+        progress=not getattr(args, "no_progress", False),
+    )
+    if history:
+        last = history[-1]
+        print(
+            f"epoch {last['epoch']}/{cfg.epochs}: test accuracy {100 * last['test_acc']:.2f}% "
+            f"(test loss {last['test_loss']:.4f}, train loss {last['train_loss']:.4f}) "
+            f"in {sum(r['time_s'] for r in history):.0f}s; run in {cfg.out}"
+        )
+    else:
+        print(f"nothing to do: the run in {cfg.out} has finished its {cfg.epochs} epochs")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from signgrad import data as data_mod
+    from signgrad import train
+
+    model, cfg, state = train.load_trained(args.checkpoint, device=args.device,
+                                           data_root=args.data_root)  # fmt: skip
+    ds = data_mod.load(cfg.data, root=args.data_root or cfg.data_root)
+    device = next(model.parameters()).device
+    loader = data_mod.Loader(
+        ds.test_images, ds.test_labels, batch_size=500, mean=ds.mean, std=ds.std,
+        train=False, augment=False, device=device,
+    )  # fmt: skip
+    loss, acc = train.evaluate(model, loader, bf16=cfg.bf16, channels_last=cfg.channels_last)
+    print(
+        f"{args.checkpoint}: {cfg.model} on {cfg.data}, epoch {state['epoch']}: "
+        f"test loss {loss:.4f}, test accuracy {100 * acc:.2f}% ({len(ds.test_labels)} images)"
+    )
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from signgrad import report
+
+    png = Path(args.png)
+    print(report.compare(args.runs, png), end="")
+    print(f"\ncurves: {png}")
+
+
+def _list(args: argparse.Namespace) -> None:
+    print("quantizers:", ", ".join(quantizers.names()))
+    print("models:    ", ", ".join(models.names()))
+    print("data:      ", ", ".join(data.names()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="signgrad", description="Train and compare binary neural networks."
+    )
+    parser.add_argument("--version", action="version", version=f"signgrad {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    e = sub.add_parser("eval", help="test loss and accuracy of a run or checkpoint")
+    e.add_argument("checkpoint", help="run directory or checkpoint file")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--data-root", default=None)
+    e.set_defaults(func=_eval)
+    c = sub.add_parser("compare", help="markdown table and curves of several runs")
+    c.add_argument("runs", nargs="+", help="run directories")
+    c.add_argument("--png", default="comparison.png", help="where to write the curves")
+    c.set_defaults(func=_compare)
+    sub.add_parser("list", help="the available quantizers, models and data sets").set_defaults(
+        func=_list
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s" if not args.quiet else "%(levelname)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except SigngradError as e:
+        print(f"signgrad: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("signgrad: interrupted; the last finished epoch is kept, continue with --resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""The training loop: one configuration in, one run directory out.
+
+Read top to bottom: resolve the configuration, build data / model / optimizer, then per
+epoch: advance the quantizers' schedules, train, evaluate, write metrics and an atomic
+checkpoint. A run directory holds ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``
+and ``curves.png``; ``resume`` continues it exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from signgrad import __version__, checkpoint, data, layers, models, quantizers, report
+from signgrad.errors import SigngradError
+
+log = logging.getLogger("signgrad.train")
+
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("cosine", "step", "constant")
+DEFAULT_LR = {"adam": 1e-3, "sgd": 0.1}
+
+
+@dataclass
+class Config:
+    """Everything that defines a run (what ``config.json`` holds)."""
+
+    model: str = "resnet20"
+    data: str = "cifar10"
+    quantizer: str = "bnn"
+    input_quantizer: str | None = None
+    scaling: str = "none"
+    keep: str = "first_last"
+    sharpness: str | None = None
+    exact_sign_after: int | None = None
+    activation: str | None = None  # None: relu, or hardtanh when activations are binary
+    optimizer: str = "adam"
+    lr: float | None = None  # None: 1e-3 for Adam, 0.1 for SGD
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=list)  # step schedule; empty: 50%, 75%
+    gamma: float = 0.1
+    epochs: int = 30
+    batch_size: int = 128
+    seed: int = 0
+    bf16: bool = False
+    channels_last: bool = False
+    init: str | None = None
+    data_root: str | None = None
+    download: bool = True
+    device: str = "auto"
+    out: str | None = None
+    version: str = __version__
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def resolved(self) -> Config:
+        """Fill the defaults that depend on other fields and check every name."""
+        c = dataclasses.replace(self)
+        if c.optimizer not in OPTIMIZERS:
+            raise SigngradError(
+                f"unknown optimizer '{c.optimizer}'; valid: {', '.join(OPTIMIZERS)}"
+            )
+        if c.schedule not in LR_SCHEDULES:
+            raise SigngradError(
+                f"unknown lr schedule '{c.schedule}'; valid: {', '.join(LR_SCHEDULES)}"
+            )
+        if c.model not in models.names():
+            raise SigngradError(f"unknown model '{c.model}'; valid: {', '.join(models.names())}")
+        data.check_name(c.data)
+        if c.input_quantizer == "none":
+            c.input_quantizer = None
+        if c.lr is None:
+            c.lr = DEFAULT_LR[c.optimizer]
+        if c.activation is None:
+            c.activation = "hardtanh" if c.input_quantizer else "relu"
+        for name, value in [("epochs", c.epochs), ("batch_size", c.batch_size)]:
+            if value < 1:
+                raise SigngradError(f"{name} must be at least 1, got {value}")
+        if not (c.lr > 0 and math.isfinite(c.lr)):
+            raise SigngradError(f"lr must be a positive number, got {c.lr}")
+        if c.weight_decay < 0:
+            raise SigngradError(f"weight_decay must be >= 0, got {c.weight_decay}")
+        # Build the quantizers once so that bad names and parameters fail before any work.
+        quantizers.get(c.quantizer, **self.weight_params())
+        if c.input_quantizer and not quantizers.get(c.input_quantizer).for_activations:
+            raise SigngradError(
+                f"quantizer '{c.input_quantizer}' works on weights only, not on activations"
+            )
+        return c
+
+    def weight_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if self.sharpness is not None:
+            params["sharpness"] = self.sharpness
+        if self.exact_sign_after is not None:
+            params["exact_sign_after"] = self.exact_sign_after
+        return params
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SigngradError(f"unknown device '{name}'; try auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SigngradError(f"device '{name}' asked for, but CUDA is not available here")
+    return device
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown: do not warn
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_model(cfg: Config, ds: data.DataSet) -> nn.Module:
+    """The architecture of ``cfg`` sized for ``ds``, binarized as ``cfg`` says."""
+    model = models.get(
+        cfg.model,
+        num_classes=ds.num_classes,
+        in_channels=ds.in_channels,
+        image_size=ds.image_size[0],
+        activation=cfg.activation,
+    )
+    if cfg.init:
+        state = checkpoint.load(cfg.init)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise SigngradError(
+                f"--init {cfg.init} ({state['config'].get('model')}) does not fit "
+                f"{cfg.model}: {first}"
+            ) from None
+    if cfg.quantizer != "none" or cfg.input_quantizer:
+        layers.binarize(
+            model,
+            cfg.quantizer,
+            cfg.input_quantizer,
+            scaling=cfg.scaling,
+            keep=cfg.keep,
+            weight_params=cfg.weight_params(),
+        )
+    return model
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    # Weight decay on conv/linear weights only: decaying BN scales and biases only hurts.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def learning_rate(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """The learning rate at a global step: a pure function, so resume needs no state."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        total = cfg.epochs * steps_per_epoch
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
+    milestones = cfg.milestones or [cfg.epochs // 2, (3 * cfg.epochs) // 4]
+    epoch = step // steps_per_epoch
+    return cfg.lr * cfg.gamma ** sum(epoch >= m for m in milestones)
+
+
+def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader: data.Loader, *, bf16: bool = False, channels_last: bool = False
+) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode over ``loader``."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    n = 0
+    for x, y in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, bf16):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        n += len(y)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def _prepare_run_dir(cfg: Config, resume: bool) -> Path:
+    if cfg.out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg.out = str(Path("runs") / f"{cfg.model}-{cfg.data}-{cfg.quantizer}-s{cfg.seed}-{stamp}")
+    run_dir = Path(cfg.out)
+    ckpt = run_dir / checkpoint.CHECKPOINT_NAME
+    if resume and not ckpt.is_file():
+        raise SigngradError(f"--resume: no checkpoint in {run_dir}")
+    if not resume and ckpt.exists():
+        raise SigngradError(
+            f"{run_dir} already holds a run; continue it with --resume or choose another --out"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SigngradError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+    if not os.access(run_dir, os.W_OK):
+        raise SigngradError(f"run directory {run_dir} is not writable")
+    return run_dir
+
+
+def resume_config(run_dir: str | os.PathLike, overrides: dict[str, Any]) -> Config:
+    """The configuration of the run in ``run_dir`` with ``overrides`` applied; only the
+    number of epochs, the device and the data root may change on resume."""
+    saved = checkpoint.load(run_dir)["config"]
+    changeable = {"epochs", "device", "data_root", "download", "out"}
+    clash = sorted(k for k, v in overrides.items() if k not in changeable and saved.get(k) != v)
+    if clash:
+        raise SigngradError(
+            f"--resume continues the saved configuration; these flags differ from it: "
+            f"{', '.join(clash)} (only --epochs and --device may change)"
+        )
+    cfg = Config.from_dict({**saved, **overrides, "out": str(run_dir)})
+    return cfg
+
+
+def train(
+    cfg: Config, *, resume: bool = False, stop_after: int | None = None, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Train as ``cfg`` says; return the per-epoch metrics of the whole run.
+
+    ``stop_after`` ends this call after that many finished epochs (counting the resumed
+    ones) while keeping the schedules of ``cfg.epochs``, so a run can be split into
+    pieces that together equal one uninterrupted run.
+    """
+    cfg = cfg.resolved()
+    run_dir = _prepare_run_dir(cfg, resume)
+    device = pick_device(cfg.device)
+    if cfg.bf16 and device.type == "cpu" and not _cpu_has_fast_bf16():
+        log.warning(
+            "--bf16 on a CPU without AVX-512 BF16 or AMX emulates bf16 and is many times "
+            "slower than fp32 (see benchmarks/train_step.py)"
+        )
+    ds = data.load(cfg.data, root=cfg.data_root, download=cfg.download)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, ds).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_loader = data.Loader(
+        ds.train_images, ds.train_labels, batch_size=cfg.batch_size, mean=ds.mean, std=ds.std,
+        train=True, augment=ds.augment, device=device, generator=generator, drop_last=True,
+    )  # fmt: skip
+    test_loader = data.Loader(
+        ds.test_images, ds.test_labels, batch_size=500, mean=ds.mean, std=ds.std,
+        train=False, augment=False, device=device,
+    )  # fmt: skip
+    steps = len(train_loader)
+    if steps == 0:
+        raise SigngradError(
+            f"batch size {cfg.batch_size} exceeds the {len(ds.train_labels)} training images"
+        )
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume:
+        state = checkpoint.load(run_dir)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["rng"]["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        history = list(state["history"])
+        start_epoch = state["epoch"]
+        # metrics.jsonl may hold a line written after the last checkpoint; the checkpoint wins.
+        checkpoint.write_jsonl(run_dir / checkpoint.METRICS_NAME, history)
+        log.info("resuming %s at epoch %d of %d", run_dir, start_epoch, cfg.epochs)
+    config_dict = dataclasses.asdict(cfg)
+    checkpoint.write_json(run_dir / checkpoint.CONFIG_NAME, config_dict)
+
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        sharpness = layers.set_epoch(model, epoch, cfg.epochs)
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(
+            train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+            disable=not progress, dynamic_ncols=True,
+        )  # fmt: skip
+        for i, (x, y) in enumerate(bar):
+            lr = learning_rate(cfg, epoch * steps + i, steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, cfg.bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            layers.post_step(model, lr)
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if progress and i % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        train_loss = loss_sum.item() / seen
+        if not math.isfinite(train_loss):
+            raise SigngradError(
+                f"the training loss became {train_loss} in epoch {epoch + 1}; the last good "
+                f"checkpoint in {run_dir} is kept (try a lower --lr)"
+            )
+        test_loss, test_acc = evaluate(
+            model, test_loader, bf16=cfg.bf16, channels_last=cfg.channels_last
+        )
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_acc": correct.item() / seen,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "time_s": time.perf_counter() - t0,
+            "lr": lr,
+            "sharpness": sharpness,
+        }
+        history.append(record)
+        checkpoint.save(
+            run_dir / checkpoint.CHECKPOINT_NAME,
+            {
+                "config": config_dict,
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": {"data": generator.get_state(), "torch": torch.get_rng_state()},
+                "history": history,
+            },
+        )
+        with open(run_dir / checkpoint.METRICS_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info(
+            "epoch %d/%d  train loss %.4f  acc %.2f%%  test loss %.4f  acc %.2f%%  "
+            "lr %.2e  %.1fs",
+            epoch + 1, cfg.epochs, train_loss, 100 * record["train_acc"], test_loss,
+            100 * test_acc, lr, record["time_s"],
+        )  # fmt: skip
+    if history:
+        report.plot_run(run_dir)
+    return history
+
+
+def load_trained(
+    path: str | os.PathLike, device: str = "cpu", data_root: str | None = None
+) -> tuple[nn.Module, Config, dict]:
+    """Rebuild the model of a checkpoint (or run directory) in its final state: weights
+    loaded, quantizers at the epoch the checkpoint was written. Returns (model, config,
+    checkpoint dict)."""
+    state = checkpoint.load(path)
+    cfg = Config.from_dict(state["config"])
+    if data_root is not None:
+        cfg.data_root = data_root
+    ds_meta = data.load(cfg.data, root=cfg.data_root)
+    model = build_model(dataclasses.replace(cfg, init=None), ds_meta)
+    model.load_state_dict(state["model"])
+    layers.set_epoch(model, state["epoch"] - 1, cfg.epochs)
+    return model.to(pick_device(device)), cfg, state
