@@ -97,18 +97,18 @@ def _eval(args: argparse.Namespace) -> None:
     from signgrad import data as data_mod
     from signgrad import train
 
-    model, cfg, state = train.load_trained(args.checkpoint, device=args.device,
-                                           data_root=args.data_root)  # fmt: skip
-    ds = data_mod.load(cfg.data, root=args.data_root or cfg.data_root)
-    device = next(model.parameters()).device
+    t = train.load_trained(args.checkpoint, device=args.device, data_root=args.data_root)
     loader = data_mod.Loader(
-        ds.test_images, ds.test_labels, batch_size=500, mean=ds.mean, std=ds.std,
-        train=False, augment=False, device=device,
+        t.data.test_images, t.data.test_labels, batch_size=500, mean=t.data.mean,
+        std=t.data.std, train=False, augment=False, device=next(t.model.parameters()).device,
     )  # fmt: skip
-    loss, acc = train.evaluate(model, loader, bf16=cfg.bf16, channels_last=cfg.channels_last)
+    loss, acc = train.evaluate(
+        t.model, loader, bf16=t.config.bf16, channels_last=t.config.channels_last
+    )
     print(
-        f"{args.checkpoint}: {cfg.model} on {cfg.data}, epoch {state['epoch']}: "
-        f"test loss {loss:.4f}, test accuracy {100 * acc:.2f}% ({len(ds.test_labels)} images)"
+        f"{args.checkpoint}: {t.config.model} on {t.config.data}, epoch "
+        f"{t.checkpoint['epoch']}: test loss {loss:.4f}, test accuracy {100 * acc:.2f}% "
+        f"({len(t.data.test_labels)} images)"
     )
 
 

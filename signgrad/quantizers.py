@@ -451,6 +451,34 @@ class DoReFa(Quantizer):
         return f"bits={self.bits}"
 
 
+def decomposition_gap(q: Quantizer, x: Tensor | None = None) -> float:
+    """How far the pair (F, B) of ``q`` is from ProxConnect++'s form F = P o B with P
+    monotone non-decreasing (a proximal quantizer), on a grid of ``x`` (default
+    [-4, 4]). 0 means the form holds on the grid and PC++'s guarantees apply.
+
+    B is the antiderivative of B' (cumulative trapezoid rule from the grid's left end).
+    F = P o B with P non-decreasing holds exactly when, with the grid points in the order
+    of their B values, F never decreases and points with equal B have equal F; the gap is
+    the largest decrease of F in that order or spread of F within a level of B.
+    """
+    if x is None:
+        x = torch.linspace(-4.0, 4.0, 16001, dtype=torch.float64)
+    x = x.to(torch.float64).sort().values
+    with torch.no_grad():
+        f = q.forward_value(x, q.sharpness)
+        d = q.derivative(x, q.sharpness)
+    b = torch.cat([x.new_zeros(1), torch.cumsum((d[1:] + d[:-1]) / 2 * x.diff(), 0)])
+    order = torch.argsort(b, stable=True)
+    b, f = b[order], f[order]
+    decrease = (torch.cummax(f, 0).values - f).max()
+    # Equal B (a flat stretch of the backward map) must come with equal F.
+    level = torch.cat([b.new_zeros(1, dtype=torch.long), torch.cumsum(b.diff() > 1e-12, 0)])
+    spread = torch.zeros(int(level[-1]) + 1, dtype=f.dtype)
+    hi = spread.scatter_reduce(0, level, f, "amax", include_self=False)
+    lo = spread.scatter_reduce(0, level, f, "amin", include_self=False)
+    return max(decrease.item(), (hi - lo).max().item())
+
+
 def precision_of(q: Quantizer | None) -> int:
     """Bits of what ``q`` outputs; 32 for no quantizer."""
     return 32 if q is None else q.precision

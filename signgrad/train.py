@@ -381,18 +381,27 @@ def train(
     return history
 
 
+@dataclass
+class Trained:
+    """A trained model rebuilt from its checkpoint, with what it was trained on."""
+
+    model: nn.Module
+    config: Config
+    checkpoint: dict[str, Any]
+    data: data.DataSet
+
+
 def load_trained(
     path: str | os.PathLike, device: str = "cpu", data_root: str | None = None
-) -> tuple[nn.Module, Config, dict]:
+) -> Trained:
     """Rebuild the model of a checkpoint (or run directory) in its final state: weights
-    loaded, quantizers at the epoch the checkpoint was written. Returns (model, config,
-    checkpoint dict)."""
+    loaded, quantizers at the epoch the checkpoint was written."""
     state = checkpoint.load(path)
     cfg = Config.from_dict(state["config"])
     if data_root is not None:
         cfg.data_root = data_root
-    ds_meta = data.load(cfg.data, root=cfg.data_root)
-    model = build_model(dataclasses.replace(cfg, init=None), ds_meta)
+    ds = data.load(cfg.data, root=cfg.data_root, download=cfg.download)
+    model = build_model(dataclasses.replace(cfg, init=None), ds)
     model.load_state_dict(state["model"])
     layers.set_epoch(model, state["epoch"] - 1, cfg.epochs)
-    return model.to(pick_device(device)), cfg, state
+    return Trained(model.to(pick_device(device)), cfg, state, ds)

@@ -293,3 +293,29 @@ def test_exact_sign_after_epoch():
     q.set_epoch(9, 10)
     assert q.exact
     assert math.isclose(q.sharpness, 1.0)
+
+
+# -- the PC++ decomposition criterion -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", quantizers.names())
+def test_every_registered_pair_has_the_pc_plus_plus_form(name):
+    q = quantizers.get(name)
+    for epoch in (0, 5, 9):
+        q.set_epoch(epoch, 10)
+        # Up to the trapezoid rule's error in B (about 1e-7 for sharp Sign-Swish maps).
+        assert quantizers.decomposition_gap(q) < 1e-6, (name, epoch)
+
+
+def test_decomposition_gap_finds_pairs_without_the_form():
+    # hardtanh(x / T) with T = 2 keeps changing where hardtanh(x) is flat: no P exists.
+    q = quantizers.get("ste-warmup", sharpness="const:2")
+    assert quantizers.decomposition_gap(q) == pytest.approx(0.5, abs=1e-3)
+
+    class Reversed(quantizers.Quantizer):
+        """A user-defined pair: sign forward, decreasing backward map B(x) = -x."""
+
+        def derivative(self, x, s):
+            return -torch.ones_like(x)
+
+    assert quantizers.decomposition_gap(Reversed()) == pytest.approx(2.0)

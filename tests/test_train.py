@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from signgrad import checkpoint, cli, data, train
+from signgrad import checkpoint, cli, data, layers, train
 
 DATA = os.environ.get("SIGNGRAD_DATA")
 needs_cifar = pytest.mark.skipif(
@@ -43,7 +43,7 @@ def test_train_binary_resnet20_on_real_cifar10(tmp_path, capsys):
     assert config["quantizer"] == "bnn" and config["lr"] == 3e-3
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The weights the model computes with really are +-1 (first and last layer kept).
-    model, _, _ = train.load_trained(out)
+    model = train.load_trained(out).model
     conv = model.layer1[0].conv1
     assert set(conv.binary_weight().detach().unique().tolist()) == {-1.0, 1.0}
     assert type(model.conv1).__name__ == "Conv2d"
@@ -207,3 +207,21 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("signgrad: error: unknown quantizer 'nope'")
+
+
+@needs_cifar
+def test_1w1a_with_proxquant_trains(tmp_path):
+    out = tmp_path / "r"
+    code = run_cli("train", "--model", "convnet", "--quantizer", "proxquant",
+                   "--input-quantizer", "bnn", "--epochs", "3", "--lr", "3e-3",
+                   "--no-progress", "--out", str(out))  # fmt: skip
+    assert code == 0
+    t = train.load_trained(out)
+    assert t.config.activation == "hardtanh"  # sign(relu(x)) would be constant
+    history = t.checkpoint["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert [r["sharpness"] for r in history] == [0.0, 1.0, 2.0]  # rho * epoch
+    for _, layer in layers.binary_layers(t.model):
+        assert layer.input_quantizer is not None
+        # The prox step clips the latent weights to [-1, 1].
+        assert layer.weight.abs().max() <= 1

@@ -1,0 +1,106 @@
+"""Milliseconds per training step of ResNet-20 (batch 128): full precision vs binary
+weights with each quantizer vs 1W1A, as ratios to full precision measured in the same run.
+
+A step is forward + backward + Adam step on a fixed random batch (data loading excluded).
+Configurations are measured round-robin (one step of each in turn, after warm-up), so
+that drifts of a noisy machine hit all of them alike; the median of the rounds is shown.
+
+    python benchmarks/train_step.py                      # fp32 and bf16, every quantizer
+    python benchmarks/train_step.py --precisions fp32 --rounds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from signgrad import layers, models, quantizers
+
+
+def build(weight_q: str | None, input_q: str | None, channels_last: bool) -> nn.Module:
+    torch.manual_seed(0)
+    act = "hardtanh" if input_q else "relu"
+    model = models.get("resnet20", num_classes=10, in_channels=3, activation=act)
+    if weight_q or input_q:
+        layers.binarize(model, weight_q or "none", input_q)
+        layers.set_epoch(model, 0, 100)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bf16: bool
+) -> float:
+    """One timed training step."""
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    every = [q for q in quantizers.names() if q != "none"]
+    p.add_argument("--quantizers", nargs="+", default=every)
+    p.add_argument("--rounds", type=int, default=10, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--channels-last", action="store_true")
+    args = p.parse_args()
+
+    configs = [("full precision", None, None)]
+    configs += [(f"1W32A {q}", q, None) for q in args.quantizers]
+    configs += [("1W1A bnn/bnn", "bnn", "bnn")]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"channels_last {args.channels_last}, {args.rounds} rounds"
+    )
+    print()
+    print("| configuration | precision | ms / step (median) | ratio to full precision |")
+    print("|---|---|---:|---:|")
+    base_ms: dict[str, float] = {}
+    for precision in args.precisions:
+        bf16 = precision == "bf16"
+        runs = []
+        for label, wq, iq in configs:
+            model = build(wq, iq, args.channels_last)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            runs.append((label, model, opt, []))
+
+        for r in range(args.warmup + args.rounds):
+            for _, model, opt, times in runs:
+                t = step(model, opt, x, y, bf16)
+                if r >= args.warmup:
+                    times.append(t)
+        base_ms[precision] = 1000 * statistics.median(runs[0][3])
+        for label, _, _, times in runs:
+            ms = 1000 * statistics.median(times)
+            ratio = ms / base_ms[precision]
+            print(f"| {label} | {precision} | {ms:.1f} | {ratio:.3f} |", flush=True)
+    if len(base_ms) == 2:
+        # Measured in separate passes (not interleaved): a coarse figure.
+        print(f"\nfull precision, bf16 / fp32 step time: {base_ms['bf16'] / base_ms['fp32']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
