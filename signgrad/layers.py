@@ -18,7 +18,7 @@ pseudo-gradient times alpha.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -80,11 +80,19 @@ class _BinaryMixin:
             return w.mean()
         return w.mean(dim=tuple(range(1, w.dim())), keepdim=True)
 
+    #: set by a learned estimator for one step: the forward uses F(W - lookahead)
+    lookahead: Tensor | None = None
+    #: set by a learned estimator: called with dL/dF(W - lookahead), the natural gradient
+    on_natural_grad: Callable[[Tensor], None] | None = None
+
     def binary_weight(self) -> Tensor:
         """alpha * F(W): the weights the forward pass computes with."""
-        w = self.weight_quantizer(self.weight)
+        w = self.weight if self.lookahead is None else self.weight - self.lookahead
+        q = self.weight_quantizer(w)
+        if self.on_natural_grad is not None and q.requires_grad:
+            q.register_hook(self.on_natural_grad)
         alpha = self.scale()
-        return w if alpha is None else w * alpha
+        return q if alpha is None else q * alpha
 
     def quantize_input(self, x: Tensor) -> Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)

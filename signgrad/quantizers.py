@@ -136,6 +136,11 @@ class Quantizer(nn.Module):
     def forward_value(self, x: Tensor, s: float | None) -> Tensor:
         return sign(x) if self.exact else self.forward_map(x, s)
 
+    def preprocess(self, x: Tensor) -> Tensor:
+        """The pre-quantization transform W~ of the latent weights (identity unless the
+        method has one, as DoReFa does); learned estimators read W~."""
+        return x
+
     def forward(self, x: Tensor) -> Tensor:
         return _Surrogate.apply(x, self, self.sharpness)
 
@@ -433,11 +438,13 @@ class DoReFa(Quantizer):
         # An all-zero tensor would divide by zero; its tanh is 0 everywhere anyway.
         return t.abs().amax().clamp_min(torch.finfo(t.dtype).tiny)
 
-    def forward_map(self, x: Tensor, s: float | None) -> Tensor:
+    def preprocess(self, x: Tensor) -> Tensor:
         t = torch.tanh(x)
-        w = t / (2 * self._max_tanh(t)) + 0.5
+        return t / (2 * self._max_tanh(t)) + 0.5
+
+    def forward_map(self, x: Tensor, s: float | None) -> Tensor:
         n = 2**self.bits - 1
-        return 2 * torch.floor(n * w + 0.5) / n - 1
+        return 2 * torch.floor(n * self.preprocess(x) + 0.5) / n - 1
 
     def forward_value(self, x: Tensor, s: float | None) -> Tensor:
         # k-bit DoReFa is its own deployed form; 1-bit DoReFa already is the sign.
