@@ -38,6 +38,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "forward becomes the exact sign (default: the last 10%%)")  # fmt: skip
     p.add_argument("--activation", help="relu, hardtanh, prelu, identity "
                    "(relu; hardtanh with --input-quantizer)")  # fmt: skip
+    p.add_argument("--estimator", help="learned gradient estimator: fsg, fsg-paper, "
+                   "metaquant-fc, metaquant-multifc, metaquant-lstm (none)")  # fmt: skip
+    p.add_argument("--estimator-param", dest="estimator_params", action="append",
+                   metavar="KEY=VALUE", help="estimator setting, e.g. beta=0.5 "
+                   "(repeatable)")  # fmt: skip
     p.add_argument("--optimizer", help="adam or sgd (adam)")
     p.add_argument("--lr", type=float, help="base learning rate (adam 1e-3, sgd 0.1)")
     p.add_argument("--momentum", type=float, help="SGD momentum (0.9)")

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from signgrad import __version__, checkpoint, data, layers, models, quantizers, report
+from signgrad import __version__, checkpoint, data, estimators, layers, models, quantizers, report
 from signgrad.errors import SigngradError
 
 log = logging.getLogger("signgrad.train")
@@ -46,6 +46,8 @@ class Config:
     sharpness: str | None = None
     exact_sign_after: int | None = None
     activation: str | None = None  # None: relu, or hardtanh when activations are binary
+    estimator: str | None = None  # a learned gradient estimator (signgrad.estimators)
+    estimator_params: list[str] = field(default_factory=list)  # KEY=VALUE
     optimizer: str = "adam"
     lr: float | None = None  # None: 1e-3 for Adam, 0.1 for SGD
     momentum: float = 0.9
@@ -99,6 +101,16 @@ class Config:
             raise SigngradError(f"weight_decay must be >= 0, got {c.weight_decay}")
         # Build the quantizers once so that bad names and parameters fail before any work.
         quantizers.get(c.quantizer, **self.weight_params())
+        if c.estimator is not None:
+            if c.estimator not in estimators.names():
+                raise SigngradError(
+                    f"unknown estimator '{c.estimator}'; valid: {', '.join(estimators.names())}"
+                )
+            if c.quantizer == "none":
+                raise SigngradError("a learned estimator needs binarized weights (--quantizer)")
+            estimators.parse_params(c.estimator_params, c.estimator)
+        elif c.estimator_params:
+            raise SigngradError("--estimator-param given without --estimator")
         if c.input_quantizer and not quantizers.get(c.input_quantizer).for_activations:
             raise SigngradError(
                 f"quantizer '{c.input_quantizer}' works on weights only, not on activations"
@@ -164,6 +176,14 @@ def build_model(cfg: Config, ds: data.DataSet) -> nn.Module:
             weight_params=cfg.weight_params(),
         )
     return model
+
+
+def build_estimator(cfg: Config, model: nn.Module) -> estimators.LearnedEstimator | None:
+    """The learned gradient estimator of ``cfg`` for ``model``'s binarized layers."""
+    if cfg.estimator is None:
+        return None
+    params = estimators.parse_params(cfg.estimator_params, cfg.estimator)
+    return estimators.build(cfg.estimator, model, **params)
 
 
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -276,6 +296,7 @@ def train(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
+    estimator = build_estimator(cfg, model)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = data.Loader(
         ds.train_images, ds.train_labels, batch_size=cfg.batch_size, mean=ds.mean, std=ds.std,
@@ -297,6 +318,8 @@ def train(
         state = checkpoint.load(run_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if estimator is not None:
+            estimator.load_state_dict(state["estimator"])
         generator.set_state(state["rng"]["data"])
         torch.set_rng_state(state["rng"]["torch"])
         history = list(state["history"])
@@ -314,7 +337,7 @@ def train(
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
+        seen = fallback_steps = 0
         bar = tqdm(
             train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
             disable=not progress, dynamic_ncols=True,
@@ -325,11 +348,17 @@ def train(
                 group["lr"] = lr
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if estimator is not None:
+                estimator.begin_step(lr)  # look-ahead weights: the loss depends on phi
             with _autocast(device, cfg.bf16):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
+            if estimator is not None:
+                estimator.zero_grad()
             loss.backward()
+            if estimator is not None:
+                fallback_steps += estimator.end_step() > 0  # hands g^ to the optimizer
             optimizer.step()
             layers.post_step(model, lr)
             loss_sum += loss.detach() * len(y)
@@ -356,6 +385,9 @@ def train(
             "lr": lr,
             "sharpness": sharpness,
         }
+        if estimator is not None:
+            # Steps in which some layer's learned gradient was not finite (STE used).
+            record["fallback_steps"] = fallback_steps
         history.append(record)
         checkpoint.save(
             run_dir / checkpoint.CHECKPOINT_NAME,
@@ -366,6 +398,7 @@ def train(
                 "optimizer": optimizer.state_dict(),
                 "rng": {"data": generator.get_state(), "torch": torch.get_rng_state()},
                 "history": history,
+                "estimator": None if estimator is None else estimator.state_dict(),
             },
         )
         with open(run_dir / checkpoint.METRICS_NAME, "a") as f:

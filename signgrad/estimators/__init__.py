@@ -1,0 +1,116 @@
+"""Learned gradient estimators, built by name.
+
+    est = signgrad.estimators.build("fsg", model, beta=0.5)
+
+``names()`` lists the registered estimators and ``parameters(name)`` the settings each
+accepts with their defaults; unknown names and settings are errors that list the valid
+ones. The contract every estimator follows is in :mod:`signgrad.estimators.base`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from signgrad.errors import SigngradError
+from signgrad.estimators.base import GradientHistory, LearnedEstimator
+from signgrad.estimators.fsg import FSG, PAPER
+from signgrad.estimators.metaquant import LSTMFC, FCGrad, MultiFC
+
+__all__ = [
+    "FSG",
+    "LSTMFC",
+    "PAPER",
+    "FCGrad",
+    "GradientHistory",
+    "LearnedEstimator",
+    "MultiFC",
+    "build",
+    "names",
+    "parameters",
+    "parse_params",
+]
+
+# name -> (class, preset settings that override the class defaults)
+_BUILDERS: dict[str, tuple[type[LearnedEstimator], dict[str, Any]]] = {
+    "fsg": (FSG, {}),
+    "fsg-paper": (FSG, PAPER),
+    "metaquant-fc": (FCGrad, {}),
+    "metaquant-multifc": (MultiFC, {}),
+    "metaquant-lstm": (LSTMFC, {}),
+}
+
+
+def names() -> list[str]:
+    """Names accepted by :func:`build`."""
+    return list(_BUILDERS)
+
+
+def _lookup(name: str) -> tuple[type[LearnedEstimator], dict[str, Any]]:
+    if name not in _BUILDERS:
+        raise SigngradError(f"unknown estimator '{name}'; valid: {', '.join(_BUILDERS)}")
+    return _BUILDERS[name]
+
+
+def parameters(name: str) -> dict[str, Any]:
+    """The settings estimator ``name`` accepts, with their defaults (preset applied)."""
+    cls, preset = _lookup(name)
+    sig = inspect.signature(cls.__init__)
+    defaults = {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.name not in ("self", "model") and p.default is not inspect.Parameter.empty
+    }
+    return {**defaults, **preset}
+
+
+def build(name: str, model: nn.Module, **params: Any) -> LearnedEstimator:
+    """The estimator ``name`` for the binarized layers of ``model``."""
+    cls, preset = _lookup(name)
+    accepted = parameters(name)
+    for key in params:
+        if key not in accepted:
+            raise SigngradError(
+                f"estimator '{name}' takes no parameter {key}; valid: {', '.join(accepted)}"
+            )
+    return cls(model, **{**preset, **params})
+
+
+def _convert(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SigngradError(f"estimator setting {key}={text}: expected true or false")
+    if isinstance(default, int | float) or default is None:
+        # None defaults are optional sizes (e.g. chunk_size): integers or "none".
+        if default is None and text.lower() == "none":
+            return None
+        kind = float if isinstance(default, float) else int
+        try:
+            return kind(text)
+        except ValueError:
+            raise SigngradError(
+                f"estimator setting {key}={text}: not a number ({kind.__name__} expected)"
+            ) from None
+    return text
+
+
+def parse_params(items: list[str], name: str) -> dict[str, Any]:
+    """``["beta=0.5", "slow=lstm"]`` -> typed settings of estimator ``name``."""
+    accepted = parameters(name)
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise SigngradError(f"--estimator-param '{item}': expected KEY=VALUE")
+        if key not in accepted:
+            raise SigngradError(
+                f"estimator '{name}' takes no parameter {key}; valid: {', '.join(accepted)}"
+            )
+        params[key] = _convert(key, text.strip(), accepted[key])
+    return params

@@ -1,0 +1,243 @@
+"""The contract of learned gradient estimators, and what they share.
+
+A learned estimator replaces the straight-through gradient of the latent weights W of
+every binarized layer by a gradient g^ produced by small meta-networks (parameters phi),
+trained with MetaQuant's meta-weight trick. One training step with an estimator:
+
+1. :meth:`LearnedEstimator.begin_step` (before the forward pass): from the previous
+   step's natural gradient g = dL/dW^ it computes g^ (differentiable in phi), calibrated
+   to W, and sets each layer's look-ahead ``lookahead = lr * g^``; the layer then computes
+   with W^ = F(W - lr * g^), so the loss depends on phi.
+2. ``loss.backward()``: one pass gives dL/dphi (the meta-gradient) and, through a hook on
+   F(W'), the new natural gradient of every layer.
+3. :meth:`LearnedEstimator.end_step` (before ``optimizer.step()``): steps the meta
+   optimizer, hands the base optimizer g^ (detached) as the gradient of W ("late weight
+   update"), and stores the new natural gradient. The first step has no previous gradient
+   and leaves the binarized weights unchanged. A layer whose g^ is not finite gets no
+   look-ahead and falls back to the straight-through gradient of this step (autograd's
+   dL/dW); such steps are counted.
+
+Everything the estimator learns or remembers (meta-networks, their optimizer, the
+gradient history, counters) lives in the estimator object and its ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from signgrad import layers
+from signgrad.errors import SigngradError
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "silu": nn.SiLU,
+    "none": nn.Identity,
+}
+
+
+def coordinate_mlp(hidden: int, activation: str = "relu", depth: int = 3) -> nn.Sequential:
+    """An MLP 1 -> hidden -> ... -> 1 applied to every coordinate (input shape (n, 1)).
+
+    ``activation="none"`` reproduces FSG's reference fast-net, whose stacked linear maps
+    collapse to one affine map of the input.
+    """
+    if activation not in ACTIVATIONS:
+        raise SigngradError(f"unknown activation '{activation}'; valid: {', '.join(ACTIVATIONS)}")
+    if hidden < 1 or depth < 2:
+        raise SigngradError(f"an MLP needs hidden >= 1 and depth >= 2, got {hidden}, {depth}")
+    sizes = [1] + [hidden] * (depth - 1) + [1]
+    mods: list[nn.Module] = []
+    for i in range(depth):
+        mods.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < depth - 1:
+            mods.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*mods)
+
+
+class GradientHistory:
+    """Historical Gradient Storage: the last ``length`` natural gradients of every weight
+    of one layer, kept per coordinate (detached), oldest first."""
+
+    def __init__(self, length: int) -> None:
+        if length < 1:
+            raise SigngradError(f"history length must be at least 1, got {length}")
+        self.length = length
+        self.buffer: Tensor | None = None  # (length, n), oldest row first
+        self.count = 0
+
+    def push(self, grad: Tensor) -> None:
+        g = grad.detach().reshape(1, -1)
+        if self.buffer is None:
+            self.buffer = torch.zeros(self.length, g.shape[1], dtype=g.dtype, device=g.device)
+        # Roll the oldest row out; history lengths are small, so a copy is cheap.
+        self.buffer = torch.cat([self.buffer[1:], g])
+        self.count += 1
+
+    def sequence(self) -> Tensor:
+        """(n, length) histories, zeros before the first gradient (oldest first)."""
+        if self.buffer is None:
+            raise RuntimeError("empty gradient history")
+        return self.buffer.t()
+
+    def latest(self) -> Tensor:
+        if self.buffer is None:
+            raise RuntimeError("empty gradient history")
+        return self.buffer[-1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer = state["buffer"]
+        self.count = int(state["count"])
+
+
+class LearnedEstimator(nn.Module):
+    """Base class: the meta-weight trick around :meth:`gradient`.
+
+    Subclasses hold their meta-networks as sub-modules, build their meta optimizer in
+    :meth:`make_meta_optimizer`, and implement :meth:`gradient` (the uncalibrated g^ of
+    one layer, differentiable in the meta-parameters).
+    """
+
+    name = ""
+    history_length = 1
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        found = [
+            (n, m) for n, m in layers.binary_layers(model) if m.weight_quantizer.precision < 32
+        ]
+        if not found:
+            raise SigngradError(f"estimator '{self.name}' found no binarized layer in the model")
+        # A plain list: the layers belong to the model, not to the estimator's state.
+        self.layers = [m for _, m in found]
+        self.layer_names = [n for n, _ in found]
+        self.histories = [GradientHistory(self.history_length) for _ in self.layers]
+        self._natural: list[Tensor | None] = [None] * len(self.layers)
+        self._ghat: list[Tensor | None] = [None] * len(self.layers)
+        self._fallback = [False] * len(self.layers)
+        self.steps = 0
+        self.nonfinite_steps = 0
+        for i, layer in enumerate(self.layers):
+            layer.on_natural_grad = self._capture(i)
+        self.meta_optimizer: torch.optim.Optimizer | None = None
+
+    def _capture(self, i: int):
+        def hook(grad: Tensor) -> None:
+            self._natural[i] = grad.detach()
+
+        return hook
+
+    def finish_init(self) -> None:
+        """Call at the end of a subclass's __init__, once the meta-networks exist."""
+        device = self.layers[0].weight.device
+        self.to(device)
+        self.meta_optimizer = self.make_meta_optimizer()
+
+    # -- to be provided by each method --------------------------------------------------
+    def make_meta_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def gradient(self, i: int, w_tilde: Tensor) -> Tensor:
+        """g^ of layer ``i`` with respect to W~ (flattened, shape (n,)), from its
+        gradient history; differentiable in the meta-parameters."""
+        raise NotImplementedError
+
+    # -- the step -------------------------------------------------------------------------
+    def calibrated(self, i: int) -> Tensor | None:
+        """g^ of layer ``i`` as a gradient of W (shape of W), or None before any history."""
+        if self.histories[i].count == 0:
+            return None
+        layer = self.layers[i]
+        q = layer.weight_quantizer
+        w = layer.weight.detach()
+        g = self.gradient(i, q.preprocess(w).reshape(-1))
+        # Chain rule through the pre-processing (MetaQuant's calibration): B'(W).
+        return g.reshape(w.shape) * q.derivative(w, q.sharpness)
+
+    def begin_step(self, lr: float) -> None:
+        """Before the forward pass: set every layer's look-ahead W' = W - lr * g^.
+
+        A layer whose g^ is not finite gets no look-ahead (a NaN there would poison the
+        loss and every gradient); it trains this step with the straight-through gradient.
+        """
+        ghats = [self.calibrated(i) for i in range(len(self.layers))]
+        present = [g for g in ghats if g is not None]
+        # One device synchronisation for all layers, not one per layer.
+        finite = torch.stack([torch.isfinite(g).all() for g in present]).tolist() if present else []
+        flags = iter(finite)
+        for i, (layer, ghat) in enumerate(zip(self.layers, ghats, strict=True)):
+            self._fallback[i] = ghat is not None and not next(flags)
+            self._ghat[i] = None if self._fallback[i] else ghat
+            layer.lookahead = None if self._ghat[i] is None else lr * self._ghat[i]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
+        if self.meta_optimizer is not None:
+            self.meta_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def end_step(self) -> int:
+        """After ``loss.backward()``: meta step, base-optimizer gradients, history.
+        Returns the number of layers that fell back to the straight-through gradient."""
+        meta_grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if meta_grads and all(torch.isfinite(g).all() for g in meta_grads):
+            self.meta_optimizer.step()
+        fallbacks = 0
+        for i, layer in enumerate(self.layers):
+            ghat = self._ghat[i]
+            if self._fallback[i]:
+                fallbacks += 1  # keep autograd's straight-through dL/dW of this step
+            elif ghat is None:
+                layer.weight.grad = None  # no previous gradient yet: no update
+            else:
+                layer.weight.grad = self.update_gradient(i, ghat).detach()
+            layer.lookahead = None
+            self._ghat[i] = None
+            self._fallback[i] = False
+            if self._natural[i] is not None:
+                self.histories[i].push(self._natural[i])
+                self._natural[i] = None
+        self.steps += 1
+        self.nonfinite_steps += fallbacks > 0
+        return fallbacks
+
+    def update_gradient(self, i: int, ghat: Tensor) -> Tensor:
+        """The gradient the base optimizer applies to layer ``i`` (default: g^ itself)."""
+        return ghat
+
+    def detach_layers(self) -> None:
+        """Remove the estimator's hooks from the model's layers."""
+        for layer in self.layers:
+            layer.on_natural_grad = None
+            layer.lookahead = None
+
+    # -- state ----------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """Per-method state that is not a parameter (e.g. recurrent hidden states)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        return {
+            "meta": super().state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "histories": [h.state_dict() for h in self.histories],
+            "steps": self.steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> Any:  # type: ignore[override]
+        super().load_state_dict(state["meta"], strict=strict)
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        for h, s in zip(self.histories, state["histories"], strict=True):
+            h.load_state_dict(s)
+        self.steps = int(state["steps"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.load_extra_state(state["extra"])

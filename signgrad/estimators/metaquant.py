@@ -1,0 +1,92 @@
+"""MetaQuant (Chen, Wang, Pan, NeurIPS 2019): the learned-gradient baselines.
+
+A meta network M_phi, applied to every coordinate, turns the natural gradient g into the
+gradient of the pre-quantized weights W~:
+
+* FC-Grad:  M = MLP(g)
+* MultiFC:  M = g * MLP(W~)
+* LSTMFC:   M = g * MLP(LSTM(W~)), the LSTM's hidden state kept per coordinate and carried
+  from step to step (part of the estimator's state)
+
+MLPs are 1 -> hidden -> hidden -> 1 (three linear layers, hidden 100 by default); phi is
+trained by the meta-weight trick of :mod:`signgrad.estimators.base` with Adam (1e-3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from signgrad.estimators.base import LearnedEstimator, coordinate_mlp
+
+
+class FCGrad(LearnedEstimator):
+    """MetaQuant FC-Grad: g^ = MLP(g)."""
+
+    name = "metaquant-fc"
+
+    def __init__(
+        self, model: nn.Module, hidden: int = 100, activation: str = "relu", meta_lr: float = 1e-3
+    ) -> None:
+        super().__init__(model)
+        self.net = coordinate_mlp(hidden, activation)
+        self.meta_lr = meta_lr
+        self.finish_init()
+
+    def make_meta_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.meta_lr)
+
+    def gradient(self, i: int, w_tilde: Tensor) -> Tensor:
+        g = self.histories[i].latest()
+        return self.net(g.unsqueeze(1)).squeeze(1)
+
+
+class MultiFC(FCGrad):
+    """MetaQuant MultiFC: g^ = g * MLP(W~)."""
+
+    name = "metaquant-multifc"
+
+    def gradient(self, i: int, w_tilde: Tensor) -> Tensor:
+        g = self.histories[i].latest()
+        return g * self.net(w_tilde.unsqueeze(1)).squeeze(1)
+
+
+class LSTMFC(LearnedEstimator):
+    """MetaQuant LSTMFC: g^ = g * MLP(LSTM(W~)), one LSTM state per coordinate.
+
+    The state after each step is kept (detached) and continues at the next step: the
+    meta-gradient flows through the current step's cell only (truncated back-propagation
+    through time, as in the reference code).
+    """
+
+    name = "metaquant-lstm"
+
+    def __init__(
+        self, model: nn.Module, hidden: int = 100, activation: str = "relu", meta_lr: float = 1e-3
+    ) -> None:
+        super().__init__(model)
+        self.hidden = hidden
+        self.cell = nn.LSTMCell(1, hidden)
+        self.head = coordinate_mlp(hidden, activation, depth=3)
+        # The head reads the LSTM's hidden vector, not a scalar.
+        self.head[0] = nn.Linear(hidden, hidden)
+        self.meta_lr = meta_lr
+        self.states: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        self.finish_init()
+
+    def make_meta_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.meta_lr)
+
+    def gradient(self, i: int, w_tilde: Tensor) -> Tensor:
+        g = self.histories[i].latest()
+        h, c = self.cell(w_tilde.unsqueeze(1), self.states[i])
+        self.states[i] = (h.detach(), c.detach())
+        return g * self.head(h).squeeze(1)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"states": [None if s is None else list(s) for s in self.states]}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.states = [None if s is None else (s[0], s[1]) for s in state["states"]]

@@ -1,0 +1,300 @@
+"""Learned gradient estimators: the history, the meta-weight trick, FSG's switches, and
+training on the real CIFAR-10 subset."""
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from signgrad import checkpoint, cli, estimators, layers
+from signgrad.errors import SigngradError
+from signgrad.estimators.base import GradientHistory
+
+DATA = os.environ.get("SIGNGRAD_DATA")
+needs_cifar = pytest.mark.skipif(
+    not DATA or not (Path(DATA) / "cifar-10-batches-py" / "data_batch_1").is_file(),
+    reason="SIGNGRAD_DATA with cifar-10-batches-py is not available",
+)
+SMALL_FSG = {"d_inner": 4, "d_state": 3, "d_conv": 3, "fast_hidden": 8}
+
+
+def small_model(quantizer: str = "dorefa") -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 5),
+    )
+    return layers.binarize(net, quantizer, keep="none")
+
+
+def batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 5, (8,), generator=g)
+
+
+def train_step(model, est, opt, lr, seed=0):
+    x, y = batch(seed)
+    est.begin_step(lr)
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    est.zero_grad()
+    loss.backward()
+    fallbacks = est.end_step()
+    opt.step()
+    return loss.item(), fallbacks
+
+
+def build(name, model, **params):
+    if name.startswith("fsg"):
+        params = {**SMALL_FSG, **params} if name == "fsg" else params
+    return estimators.build(name, model, **params)
+
+
+def test_history_keeps_the_last_l_gradients_in_order_across_save_and_load():
+    h = GradientHistory(5)
+    for step in range(7):
+        h.push(torch.full((2, 3), float(step)))
+    assert h.count == 7
+    seq = h.sequence()
+    assert seq.shape == (6, 5)
+    assert seq[0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
+    buf = io.BytesIO()
+    torch.save(h.state_dict(), buf)
+    buf.seek(0)
+    h2 = GradientHistory(5)
+    h2.load_state_dict(torch.load(buf, weights_only=True))
+    h2.push(torch.full((2, 3), 7.0))
+    assert h2.sequence()[0].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
+    # Before L gradients exist, the front of the history is zero.
+    h3 = GradientHistory(3)
+    h3.push(torch.ones(2))
+    assert h3.sequence()[0].tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("name", estimators.names())
+def test_after_one_step_every_meta_parameter_has_a_gradient(name):
+    model = small_model()
+    est = build(name, model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in (lay.weight for lay in est.layers)]
+    train_step(model, est, opt, lr=0.1, seed=0)
+    # The first step has no previous gradient: binarized weights do not move.
+    for w0, lay in zip(before, est.layers, strict=True):
+        assert torch.equal(w0, lay.weight.detach())
+    train_step(model, est, opt, lr=0.1, seed=1)
+    # LSTMFC's first meta step starts from a zero recurrent state, so its recurrent
+    # weights only get a gradient from the next step on.
+    late = {"cell.weight_hh"} if name == "metaquant-lstm" else set()
+    for pname, p in est.named_parameters():
+        if pname not in late:
+            assert p.grad is not None and p.grad.abs().sum() > 0, pname
+    train_step(model, est, opt, lr=0.1, seed=2)
+    for pname in late:
+        p = est.get_parameter(pname)
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+    for w0, lay in zip(before, est.layers, strict=True):
+        assert not torch.equal(w0, lay.weight.detach())
+
+
+def ste_natural_gradients(model, x, y):
+    """dL/dW^ of every binary layer with plain straight-through training."""
+    grads = {}
+    hooks = []
+    for name, lay in layers.binary_layers(model):
+        lay.on_natural_grad = lambda g, name=name: grads.__setitem__(name, g.detach())
+        hooks.append(lay)
+    F.cross_entropy(model(x), y).backward()
+    for lay in hooks:
+        lay.on_natural_grad = None
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def fast_net_outputs_one(est):
+    with torch.no_grad():
+        for m in est.fast:
+            if isinstance(m, nn.Linear):
+                m.weight.zero_()
+                m.bias.zero_()
+        est.fast[-1].bias.fill_(1.0)
+
+
+def test_beta_zero_and_unit_fast_net_give_the_plain_ste_update():
+    model = small_model("dorefa")
+    x, y = batch(0)
+    expected_g = ste_natural_gradients(model, x, y)  # the same weights and batch
+    est = build("fsg", model, beta=0.0)
+    fast_net_outputs_one(est)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_step(model, est, opt, lr=0.1, seed=0)
+    # Step 2: g^ = 1 * g_prev, calibrated with DoReFa's B'(W): the STE gradient of step 1.
+    est.begin_step(0.1)
+    for name, lay in zip(est.layer_names, est.layers, strict=True):
+        q = lay.weight_quantizer
+        w = lay.weight.detach()
+        ste = expected_g[name] * q.derivative(w, q.sharpness)
+        assert torch.equal(est._ghat[name_index(est, name)].detach(), ste)
+    xb, yb = batch(1)
+    loss = F.cross_entropy(model(xb), yb)
+    opt.zero_grad(set_to_none=True)
+    est.zero_grad()
+    loss.backward()
+    ghats = [g.detach().clone() for g in est._ghat]
+    est.end_step()
+    for ghat, lay in zip(ghats, est.layers, strict=True):
+        assert torch.equal(lay.weight.grad, ghat)
+
+
+def name_index(est, name):
+    return est.layer_names.index(name)
+
+
+def test_beta_one_only_the_slow_net_moves_the_weights():
+    def update_after_two_steps(perturb):
+        model = small_model()
+        est = build("fsg", model, beta=1.0)
+        perturb(est)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_step(model, est, opt, lr=0.1, seed=0)
+        est.begin_step(0.1)
+        out = [g.detach().clone() for g in est._ghat]
+        est.detach_layers()
+        return out
+
+    base = update_after_two_steps(lambda est: None)
+
+    def bump(module):
+        def f(est):
+            with torch.no_grad():
+                for p in getattr(est, module).parameters():
+                    p.add_(0.5)
+
+        return f
+
+    same = update_after_two_steps(bump("fast"))
+    other = update_after_two_steps(bump("slow"))
+    assert all(torch.equal(a, b) for a, b in zip(base, same, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(base, other, strict=True))
+
+
+def test_ablation_switches():
+    model = small_model()
+    fast_only = build("fsg", model, parts="fast")
+    assert fast_only.slow is None and fast_only.beta == 0.0
+    fast_only.detach_layers()
+    slow_only = build("fsg", model, parts="slow", lre=False)
+    assert slow_only.fast is None and slow_only.lre is None and slow_only.beta == 1.0
+    slow_only.detach_layers()
+    for slow in ("lstm", "gru"):
+        est = build("fsg", model, slow=slow)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_step(model, est, opt, 0.1, 0)
+        train_step(model, est, opt, 0.1, 1)
+        assert all(p.grad is not None for p in est.slow.parameters())
+        est.detach_layers()
+    with pytest.raises(SigngradError, match="unknown slow-net"):
+        build("fsg", model, slow="transformer")
+    with pytest.raises(SigngradError, match="takes no parameter gamma"):
+        estimators.build("fsg", model, gamma=1)
+    with pytest.raises(SigngradError, match="unknown estimator 'fsg2'"):
+        estimators.build("fsg2", model)
+
+
+def test_reference_update_uses_the_fast_gradient_only():
+    model = small_model()
+    est = build("fsg", model, update="fast")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_step(model, est, opt, 0.1, 0)
+    x, y = batch(1)
+    est.begin_step(0.1)
+    combined = [g.detach().clone() for g in est._ghat]
+    fast = [f.clone() for f in est._fast_out]
+    F.cross_entropy(model(x), y).backward()
+    est.end_step()
+    for lay, c, f in zip(est.layers, combined, fast, strict=True):
+        q, w = lay.weight_quantizer, lay.weight.detach()
+        expected = f.reshape(w.shape) * q.derivative(w, q.sharpness)
+        assert torch.equal(lay.weight.grad, expected)
+        assert not torch.equal(lay.weight.grad, c)
+
+
+def test_non_finite_estimator_output_falls_back_to_ste():
+    model = small_model()
+    est = build("fsg", model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_step(model, est, opt, 0.1, 0)
+    with torch.no_grad():
+        est.fast[-1].bias.fill_(float("nan"))
+    _, fallbacks = train_step(model, est, opt, 0.1, 1)
+    assert fallbacks == len(est.layers)
+    assert est.nonfinite_steps == 1
+    for lay in est.layers:
+        assert torch.isfinite(lay.weight).all()
+        assert lay.weight.grad is not None and torch.isfinite(lay.weight.grad).all()
+
+
+# -- training on real data ---------------------------------------------------------------
+
+
+def run_cli(*args):
+    return cli.main(["-q", *args])
+
+
+COMMON = ["--model", "convnet", "--data", "cifar10", "--quantizer", "dorefa", "--keep", "none",
+          "--batch-size", "64", "--lr", "3e-3", "--no-progress"]  # fmt: skip
+
+
+@needs_cifar
+# fsg-paper is the fsg code with bigger sizes (covered by the unit tests above); three
+# epochs of it take minutes on two cores.
+@pytest.mark.parametrize("name", [n for n in estimators.names() if n != "fsg-paper"])
+def test_training_with_each_estimator_lowers_the_loss(tmp_path, name):
+    out = tmp_path / name
+    # 3 epochs of 80 steps: a few hundred meta-learning steps.
+    assert run_cli("train", *COMMON, "--estimator", name, "--epochs", "3",
+                   "--out", str(out)) == 0  # fmt: skip
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert all(r["fallback_steps"] == 0 for r in records)
+    state = checkpoint.load(out)["estimator"]
+    assert [h["count"] for h in state["histories"]] == [240] * 4
+
+
+@needs_cifar
+def test_estimator_runs_repeat_and_resume_exactly(tmp_path):
+    args = [*COMMON, "--estimator", "fsg", "--epochs", "2", "--seed", "3"]
+    assert run_cli("train", *args, "--out", str(tmp_path / "a")) == 0
+    assert run_cli("train", *args, "--out", str(tmp_path / "b"), "--stop-after", "1") == 0
+    assert run_cli("train", "--out", str(tmp_path / "b"), "--resume", "--no-progress") == 0
+    a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k, v in a["estimator"]["meta"].items():
+        assert torch.equal(v, b["estimator"]["meta"][k]), k
+    for ha, hb in zip(a["estimator"]["histories"], b["estimator"]["histories"], strict=True):
+        assert torch.equal(ha["buffer"], hb["buffer"])
+    assert [r["test_loss"] for r in a["history"]] == [r["test_loss"] for r in b["history"]]
+
+
+def test_estimator_flag_errors(tmp_path, capsys):
+    base = ["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]
+    assert run_cli(*base, "--estimator", "fsg3") == 2
+    assert "unknown estimator 'fsg3'" in capsys.readouterr().err
+    assert run_cli(*base, "--estimator", "fsg", "--quantizer", "none") == 2
+    assert "needs binarized weights" in capsys.readouterr().err
+    assert run_cli(*base, "--estimator", "fsg", "--estimator-param", "beta") == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+    assert run_cli(*base, "--estimator", "fsg", "--estimator-param", "beta=high") == 2
+    assert "not a number" in capsys.readouterr().err
