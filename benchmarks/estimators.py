@@ -8,6 +8,10 @@ median over rounds is shown.
 
     python benchmarks/estimators.py
     python benchmarks/estimators.py --estimators fsg metaquant-multifc --rounds 10
+    python benchmarks/estimators.py --estimators fsg fsg:parts=fast fsg:d_inner=4,d_state=2
+
+An estimator is NAME or NAME:KEY=VALUE,KEY=VALUE (settings as for ``--estimator-param``),
+so that variants of one estimator can be timed side by side.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from torch.nn import functional as F
 from signgrad import estimators, layers, models
 
 
-def build(estimator: str | None) -> tuple[nn.Module, estimators.LearnedEstimator | None]:
+def build(spec: str | None) -> tuple[nn.Module, estimators.LearnedEstimator | None]:
     torch.manual_seed(0)
     model = models.get("resnet20", num_classes=10, in_channels=3)
     layers.binarize(model, "dorefa", keep="none")
-    est = estimators.build(estimator, model) if estimator else None
-    return model, est
+    if spec is None:
+        return model, None
+    name, _, settings = spec.partition(":")
+    params = estimators.parse_params(settings.split(",") if settings else [], name)
+    return model, estimators.build(name, model, **params)
 
 
 def step(model, est, opt, x, y, lr: float = 1e-3) -> float:

@@ -83,10 +83,17 @@ def test_history_keeps_the_last_l_gradients_in_order_across_save_and_load():
     assert h3.sequence()[0].tolist() == [0.0, 0.0, 1.0]
 
 
-@pytest.mark.parametrize("name", estimators.names())
-def test_after_one_step_every_meta_parameter_has_a_gradient(name):
+VARIANTS = [(n, {}) for n in estimators.names()] + [
+    ("fsg", {"mode": "window"}),
+    ("fsg", {"slow": "lstm"}),
+    ("fsg", {"slow": "gru", "mode": "window"}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), VARIANTS)
+def test_after_one_step_every_meta_parameter_has_a_gradient(name, params):
     model = small_model()
-    est = build(name, model)
+    est = build(name, model, **params)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in (lay.weight for lay in est.layers)]
     train_step(model, est, opt, lr=0.1, seed=0)
@@ -161,10 +168,11 @@ def name_index(est, name):
     return est.layer_names.index(name)
 
 
-def test_beta_one_only_the_slow_net_moves_the_weights():
+@pytest.mark.parametrize("mode", ["stream", "window"])
+def test_beta_one_only_the_slow_net_moves_the_weights(mode):
     def update_after_two_steps(perturb):
         model = small_model()
-        est = build("fsg", model, beta=1.0)
+        est = build("fsg", model, beta=1.0, mode=mode)
         perturb(est)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         train_step(model, est, opt, lr=0.1, seed=0)
@@ -212,6 +220,30 @@ def test_ablation_switches():
         estimators.build("fsg2", model)
 
 
+@pytest.mark.parametrize("slow", ["mamba", "lstm"])
+def test_stream_mode_reads_each_weights_whole_history(slow):
+    # The carried state is the window form over [LRE, g_1, ..., g_k] (normalisation off,
+    # since it scales each step's token by that step's RMS; meta learning rate 0, since
+    # the state was built by the slow-net of earlier steps).
+    k = 4
+    model = small_model()
+    est = build("fsg", model, parts="slow", normalize=False, history=k, slow=slow, slow_lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(k):  # begin_step consumes g_1 ... g_{k-1}; the history holds g_1..g_k
+        train_step(model, est, opt, 0.1, step)
+    assert all(h.count == k for h in est.histories)
+    ready = list(range(len(est.layers)))
+    sizes = [lay.weight.numel() for lay in est.layers]
+    with torch.no_grad():
+        got = est.slow_gradient(ready, sizes).split(sizes)
+        for i, h in enumerate(est.histories):
+            seq = h.sequence().unsqueeze(-1)  # (n, k, 1)
+            front = est.lre[i].expand(seq.shape[0], 1, 1)
+            want = est.slow.last(torch.cat([front, seq], dim=1)).squeeze(-1)
+            assert got[i].abs().max() > 0
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-12)
+
+
 def test_reference_update_uses_the_fast_gradient_only():
     model = small_model()
     est = build("fsg", model, update="fast")
@@ -240,6 +272,7 @@ def test_non_finite_estimator_output_falls_back_to_ste():
     _, fallbacks = train_step(model, est, opt, 0.1, 1)
     assert fallbacks == len(est.layers)
     assert est.nonfinite_steps == 1
+    assert est.state is None  # the stream restarts rather than carry a poisoned state
     for lay in est.layers:
         assert torch.isfinite(lay.weight).all()
         assert lay.weight.grad is not None and torch.isfinite(lay.weight.grad).all()

@@ -227,3 +227,17 @@ def test_bad_config():
         Mamba(d_state=0)
     with pytest.raises(SigngradError):
         Mamba(chunk_size=0)
+
+
+@pytest.mark.parametrize("d_conv", [1, 3, 6])
+def test_step_by_step_equals_forward(d_conv):
+    torch.manual_seed(0)
+    m = Mamba(d_model=2, d_inner=5, d_state=3, d_conv=d_conv, dt_rank=2).double()
+    u = torch.randn(4, 7, 2, dtype=D64)
+    expected = m(u)
+    state = None
+    for t in range(u.shape[1]):
+        out, state = m.step(u[:, t], state)
+        torch.testing.assert_close(out, expected[:, t], rtol=1e-10, atol=1e-12)
+    with pytest.raises(SigngradError, match="Mamba.step expects"):
+        m.step(u)

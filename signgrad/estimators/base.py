@@ -101,7 +101,7 @@ class LearnedEstimator(nn.Module):
 
     Subclasses hold their meta-networks as sub-modules, build their meta optimizer in
     :meth:`make_meta_optimizer`, and implement :meth:`gradient` (the uncalibrated g^ of
-    one layer, differentiable in the meta-parameters).
+    one layer, differentiable in the meta-parameters) or :meth:`gradients` (all layers).
     """
 
     name = ""
@@ -148,17 +148,26 @@ class LearnedEstimator(nn.Module):
         gradient history; differentiable in the meta-parameters."""
         raise NotImplementedError
 
+    def gradients(self, ready: list[int], w_tildes: list[Tensor]) -> list[Tensor]:
+        """:meth:`gradient` of the layers ``ready``; a method may override this to treat
+        all layers in one batch (fewer, larger operations)."""
+        return [self.gradient(i, w) for i, w in zip(ready, w_tildes, strict=True)]
+
     # -- the step -------------------------------------------------------------------------
-    def calibrated(self, i: int) -> Tensor | None:
-        """g^ of layer ``i`` as a gradient of W (shape of W), or None before any history."""
-        if self.histories[i].count == 0:
-            return None
-        layer = self.layers[i]
-        q = layer.weight_quantizer
-        w = layer.weight.detach()
-        g = self.gradient(i, q.preprocess(w).reshape(-1))
-        # Chain rule through the pre-processing (MetaQuant's calibration): B'(W).
-        return g.reshape(w.shape) * q.derivative(w, q.sharpness)
+    def calibrated(self) -> list[Tensor | None]:
+        """g^ of every layer as a gradient of W (shape of W); None before any history."""
+        out: list[Tensor | None] = [None] * len(self.layers)
+        ready = [i for i, h in enumerate(self.histories) if h.count > 0]
+        if not ready:
+            return out
+        quants = [self.layers[i].weight_quantizer for i in ready]
+        weights = [self.layers[i].weight.detach() for i in ready]
+        w_tildes = [q.preprocess(w).reshape(-1) for q, w in zip(quants, weights, strict=True)]
+        raw = self.gradients(ready, w_tildes)
+        for i, q, w, g in zip(ready, quants, weights, raw, strict=True):
+            # Chain rule through the pre-processing (MetaQuant's calibration): B'(W).
+            out[i] = g.reshape(w.shape) * q.derivative(w, q.sharpness)
+        return out
 
     def begin_step(self, lr: float) -> None:
         """Before the forward pass: set every layer's look-ahead W' = W - lr * g^.
@@ -166,7 +175,7 @@ class LearnedEstimator(nn.Module):
         A layer whose g^ is not finite gets no look-ahead (a NaN there would poison the
         loss and every gradient); it trains this step with the straight-through gradient.
         """
-        ghats = [self.calibrated(i) for i in range(len(self.layers))]
+        ghats = self.calibrated()
         present = [g for g in ghats if g is not None]
         # One device synchronisation for all layers, not one per layer.
         finite = torch.stack([torch.isfinite(g).all() for g in present]).tolist() if present else []

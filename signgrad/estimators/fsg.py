@@ -7,8 +7,17 @@ For every binarized layer:
 * the fast-net scales the current gradient by an MLP of the pre-quantized weight:
   f = g * MLP_fast(W~) (1 -> h -> h -> 1, applied per coordinate);
 * the slow-net reads each weight's *own* gradient history, with the layer's learned
-  Layer Recognition Embedding (LRE) as the first token: s = SlowNet([LRE, g_{t-L+1}, ...,
-  g_t]) at the last position. It is a Mamba block (or an LSTM/GRU);
+  Layer Recognition Embedding (LRE) as the first token. It is a Mamba block (or an
+  LSTM/GRU), evaluated in one of two ways (``mode``):
+
+  - ``"window"``: every step, s = SlowNet([LRE, g_{t-L+1}, ..., g_t]) at the last
+    position: L + 1 tokens per weight per step (the paper's HGS of length L);
+  - ``"stream"`` (default): the recurrent form of the same block, its state per weight
+    carried from step to step like an optimizer state; every step feeds one token, g_t,
+    so s reads the whole history [LRE, g_1, ..., g_t]. The meta-gradient flows through
+    the current token (truncated back-propagation through time, like LSTMFC); the LRE
+    opens each sequence, so it is learned from the first step with a history;
+
 * the gradient is g^ = beta * s + (1 - beta) * f, calibrated to W, and is used both in
   the look-ahead forward pass and in the real update (:mod:`signgrad.estimators.base`).
 
@@ -20,6 +29,8 @@ Where signgrad departs from the authors' code (see ALGORITHMS.md, section 3):
   reference code, which updates the weights from the fast gradient only;
 * the fast-net has an activation (``fast_activation``, default ReLU); ``"none"`` is the
   reference code's activation-free MLP, which is one affine map of W~;
+* all layers are batched into one call of each meta-network (ResNet-20's layers are too
+  small for one call per layer to be efficient);
 * ``normalize=True`` (default) feeds the slow-net each layer's history divided by its
   root mean square and multiplies the output back: natural gradients are ~1e-3 and a
   Mamba block's gated output is quadratic in small inputs, so without it the slow
@@ -35,9 +46,10 @@ from torch import Tensor, nn
 
 from signgrad.errors import SigngradError
 from signgrad.estimators.base import LearnedEstimator, coordinate_mlp
-from signgrad.estimators.mamba import Mamba
+from signgrad.estimators.mamba import Mamba, MambaState
 
 SLOW_NETS = ("mamba", "lstm", "gru")
+MODES = ("window", "stream")
 PARTS = ("both", "fast", "slow")
 UPDATES = ("combined", "fast")
 
@@ -55,9 +67,21 @@ class _RecurrentSlowNet(nn.Module):
         y, _ = self.rnn(x)
         return self.out(y[:, -1])
 
+    def step(
+        self, u: Tensor, state: tuple[Tensor, ...] | None
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        hx = state if state is None or isinstance(self.rnn, nn.LSTM) else state[0]
+        y, new = self.rnn(u.unsqueeze(1), hx)
+        return self.out(y[:, 0]), new if isinstance(new, tuple) else (new,)
+
 
 class FSG(LearnedEstimator):
-    """FSG estimator; the defaults are signgrad's fast ``fsg`` preset."""
+    """FSG estimator; the defaults are signgrad's ``fsg`` preset, ``PAPER`` the paper's.
+
+    The defaults (stream mode, Mamba d_inner 2, d_state 2, d_conv 2, fast hidden 8) were
+    chosen from ``benchmarks/estimators.py`` to keep a ResNet-20 step near 1.3x the STE
+    step on a 2-core CPU; docs/estimators.md has the measurements.
+    """
 
     name = "fsg"
 
@@ -70,18 +94,19 @@ class FSG(LearnedEstimator):
         parts: str = "both",
         update: str = "combined",
         slow: str = "mamba",
-        d_inner: int = 8,
-        d_state: int = 4,
-        d_conv: int = 4,
+        d_inner: int = 2,
+        d_state: int = 2,
+        d_conv: int = 2,
         dt_rank: int = 1,
-        slow_hidden: int = 16,
-        fast_hidden: int = 16,
+        slow_hidden: int = 4,
+        fast_hidden: int = 8,
         fast_activation: str = "relu",
         lre: bool = True,
         normalize: bool = True,
         fast_lr: float = 1e-2,
         slow_lr: float = 1e-3,
-        chunk_size: int | None = None,
+        chunk_size: int | None = 16384,
+        mode: str = "stream",
     ) -> None:
         self.history_length = history
         super().__init__(model)
@@ -91,12 +116,17 @@ class FSG(LearnedEstimator):
             raise SigngradError(f"unknown parts '{parts}'; valid: {', '.join(PARTS)}")
         if update not in UPDATES:
             raise SigngradError(f"unknown update '{update}'; valid: {', '.join(UPDATES)}")
+        if mode not in MODES:
+            raise SigngradError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
         if not 0.0 <= beta <= 1.0:
             raise SigngradError(f"beta must be in [0, 1], got {beta}")
         # fast-only and slow-only are the ablations beta = 0 and beta = 1 without the
         # unused network.
         self.beta = {"both": beta, "fast": 0.0, "slow": 1.0}[parts]
-        self.parts, self.update, self.normalize = parts, update, normalize
+        self.parts, self.update, self.normalize, self.mode = parts, update, normalize, mode
+        # stream mode: the slow-net's state for every coordinate of every layer, detached.
+        self.state: list[Tensor] | None = None
+        self.state_rows = 0
         self.fast_lr, self.slow_lr = fast_lr, slow_lr
         self.fast = coordinate_mlp(fast_hidden, fast_activation) if parts != "slow" else None
         self.slow: nn.Module | None = None
@@ -123,27 +153,59 @@ class FSG(LearnedEstimator):
             groups.append({"params": slow, "lr": self.slow_lr})
         return torch.optim.Adam(groups)
 
-    def slow_gradient(self, i: int) -> Tensor:
-        """s for every weight of layer ``i`` from its own history, shape (n,)."""
-        seq = self.histories[i].sequence()  # (n, L), oldest first
-        scale = seq.pow(2).mean().sqrt().clamp_min(1e-12) if self.normalize else None
-        tokens = (seq / scale if scale is not None else seq).unsqueeze(-1)
-        if self.lre is not None:
-            front = self.lre[i].expand(tokens.shape[0], 1, 1)
-            tokens = torch.cat([front, tokens], dim=1)
-        s = self.slow.last(tokens).squeeze(-1)
-        return s * scale if scale is not None else s
-
-    def gradient(self, i: int, w_tilde: Tensor) -> Tensor:
-        g = self.histories[i].latest()
+    def gradients(self, ready: list[int], w_tildes: list[Tensor]) -> list[Tensor]:
+        # All layers in one batch of coordinates: ResNet-20's layers hold 0.4k-37k weights
+        # each, so per-layer calls would be dominated by per-operation overhead.
+        sizes = [w.numel() for w in w_tildes]
+        g = torch.cat([self.histories[i].latest() for i in ready])
         ghat = torch.zeros_like(g)
         if self.fast is not None:
-            f = g * self.fast(w_tilde.unsqueeze(1)).squeeze(1)
-            self._fast_out[i] = f.detach()
+            f = g * self.fast(torch.cat(w_tildes).unsqueeze(1)).squeeze(1)
+            for i, part in zip(ready, f.detach().split(sizes), strict=True):
+                self._fast_out[i] = part
             ghat = ghat + (1 - self.beta) * f
         if self.slow is not None:
-            ghat = ghat + self.beta * self.slow_gradient(i)
-        return ghat
+            ghat = ghat + self.beta * self.slow_gradient(ready, sizes)
+        return list(ghat.split(sizes))
+
+    def slow_gradient(self, ready: list[int], sizes: list[int]) -> Tensor:
+        """s for every weight of the layers ``ready``, each from its own history (concatenated)."""
+        if self.mode == "stream":
+            tokens = torch.cat([self.histories[i].latest() for i in ready]).unsqueeze(-1)
+        else:
+            tokens = torch.cat([self.histories[i].sequence() for i in ready]).unsqueeze(-1)
+        repeats = torch.tensor(sizes, device=tokens.device)
+        scale = None
+        if self.normalize:
+            # Per layer: the root mean square of what the slow-net reads of that layer.
+            rms = [t.pow(2).mean().sqrt() for t in tokens.split(sizes)]
+            scale = torch.stack(rms).clamp_min(1e-12).repeat_interleave(repeats)
+            tokens = tokens / scale.view(-1, *[1] * (tokens.dim() - 1))
+        front = None if self.lre is None else self.lre[ready].repeat_interleave(repeats, dim=0)
+        if self.mode == "stream":
+            s = self._stream(tokens, front)
+        else:
+            if front is not None:
+                tokens = torch.cat([front.unsqueeze(1), tokens], dim=1)
+            s = self.slow.last(tokens).squeeze(-1)
+        return s * scale if scale is not None else s
+
+    def _stream(self, token: Tensor, front: Tensor | None) -> Tensor:
+        """The recurrent form: one token per step, the state carried from step to step."""
+        state = None
+        if self.state is not None and self.state_rows == token.shape[0]:
+            # (otherwise the set of layers changed: start new sequences)
+            is_mamba = isinstance(self.slow, Mamba)
+            state = MambaState(*self.state) if is_mamba else tuple(self.state)
+        if state is None and front is not None:
+            # The layer's embedding opens every coordinate's sequence, as in the window.
+            _, state = self.slow.step(front, None)
+        s, state = self.slow.step(token, state)
+        # Truncated back-propagation through time: the meta-gradient of this step flows
+        # through this step's token only (as for MetaQuant's LSTMFC).
+        self.state = [t.detach() for t in state]
+        self.state_rows = token.shape[0]
+        return s.squeeze(-1)
 
     def update_gradient(self, i: int, ghat: Tensor) -> Tensor:
         if self.update == "combined" or self._fast_out[i] is None:
@@ -154,12 +216,18 @@ class FSG(LearnedEstimator):
         return self._fast_out[i].reshape(w.shape) * q.derivative(w, q.sharpness)
 
     def end_step(self) -> int:
+        if any(self._fallback):
+            self.state = None  # a non-finite state would never recover: start again
         fallbacks = super().end_step()
         self._fast_out = [None] * len(self.layers)
         return fallbacks
 
     def extra_state(self) -> dict[str, Any]:
-        return {}
+        return {"state": self.state, "state_rows": self.state_rows}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.state = None if state["state"] is None else list(state["state"])
+        self.state_rows = int(state["state_rows"])
 
 
 #: The paper's sizes (ALGORITHMS.md, section 3); chunking bounds the slow-net's memory.
@@ -174,4 +242,5 @@ PAPER = {
     "fast_lr": 1e-2,
     "slow_lr": 1e-3,
     "chunk_size": 16384,
+    "mode": "window",
 }

@@ -23,7 +23,7 @@ PyTorch does.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -185,6 +185,13 @@ def selective_scan(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     return _scan_time_major(tm[0], tm[1], A, tm[2], tm[3], D, last_only=False).transpose(0, 1)
 
 
+class MambaState(NamedTuple):
+    """What the recurrent form of a Mamba block carries between tokens."""
+
+    inputs: Tensor  # (d_conv - 1, batch, d_inner): the last conv inputs, oldest first
+    h: Tensor  # (batch, d_inner, d_state): the scan's state
+
+
 class Mamba(nn.Module):
     """One Mamba block mapping (batch, L, d_model) to (batch, L, d_model).
 
@@ -261,6 +268,39 @@ class Mamba(nn.Module):
         readout, gating and out-projection are done for the last token only.
         """
         return self._run(x, last_only=True)[:, 0]
+
+    def step(self, u: Tensor, state: MambaState | None = None) -> tuple[Tensor, MambaState]:
+        """One token of the recurrent form: (batch, d_model) -> (batch, d_model).
+
+        ``state`` holds what the block remembers of the tokens before ``u`` (None: no
+        tokens yet). Stepping through a sequence token by token gives ``forward``'s output
+        at every position. Gradients flow into ``state`` if it requires them; detach it
+        to truncate back-propagation through time.
+        """
+        if u.dim() != 2 or u.shape[-1] != self.d_model:
+            raise SigngradError(f"Mamba.step expects (batch, {self.d_model}), got {tuple(u.shape)}")
+        d, n, r, k = self.d_inner, self.d_state, self.dt_rank, self.d_conv
+        w_in, b_in = self.in_proj.weight, self.in_proj.bias
+        xz = F.linear(u, w_in, b_in)
+        x, z = xz[:, :d], xz[:, d:]
+        if state is None:
+            state = MambaState(x.new_zeros(k - 1, *x.shape), x.new_zeros(*x.shape, n))
+        w = self.conv1d.weight[:, 0, :]  # (d, k); tap k - 1 multiplies the current token
+        xc = x * w[:, k - 1]
+        for s in range(1, k):  # state.inputs[-s] is the token s steps back
+            xc = torch.addcmul(xc, state.inputs[k - 1 - s], w[:, k - 1 - s])
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias
+        xc = F.silu(xc)
+        delta_raw, B, C = self.x_proj(xc).split([r, n, n], dim=-1)
+        delta = F.softplus(self.dt_proj(delta_raw))
+        A = -torch.exp(self.A_log)
+        decay = torch.exp(delta.unsqueeze(-1) * A)
+        h = torch.addcmul(state.h * decay, (delta * xc).unsqueeze(-1), B.unsqueeze(-2))
+        y = (h * C.unsqueeze(-2)).sum(-1) + xc * self.D
+        out = self.out_proj(y * F.silu(z))
+        inputs = torch.cat([state.inputs[1:], x.unsqueeze(0)]) if k > 1 else state.inputs
+        return out, MambaState(inputs, h)
 
     def _run(self, x: Tensor, last_only: bool) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] == 0:
