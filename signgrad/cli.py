@@ -126,7 +126,10 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _list(args: argparse.Namespace) -> None:
+    from signgrad import estimators
+
     print("quantizers:", ", ".join(quantizers.names()))
+    print("estimators:", ", ".join(estimators.names()))
     print("models:    ", ", ".join(models.names()))
     print("data:      ", ", ".join(data.names()))
 
@@ -148,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", help="run directories")
     c.add_argument("--png", default="comparison.png", help="where to write the curves")
     c.set_defaults(func=_compare)
-    sub.add_parser("list", help="the available quantizers, models and data sets").set_defaults(
-        func=_list
-    )
+    sub.add_parser(
+        "list", help="the available quantizers, estimators, models and data sets"
+    ).set_defaults(func=_list)
     return parser
 
 

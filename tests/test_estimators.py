@@ -23,7 +23,7 @@ needs_cifar = pytest.mark.skipif(
 SMALL_FSG = {"d_inner": 4, "d_state": 3, "d_conv": 3, "fast_hidden": 8}
 
 
-def small_model(quantizer: str = "dorefa") -> nn.Module:
+def small_model(quantizer: str = "dorefa", **binarize) -> nn.Module:
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1, bias=False),
@@ -36,7 +36,7 @@ def small_model(quantizer: str = "dorefa") -> nn.Module:
         nn.Flatten(),
         nn.Linear(6, 5),
     )
-    return layers.binarize(net, quantizer, keep="none")
+    return layers.binarize(net, quantizer, keep="none", **binarize)
 
 
 def batch(seed: int = 0):
@@ -242,6 +242,27 @@ def test_stream_mode_reads_each_weights_whole_history(slow):
             want = est.slow.last(torch.cat([front, seq], dim=1)).squeeze(-1)
             assert got[i].abs().max() > 0
             torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", estimators.names())
+def test_bwn_with_binary_activations_and_sgd(name):
+    # BWN: sign(W) scaled by mean |W|, identity pre-processing, so g^ needs no calibration.
+    model = small_model("bc", input_quantizer="bnn", scaling="tensor")
+    est = build(name, model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = [lay.weight.detach().clone() for lay in est.layers]
+    for step in range(3):
+        _, fallbacks = train_step(model, est, opt, 0.1, step)
+        assert fallbacks == 0
+    for w0, lay in zip(before, est.layers, strict=True):
+        assert torch.isfinite(lay.weight).all()
+        assert not torch.equal(w0, lay.weight.detach())
+
+
+def test_list_names_the_estimators(capsys):
+    assert run_cli("list") == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in estimators.names())
 
 
 def test_reference_update_uses_the_fast_gradient_only():

@@ -78,7 +78,7 @@ class _RecurrentSlowNet(nn.Module):
 class FSG(LearnedEstimator):
     """FSG estimator; the defaults are signgrad's ``fsg`` preset, ``PAPER`` the paper's.
 
-    The defaults (stream mode, Mamba d_inner 2, d_state 2, d_conv 2, fast hidden 8) were
+    The defaults (stream mode, Mamba d_inner 2, d_state 1, d_conv 2, fast hidden 8) were
     chosen from ``benchmarks/estimators.py`` to keep a ResNet-20 step near 1.3x the STE
     step on a 2-core CPU; docs/estimators.md has the measurements.
     """
@@ -95,7 +95,7 @@ class FSG(LearnedEstimator):
         update: str = "combined",
         slow: str = "mamba",
         d_inner: int = 2,
-        d_state: int = 2,
+        d_state: int = 1,
         d_conv: int = 2,
         dt_rank: int = 1,
         slow_hidden: int = 4,
