@@ -24,7 +24,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "(or, with --resume, the value saved in the run).",
         argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--model", help=f"architecture: {', '.join(models.names())} (resnet20)")
+    p.add_argument("--model", help=f"architecture: {', '.join(models.names())}, or "
+                   "hyper-MODEL for its Hyper-BinaryNet form (resnet20)")  # fmt: skip
     p.add_argument("--data", help="data set: cifar10, cifar100, fashion-mnist, mnist, "
                    "imagefolder:PATH (cifar10)")  # fmt: skip
     p.add_argument("--quantizer", help=f"weight quantizer: {', '.join(quantizers.names())} (bnn)")
@@ -38,6 +39,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "forward becomes the exact sign (default: the last 10%%)")  # fmt: skip
     p.add_argument("--activation", help="relu, hardtanh, prelu, identity "
                    "(relu; hardtanh with --input-quantizer)")  # fmt: skip
+    p.add_argument("--input-sharpness", help="schedule of the input quantizer's sharpness")
+    p.add_argument("--sharpness-per-step", action="store_true", help="move sharpness "
+                   "schedules every step (epoch fractions), not once per epoch")  # fmt: skip
+    p.add_argument("--hyper", action="store_true", help="Hyper-BinaryNet layers: generated "
+                   "latent kernels (also: --model hyper-MODEL)")  # fmt: skip
+    p.add_argument("--z-dim", type=int, help="hyper layers: embedding size per kernel (9)")
+    p.add_argument("--generator", help="hyper layers: linear, mlp-elu, mlp-hardtanh (linear)")
     p.add_argument("--estimator", help="learned gradient estimator: fsg, fsg-paper, "
                    "metaquant-fc, metaquant-multifc, metaquant-lstm (none)")  # fmt: skip
     p.add_argument("--estimator-param", dest="estimator_params", action="append",
@@ -46,7 +54,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", help="adam or sgd (adam)")
     p.add_argument("--lr", type=float, help="base learning rate (adam 1e-3, sgd 0.1)")
     p.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
+    p.add_argument("--betas", type=float, nargs=2, help="Adam's betas (0.9 0.999)")
     p.add_argument("--weight-decay", type=float, help="on conv/linear weights only (0)")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (off)")
+    p.add_argument("--bn-momentum", type=float, help="batch norm momentum (PyTorch's 0.1)")
+    p.add_argument("--recipe", help="preset of optimizer settings, overridden by flags given: "
+                   "hyper-binarynet")  # fmt: skip
     p.add_argument("--schedule", help="lr schedule: cosine, step, constant (cosine)")
     p.add_argument("--milestones", type=int, nargs="+", help="epochs of the step schedule")
     p.add_argument("--gamma", type=float, help="factor of the step schedule (0.1)")
@@ -80,7 +93,7 @@ def _train(args: argparse.Namespace) -> None:
             raise SigngradError("--resume needs --out RUN_DIR")
         cfg = train.resume_config(flags.pop("out"), flags)
     else:
-        cfg = train.Config(**flags)
+        cfg = train.Config(**train.with_recipe(flags))
     history = train.train(
         cfg,
         resume=resume,
@@ -130,7 +143,7 @@ def _list(args: argparse.Namespace) -> None:
 
     print("quantizers:", ", ".join(quantizers.names()))
     print("estimators:", ", ".join(estimators.names()))
-    print("models:    ", ", ".join(models.names()))
+    print("models:    ", ", ".join(models.names()), "(each also as hyper-MODEL)")
     print("data:      ", ", ".join(data.names()))
 
 

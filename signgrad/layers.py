@@ -71,11 +71,20 @@ class _BinaryMixin:
         self.input_quantizer = _input_quantizer(input_quantizer, input_params)
         self.scaling = scaling
 
-    def scale(self) -> Tensor | None:
-        """alpha for the current latent weights, or None when not scaled."""
+    def latent_weight(self) -> Tensor:
+        """The latent weights W that the quantizer binarizes (a hyper layer generates them)."""
+        return self.weight
+
+    def set_latent_grad(self, grad: Tensor | None) -> None:
+        """Make ``grad`` the gradient of the latent weights, replacing what back-propagation
+        left there (None: no update this step). Used by learned estimators."""
+        self.weight.grad = grad
+
+    def scale(self, latent: Tensor | None = None) -> Tensor | None:
+        """alpha for the latent weights (default: the current ones), or None when not scaled."""
         if self.scaling == "none" or self.weight_quantizer.precision == 32:
             return None
-        w = self.weight.detach().abs()
+        w = (self.latent_weight() if latent is None else latent).detach().abs()
         if self.scaling == "tensor":
             return w.mean()
         return w.mean(dim=tuple(range(1, w.dim())), keepdim=True)
@@ -87,11 +96,12 @@ class _BinaryMixin:
 
     def binary_weight(self) -> Tensor:
         """alpha * F(W): the weights the forward pass computes with."""
-        w = self.weight if self.lookahead is None else self.weight - self.lookahead
+        latent = self.latent_weight()
+        w = latent if self.lookahead is None else latent - self.lookahead
         q = self.weight_quantizer(w)
         if self.on_natural_grad is not None and q.requires_grad:
             q.register_hook(self.on_natural_grad)
-        alpha = self.scale()
+        alpha = self.scale(latent)
         return q if alpha is None else q * alpha
 
     def quantize_input(self, x: Tensor) -> Tensor:
@@ -172,6 +182,32 @@ class BinaryLinear(_BinaryMixin, nn.Linear):
 BINARY_LAYERS = (BinaryConv2d, BinaryLinear)
 
 
+def _hyper_copy(layer: nn.Module, hyper_params: dict[str, Any], **binary: Any) -> nn.Module:
+    """A hyper layer in place of ``layer``, generating its weights when it can (carry)."""
+    from signgrad.hyper import HyperConv2d, HyperLinear  # hyper builds on this module
+
+    w = layer.weight
+    factory = {"device": w.device, "dtype": w.dtype}
+    if isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise SigngradError(f"hyper layers support zero padding given as numbers: {layer}")
+        new: nn.Module = HyperConv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+            layer.padding, layer.dilation, layer.groups, layer.bias is not None,
+            **hyper_params, **binary, **factory,
+        )  # fmt: skip
+    else:
+        new = HyperLinear(
+            layer.in_features, layer.out_features, layer.bias is not None,
+            **hyper_params, **binary, **factory,
+        )  # fmt: skip
+    new.carry(w.detach())
+    if layer.bias is not None:
+        new.bias = layer.bias
+    new.train(layer.training)
+    return new
+
+
 def _binary_copy(layer: nn.Module, **binary: Any) -> nn.Module:
     """A binary layer with the hyper-parameters and the (shared) parameters of ``layer``."""
     w = layer.weight
@@ -203,9 +239,16 @@ def binarize(
     keep: str = "first_last",
     weight_params: dict[str, Any] | None = None,
     input_params: dict[str, Any] | None = None,
+    hyper: bool = False,
+    hyper_params: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Replace the ``nn.Conv2d`` and ``nn.Linear`` layers of ``model`` (in place) by
     binary ones and return it.
+
+    ``hyper=True`` makes them Hyper-BinaryNet layers (:mod:`signgrad.hyper`), built with
+    ``hyper_params`` (``z_dim``, ``generator``, ``hidden``); their generated weights start
+    equal to the old weights when the generator can be the identity (``linear`` with
+    ``z_dim`` = kernel size, the default for 3 x 3 kernels), else from a fresh embedding.
 
     ``keep`` says which layers stay full precision: ``"first_last"`` (the usual protocol
     for 1W1A networks: the stem sees raw pixels, the classifier produces logits),
@@ -243,22 +286,26 @@ def binarize(
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        new = _binary_copy(
-            getattr(parent, child),
-            weight_quantizer=weight_quantizer,
-            input_quantizer=input_quantizer,
-            scaling=scaling,
-            weight_params=weight_params,
-            input_params=input_params,
+        binary = {
+            "weight_quantizer": weight_quantizer,
+            "input_quantizer": input_quantizer,
+            "scaling": scaling,
+            "weight_params": weight_params,
+            "input_params": input_params,
+        }
+        old = getattr(parent, child)
+        new = (
+            _hyper_copy(old, hyper_params or {}, **binary) if hyper else _binary_copy(old, **binary)
         )
         setattr(parent, child, new)
     return model
 
 
 def binary_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, layer) for every BinaryConv2d / BinaryLinear of ``model``."""
+    """(name, layer) for every binary layer of ``model`` (BinaryConv2d, BinaryLinear and
+    the hyper layers of :mod:`signgrad.hyper`)."""
     for name, m in model.named_modules():
-        if isinstance(m, BINARY_LAYERS):
+        if isinstance(m, _BinaryMixin):
             yield name, m
 
 

@@ -12,6 +12,10 @@ Text form, as used on the command line (``--sharpness``):
 ``linear:A:B``         A at epoch 0, linearly to B at the last epoch
 ``exp:A:B``            A at epoch 0, geometrically to B at the last epoch
 ``decay:A:G``          A * G**epoch (STE-Warmup's T = T0 * 0.95**epoch)
+``stepdecay:A:G:D:E``  A * G**floor(max(0, epoch - D) / E): constant for D epochs,
+                       then one factor G every E epochs (STE-Warmup on large data
+                       sets, with the trainer's ``sharpness_per_step``; D and E may be
+                       fractions of an epoch)
 =====================  ========================================================
 """
 
@@ -102,11 +106,35 @@ class Decay(Schedule):
         return f"decay:{self.start:g}:{self.gamma:g}"
 
 
+@dataclass(frozen=True)
+class StepDecay(Schedule):
+    """start * gamma ** floor(max(0, epoch - delay) / every)."""
+
+    start: float
+    gamma: float
+    delay: float
+    every: float
+
+    def __post_init__(self) -> None:
+        if self.gamma <= 0 or self.every <= 0 or self.delay < 0:
+            raise SigngradError(
+                f"stepdecay schedule needs gamma > 0, delay >= 0 and every > 0, got "
+                f"{self.gamma}, {self.delay}, {self.every}"
+            )
+
+    def __call__(self, epoch: float, total_epochs: int) -> float:
+        return self.start * self.gamma ** math.floor(max(0.0, epoch - self.delay) / self.every)
+
+    def spec(self) -> str:
+        return f"stepdecay:{self.start:g}:{self.gamma:g}:{self.delay:g}:{self.every:g}"
+
+
 _KINDS: dict[str, tuple[type[Schedule], int]] = {
     "const": (Constant, 1),
     "linear": (Linear, 2),
     "exp": (Exponential, 2),
     "decay": (Decay, 2),
+    "stepdecay": (StepDecay, 4),
 }
 
 

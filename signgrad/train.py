@@ -23,7 +23,17 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from signgrad import __version__, checkpoint, data, estimators, layers, models, quantizers, report
+from signgrad import (
+    __version__,
+    checkpoint,
+    data,
+    estimators,
+    hyper,
+    layers,
+    models,
+    quantizers,
+    report,
+)
 from signgrad.errors import SigngradError
 
 log = logging.getLogger("signgrad.train")
@@ -46,12 +56,20 @@ class Config:
     sharpness: str | None = None
     exact_sign_after: int | None = None
     activation: str | None = None  # None: relu, or hardtanh when activations are binary
+    hyper: bool = False  # Hyper-BinaryNet layers (signgrad.hyper); a "hyper-" model sets it
+    z_dim: int = 9  # hyper layers: embedding size per kernel
+    generator: str = "linear"  # hyper layers: linear, mlp-elu, mlp-hardtanh
+    sharpness_per_step: bool = False  # move sharpness schedules every step, not per epoch
+    input_sharpness: str | None = None  # schedule of the input quantizer's sharpness
     estimator: str | None = None  # a learned gradient estimator (signgrad.estimators)
     estimator_params: list[str] = field(default_factory=list)  # KEY=VALUE
     optimizer: str = "adam"
     lr: float | None = None  # None: 1e-3 for Adam, 0.1 for SGD
     momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam
     weight_decay: float = 0.0
+    grad_clip: float | None = None  # clip the gradient norm of the model to this
+    bn_momentum: float | None = None  # None: PyTorch's 0.1
     schedule: str = "cosine"
     milestones: list[int] = field(default_factory=list)  # step schedule; empty: 50%, 75%
     gamma: float = 0.1
@@ -65,6 +83,7 @@ class Config:
     download: bool = True
     device: str = "auto"
     out: str | None = None
+    recipe: str | None = None  # the preset the values came from, for the record
     version: str = __version__
 
     @classmethod
@@ -83,8 +102,19 @@ class Config:
             raise SigngradError(
                 f"unknown lr schedule '{c.schedule}'; valid: {', '.join(LR_SCHEDULES)}"
             )
+        if c.model.startswith(HYPER_PREFIX):
+            c.model, c.hyper = c.model[len(HYPER_PREFIX) :], True
         if c.model not in models.names():
-            raise SigngradError(f"unknown model '{c.model}'; valid: {', '.join(models.names())}")
+            valid = models.names() + [HYPER_PREFIX + "MODEL"]
+            raise SigngradError(f"unknown model '{self.model}'; valid: {', '.join(valid)}")
+        if c.hyper:
+            hyper.make_generator(c.generator, c.z_dim, 9)  # checks the settings
+        if len(c.betas) != 2 or not all(0 <= b < 1 for b in c.betas):
+            raise SigngradError(f"betas must be two numbers in [0, 1), got {c.betas}")
+        if c.grad_clip is not None and not c.grad_clip > 0:
+            raise SigngradError(f"grad_clip must be positive, got {c.grad_clip}")
+        if c.bn_momentum is not None and not 0 < c.bn_momentum <= 1:
+            raise SigngradError(f"bn_momentum must be in (0, 1], got {c.bn_momentum}")
         data.check_name(c.data)
         if c.input_quantizer == "none":
             c.input_quantizer = None
@@ -115,7 +145,14 @@ class Config:
             raise SigngradError(
                 f"quantizer '{c.input_quantizer}' works on weights only, not on activations"
             )
+        if c.input_sharpness is not None:
+            if not c.input_quantizer:
+                raise SigngradError("--input-sharpness given without --input-quantizer")
+            quantizers.get(c.input_quantizer, **c.input_params())
         return c
+
+    def input_params(self) -> dict[str, Any]:
+        return {} if self.input_sharpness is None else {"sharpness": self.input_sharpness}
 
     def weight_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {}
@@ -124,6 +161,36 @@ class Config:
         if self.exact_sign_after is not None:
             params["exact_sign_after"] = self.exact_sign_after
         return params
+
+
+HYPER_PREFIX = "hyper-"
+
+#: Presets of Config values; flags given with a preset override it.
+RECIPES: dict[str, dict[str, Any]] = {
+    # Hyper-BinaryNet's CIFAR recipe (the authors' code): Adam 1e-2 with betas (0.5, 0.99),
+    # no weight decay, lr x0.5 every 60 epochs, gradient norm clipped at 5, BN momentum 0.5.
+    "hyper-binarynet": {
+        "optimizer": "adam",
+        "lr": 1e-2,
+        "betas": [0.5, 0.99],
+        "weight_decay": 0.0,
+        "schedule": "step",
+        "milestones": list(range(60, 1000, 60)),
+        "gamma": 0.5,
+        "grad_clip": 5.0,
+        "bn_momentum": 0.5,
+    },
+}
+
+
+def with_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` on top of the recipe they name (``values["recipe"]``), if any."""
+    name = values.get("recipe")
+    if name is None:
+        return values
+    if name not in RECIPES:
+        raise SigngradError(f"unknown recipe '{name}'; valid: {', '.join(RECIPES)}")
+    return {**RECIPES[name], **values}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -166,7 +233,7 @@ def build_model(cfg: Config, ds: data.DataSet) -> nn.Module:
                 f"--init {cfg.init} ({state['config'].get('model')}) does not fit "
                 f"{cfg.model}: {first}"
             ) from None
-    if cfg.quantizer != "none" or cfg.input_quantizer:
+    if cfg.quantizer != "none" or cfg.input_quantizer or cfg.hyper:
         layers.binarize(
             model,
             cfg.quantizer,
@@ -174,7 +241,14 @@ def build_model(cfg: Config, ds: data.DataSet) -> nn.Module:
             scaling=cfg.scaling,
             keep=cfg.keep,
             weight_params=cfg.weight_params(),
+            input_params=cfg.input_params(),
+            hyper=cfg.hyper,
+            hyper_params={"z_dim": cfg.z_dim, "generator": cfg.generator},
         )
+    if cfg.bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = cfg.bn_momentum
     return model
 
 
@@ -195,7 +269,7 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
@@ -346,6 +420,8 @@ def train(
             lr = learning_rate(cfg, epoch * steps + i, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            if cfg.sharpness_per_step and i > 0:
+                layers.set_epoch(model, epoch + i / steps, cfg.epochs)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if estimator is not None:
@@ -359,6 +435,8 @@ def train(
             loss.backward()
             if estimator is not None:
                 fallback_steps += estimator.end_step() > 0  # hands g^ to the optimizer
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             layers.post_step(model, lr)
             loss_sum += loss.detach() * len(y)

@@ -115,6 +115,13 @@ BAD = [
     (["--epochs", "0"], "epochs must be at least 1"),
     (["--lr", "-1"], "lr must be a positive number"),
     (["--device", "tpu:x"], "device"),
+    (["--model", "hyper-resnet7"], "unknown model 'hyper-resnet7'"),
+    (["--hyper", "--generator", "conv"], "unknown generator 'conv'"),
+    (["--recipe", "xnor"], "unknown recipe 'xnor'; valid: hyper-binarynet"),
+    (["--betas", "0.9", "1.5"], "betas must be two numbers in [0, 1)"),
+    (["--grad-clip", "0"], "grad_clip must be positive"),
+    (["--input-sharpness", "decay:1:0.9"], "--input-sharpness given without"),
+    (["--quantizer", "ste-warmup", "--sharpness", "stepdecay:1:0.9:2"], "needs 4 finite number"),
 ]
 
 

@@ -135,7 +135,7 @@ class LearnedEstimator(nn.Module):
 
     def finish_init(self) -> None:
         """Call at the end of a subclass's __init__, once the meta-networks exist."""
-        device = self.layers[0].weight.device
+        device = self.layers[0].latent_weight().device
         self.to(device)
         self.meta_optimizer = self.make_meta_optimizer()
 
@@ -161,7 +161,7 @@ class LearnedEstimator(nn.Module):
         if not ready:
             return out
         quants = [self.layers[i].weight_quantizer for i in ready]
-        weights = [self.layers[i].weight.detach() for i in ready]
+        weights = [self.layers[i].latent_weight().detach() for i in ready]
         w_tildes = [q.preprocess(w).reshape(-1) for q, w in zip(quants, weights, strict=True)]
         raw = self.gradients(ready, w_tildes)
         for i, q, w, g in zip(ready, quants, weights, raw, strict=True):
@@ -201,9 +201,9 @@ class LearnedEstimator(nn.Module):
             if self._fallback[i]:
                 fallbacks += 1  # keep autograd's straight-through dL/dW of this step
             elif ghat is None:
-                layer.weight.grad = None  # no previous gradient yet: no update
+                layer.set_latent_grad(None)  # no previous gradient yet: no update
             else:
-                layer.weight.grad = self.update_gradient(i, ghat).detach()
+                layer.set_latent_grad(self.update_gradient(i, ghat).detach())
             layer.lookahead = None
             self._ghat[i] = None
             self._fallback[i] = False

@@ -212,7 +212,7 @@ class FSG(LearnedEstimator):
             return ghat
         # The reference code's real update: the fast gradient alone, calibrated.
         layer = self.layers[i]
-        q, w = layer.weight_quantizer, layer.weight.detach()
+        q, w = layer.weight_quantizer, layer.latent_weight().detach()
         return self._fast_out[i].reshape(w.shape) * q.derivative(w, q.sharpness)
 
     def end_step(self) -> int:
