@@ -7,6 +7,10 @@ that drifts of a noisy machine hit all of them alike; the median of the rounds i
 
     python benchmarks/train_step.py                      # fp32 and bf16, every quantizer
     python benchmarks/train_step.py --precisions fp32 --rounds 20
+    python benchmarks/train_step.py --hyper resnet18 --quantizers bnn --precisions fp32
+
+``--hyper MODEL`` instead compares the Hyper-BinaryNet form of MODEL (HyperConv layers)
+with its plain binary form, same quantizer, 1W32A and 1W1A, as ratios hyper / binary.
 """
 
 from __future__ import annotations
@@ -23,12 +27,18 @@ from torch.nn import functional as F
 from signgrad import layers, models, quantizers
 
 
-def build(weight_q: str | None, input_q: str | None, channels_last: bool) -> nn.Module:
+def build(
+    weight_q: str | None,
+    input_q: str | None,
+    channels_last: bool,
+    model_name: str = "resnet20",
+    hyper: bool = False,
+) -> nn.Module:
     torch.manual_seed(0)
     act = "hardtanh" if input_q else "relu"
-    model = models.get("resnet20", num_classes=10, in_channels=3, activation=act)
+    model = models.get(model_name, num_classes=10, in_channels=3, activation=act)
     if weight_q or input_q:
-        layers.binarize(model, weight_q or "none", input_q)
+        layers.binarize(model, weight_q or "none", input_q, hyper=hyper)
         layers.set_epoch(model, 0, 100)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -58,11 +68,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--hyper", metavar="MODEL", help="compare hyper-MODEL with binary MODEL")
     args = p.parse_args()
 
-    configs = [("full precision", None, None)]
-    configs += [(f"1W32A {q}", q, None) for q in args.quantizers]
-    configs += [("1W1A bnn/bnn", "bnn", "bnn")]
+    model_name = args.hyper or "resnet20"
+    if args.hyper:
+        configs = []
+        for q in args.quantizers:
+            for iq, kind in ((None, "1W32A"), (q, "1W1A")):
+                configs += [
+                    (f"{kind} {q} binary", q, iq, False),
+                    (f"{kind} {q} hyper", q, iq, True),
+                ]
+    else:
+        configs = [("full precision", None, None, False)]
+        configs += [(f"1W32A {q}", q, None, False) for q in args.quantizers]
+        configs += [("1W1A bnn/bnn", "bnn", "bnn", False)]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (args.batch_size,), generator=g)
@@ -72,18 +93,19 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, {model_name}, batch {args.batch_size}, "
         f"channels_last {args.channels_last}, {args.rounds} rounds"
     )
     print()
-    print("| configuration | precision | ms / step (median) | ratio to full precision |")
+    against = "binary of the same kind" if args.hyper else "full precision"
+    print(f"| configuration | precision | ms / step (median) | ratio to {against} |")
     print("|---|---|---:|---:|")
     base_ms: dict[str, float] = {}
     for precision in args.precisions:
         bf16 = precision == "bf16"
         runs = []
-        for label, wq, iq in configs:
-            model = build(wq, iq, args.channels_last)
+        for label, wq, iq, hyper in configs:
+            model = build(wq, iq, args.channels_last, model_name, hyper)
             opt = torch.optim.Adam(model.parameters(), lr=1e-3)
             runs.append((label, model, opt, []))
 
@@ -93,10 +115,13 @@ def main() -> None:
                 if r >= args.warmup:
                     times.append(t)
         base_ms[precision] = 1000 * statistics.median(runs[0][3])
-        for label, _, _, times in runs:
+        for k, (label, _, _, times) in enumerate(runs):
             ms = 1000 * statistics.median(times)
-            ratio = ms / base_ms[precision]
-            print(f"| {label} | {precision} | {ms:.1f} | {ratio:.3f} |", flush=True)
+            # --hyper: each hyper configuration against the binary one just before it.
+            base = (
+                1000 * statistics.median(runs[k - k % 2][3]) if args.hyper else base_ms[precision]
+            )
+            print(f"| {label} | {precision} | {ms:.1f} | {ms / base:.3f} |", flush=True)
     if len(base_ms) == 2:
         # Measured in separate passes (not interleaved): a coarse figure.
         print(f"\nfull precision, bf16 / fp32 step time: {base_ms['bf16'] / base_ms['fp32']:.2f}")
