@@ -263,6 +263,8 @@ def _canon_key(value: Any) -> str:
 def _fmt_value(value: Any) -> str:
     if value is _MISSING:
         return "(unset)"
+    if value is None:
+        return "none"
     if isinstance(value, str):
         return value
     return json.dumps(value)

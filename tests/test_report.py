@@ -249,7 +249,7 @@ def test_group_runs_several_keys_and_single_config(tmp_path: Path) -> None:
     assert list(groups) == [
         "estimator=ste, lr=0.01",
         "estimator=ste, lr=0.001",
-        "estimator=null, lr=0.01",
+        "estimator=none, lr=0.01",
     ]
     # only ignored keys differ -> one group
     d = make_run(tmp_path, "d", recs, seed=1, out="elsewhere", data_root="/other")
