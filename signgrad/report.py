@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from signgrad.checkpoint import CONFIG_NAME, METRICS_NAME, atomic_write
 from signgrad.errors import SigngradError
@@ -455,6 +456,14 @@ def _plot_compare(
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
     ax_loss.set_title("training loss")
     ax_loss.set_ylabel("loss")
+    losses = np.concatenate([loss.ravel() for _, _, _, loss, _ in curves])
+    if np.nanmin(losses) > 0:
+        # Early losses of binary runs can be 10x the final ones; a log axis keeps the
+        # differences at the end readable.
+        ax_loss.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax_loss.yaxis.set_major_formatter(plain)
+        ax_loss.yaxis.set_minor_formatter(plain)
     ax_acc.set_title("test accuracy")
     ax_acc.set_ylabel("accuracy (%)")
     for ax in (ax_loss, ax_acc):
