@@ -162,7 +162,7 @@ needs_cifar = pytest.mark.skipif(
 
 
 @needs_cifar
-def test_short_1w1a_hyper_run_lowers_the_loss_and_repeats(tmp_path):
+def test_short_1w1a_hyper_run_lowers_the_loss_and_repeats(tmp_path, capsys):
     args = ["train", "--model", "hyper-convnet", "--data", "cifar10", "--quantizer",
             "ste-warmup", "--input-quantizer", "ste-warmup", "--recipe", "hyper-binarynet",
             "--epochs", "3", "--batch-size", "64", "--no-progress"]  # fmt: skip
@@ -173,5 +173,9 @@ def test_short_1w1a_hyper_run_lowers_the_loss_and_repeats(tmp_path):
     assert records[-1]["sharpness"] < records[0]["sharpness"]
     a, b = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
     assert any(k.endswith("embedding") for k in a["model"])
+    # eval rebuilds the hyper model from the saved configuration
+    capsys.readouterr()
+    assert cli.main(["-q", "eval", str(tmp_path / "a")]) == 0
+    assert f"test accuracy {100 * records[-1]['test_acc']:.2f}%" in capsys.readouterr().out
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
