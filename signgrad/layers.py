@@ -265,6 +265,9 @@ def binarize(
         input_quantizer, quantizers.Quantizer
     ):
         raise SigngradError("binarize takes quantizer names (one object per layer is built)")
+    unknown = sorted(set(hyper_params or {}) - {"z_dim", "generator", "hidden"})
+    if unknown:
+        raise SigngradError(f"unknown hyper_params {unknown}; valid: z_dim, generator, hidden")
     # Build one quantizer now so a bad name fails before the model is touched.
     _weight_quantizer(weight_quantizer, weight_params)
     _input_quantizer(input_quantizer, input_params)

@@ -95,6 +95,8 @@ def test_bad_hyper_settings():
         HyperConv2d(3, 4, 3, weight_quantizer="proxquant")
     with pytest.raises(SigngradError, match="z_dim"):
         HyperLinear(3, 4, z_dim=0)
+    with pytest.raises(SigngradError, match="unknown hyper_params"):
+        layers.binarize(nn.Sequential(nn.Linear(2, 2)), hyper=True, hyper_params={"width": 3})
 
 
 def test_estimators_drive_hyper_layers_through_the_generator():
