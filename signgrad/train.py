@@ -109,6 +109,8 @@ class Config:
             raise SigngradError(f"unknown model '{self.model}'; valid: {', '.join(valid)}")
         if c.hyper:
             hyper.make_generator(c.generator, c.z_dim, 9)  # checks the settings
+        if c.recipe is not None and c.recipe not in RECIPES:
+            raise SigngradError(f"unknown recipe '{c.recipe}'; valid: {', '.join(RECIPES)}")
         if len(c.betas) != 2 or not all(0 <= b < 1 for b in c.betas):
             raise SigngradError(f"betas must be two numbers in [0, 1), got {c.betas}")
         if c.grad_clip is not None and not c.grad_clip > 0:
