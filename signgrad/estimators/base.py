@@ -154,6 +154,14 @@ class LearnedEstimator(nn.Module):
         return [self.gradient(i, w) for i, w in zip(ready, w_tildes, strict=True)]
 
     # -- the step -------------------------------------------------------------------------
+    def calibrate(self, i: int, g: Tensor, w: Tensor | None = None) -> Tensor:
+        """A gradient of W~ of layer ``i`` as a gradient of its latent weights W (shape of
+        W): the chain rule through the pre-processing, B'(W) (MetaQuant's calibration)."""
+        layer = self.layers[i]
+        q = layer.weight_quantizer
+        w = layer.latent_weight().detach() if w is None else w
+        return g.reshape(w.shape) * q.derivative(w, q.sharpness)
+
     def calibrated(self) -> list[Tensor | None]:
         """g^ of every layer as a gradient of W (shape of W); None before any history."""
         out: list[Tensor | None] = [None] * len(self.layers)
@@ -164,9 +172,8 @@ class LearnedEstimator(nn.Module):
         weights = [self.layers[i].latent_weight().detach() for i in ready]
         w_tildes = [q.preprocess(w).reshape(-1) for q, w in zip(quants, weights, strict=True)]
         raw = self.gradients(ready, w_tildes)
-        for i, q, w, g in zip(ready, quants, weights, raw, strict=True):
-            # Chain rule through the pre-processing (MetaQuant's calibration): B'(W).
-            out[i] = g.reshape(w.shape) * q.derivative(w, q.sharpness)
+        for i, w, g in zip(ready, weights, raw, strict=True):
+            out[i] = self.calibrate(i, g, w)
         return out
 
     def begin_step(self, lr: float) -> None:
@@ -193,7 +200,8 @@ class LearnedEstimator(nn.Module):
         """After ``loss.backward()``: meta step, base-optimizer gradients, history.
         Returns the number of layers that fell back to the straight-through gradient."""
         meta_grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if meta_grads and all(torch.isfinite(g).all() for g in meta_grads):
+        # One device synchronisation for all meta-parameters, not one per parameter.
+        if meta_grads and torch.stack([torch.isfinite(g).all() for g in meta_grads]).all():
             self.meta_optimizer.step()
         fallbacks = 0
         for i, layer in enumerate(self.layers):

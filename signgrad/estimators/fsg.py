@@ -211,9 +211,7 @@ class FSG(LearnedEstimator):
         if self.update == "combined" or self._fast_out[i] is None:
             return ghat
         # The reference code's real update: the fast gradient alone, calibrated.
-        layer = self.layers[i]
-        q, w = layer.weight_quantizer, layer.latent_weight().detach()
-        return self._fast_out[i].reshape(w.shape) * q.derivative(w, q.sharpness)
+        return self.calibrate(i, self._fast_out[i])
 
     def end_step(self) -> int:
         if any(self._fallback):
