@@ -1,0 +1,333 @@
+"""A packed model, loaded and ready to run: numpy and the compiled kernels, no PyTorch.
+
+At load time each node of the graph becomes a step over NHWC float32 arrays. 1W1A
+convolution and linear layers run as XNOR + popcount on bit-packed activations and
+weights; their epilogue (scale and shift, i.e. weight scaling and folded batch norm, a
+following residual ``add`` and activation) is fused into the kernel, which also packs
+the signs of its output when the next binary layer needs them. 1W32A layers run as
+float convolutions with the sign-folded weights (+-1 times the scale). Everything else
+is numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from signgrad.errors import SigngradError
+from signgrad.runtime import format as fmt
+from signgrad.runtime import kernels as K
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "compiled", "numpy")
+_ACTS = ("relu", "hardtanh", "prelu")
+
+
+def _bits_key(value: str) -> str:
+    """Where a value's packed signs sit beside the values (no value name has a NUL)."""
+    return "\0bits:" + value
+
+
+def _pair(v: list[int]) -> tuple[int, int]:
+    return int(v[0]), int(v[1])
+
+
+@dataclass
+class _Step:
+    """One executable step: ``fn(values)`` computes ``output`` from earlier values."""
+
+    name: str
+    output: str
+    fn: Callable[[dict[str, np.ndarray]], np.ndarray]
+    binary: bool = False  # ran on the bit-packed kernel
+
+
+@dataclass
+class PackedModel:
+    """A packed network: call :meth:`run` on normalised N x C x H x W float32 inputs, or
+    :meth:`predict` on uint8 images."""
+
+    graph: dict[str, Any]
+    backend: str
+    threads: int
+    steps: list[_Step] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.graph["classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.graph["input"]["shape"]
+        return int(c), int(h), int(w)
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """uint8 N x C x H x W -> normalised float32, as the training loader does it."""
+        pre = self.graph["preprocess"]
+        mean = np.asarray(pre["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(pre["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        return (images.astype(np.float32) / np.float32(255.0) - mean) / std
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits (N x classes) of normalised inputs x (N x C x H x W float32)."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise SigngradError(
+                f"input of shape {tuple(x.shape)}; this model takes N x "
+                f"{' x '.join(map(str, self.input_shape))}"
+            )
+        values: dict[str, Any] = {self.graph["input"]["name"]: np.transpose(x, (0, 2, 3, 1))}
+        for step in self.steps:
+            values[step.output] = step.fn(values)
+        out = values[self.graph["output"]]
+        return out.reshape(out.shape[0], -1) if out.ndim == 4 else out
+
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities (softmax) of uint8 images N x C x H x W."""
+        probs = []
+        for i in range(0, len(images), batch_size):
+            z = self.run(self.preprocess(images[i : i + batch_size]))
+            z = np.exp(z - z.max(axis=1, keepdims=True))
+            probs.append(z / z.sum(axis=1, keepdims=True))
+        return np.concatenate(probs) if probs else np.zeros((0, len(self.classes)), np.float32)
+
+
+def load(path: str | os.PathLike, *, backend: str = "auto", threads: int | None = None) -> PackedModel:
+    """Load a packed model file (``signgrad export --format packed``).
+
+    ``backend``: ``"compiled"`` (the bit-packed C kernels; an error where they are not
+    built), ``"numpy"`` (the slower fallback), or ``"auto"`` (compiled when available,
+    else numpy with a warning saying why). ``threads``: for the compiled kernels
+    (default: the CPUs this process may use).
+    """
+    graph, tensors = fmt.read(path)
+    return build(graph, tensors, backend=backend, threads=threads)
+
+
+def build(
+    graph: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    *,
+    backend: str = "auto",
+    threads: int | None = None,
+) -> PackedModel:
+    """A :class:`PackedModel` from a graph and its tensors (as :func:`load` reads them)."""
+    if backend not in BACKENDS:
+        raise SigngradError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "compiled" and K.COMPILED is None:
+        raise SigngradError(f"the compiled kernels are not available: {K.UNAVAILABLE}")
+    if backend == "auto":
+        if K.COMPILED is None:
+            log.warning(
+                "signgrad runtime: compiled kernels unavailable (%s); running the numpy "
+                "fallback, which is much slower", K.UNAVAILABLE
+            )
+        backend = "numpy" if K.COMPILED is None else "compiled"
+    threads = threads or len(os.sched_getaffinity(0))
+    model = PackedModel(graph, backend, threads)
+    _Planner(model, tensors).plan()
+    return model
+
+
+class _Planner:
+    """Turns graph nodes into steps, fusing epilogues into binary convolutions."""
+
+    def __init__(self, model: PackedModel, tensors: dict[str, np.ndarray]) -> None:
+        self.m = model
+        self.graph = model.graph
+        self.tensors = tensors
+        self.nodes: list[dict[str, Any]] = self._checked_nodes()
+        self.users: dict[str, list[dict[str, Any]]] = {}
+        for n in self.nodes:
+            for v in n["inputs"]:
+                self.users.setdefault(v, []).append(n)
+        self.fused: set[int] = set()  # ids of nodes absorbed into an earlier step
+        self.bits: dict[str, str] = {}  # value -> the key its packed signs are stored under
+
+    # -- validation: never run a graph we do not fully understand ------------------------
+    def _tensor(self, name: str | None, dtype: type = np.float32) -> np.ndarray | None:
+        if name is None:
+            return None
+        t = self.tensors.get(name)
+        if t is None or t.dtype != dtype:
+            raise SigngradError(f"packed model: tensor {name!r} is missing or not {dtype.__name__}")
+        return t
+
+    def _checked_nodes(self) -> list[dict[str, Any]]:
+        nodes = self.graph.get("nodes")
+        if not isinstance(nodes, list) or "input" not in self.graph or "output" not in self.graph:
+            raise SigngradError("packed model: the graph lacks nodes, input or output")
+        known = {self.graph["input"]["name"]}
+        for n in nodes:
+            if n.get("op") not in fmt.OPS:
+                raise SigngradError(f"packed model: node {n.get('name')!r} has op {n.get('op')!r}, "
+                                    "which this runtime cannot run")  # fmt: skip
+            missing = [v for v in n["inputs"] if v not in known]
+            if missing:
+                raise SigngradError(f"packed model: node {n['name']!r} reads {missing} before "
+                                    "they are computed")  # fmt: skip
+            known.add(n["output"])
+        if self.graph["output"] not in known:
+            raise SigngradError("packed model: the graph's output is never computed")
+        return nodes
+
+    def weight(self, n: dict[str, Any]) -> np.ndarray:
+        """The layer's weights as float32 (binary ones as +-1)."""
+        if n["binary_weight"]:
+            shape = self.graph["binary_tensors"][n["weight"]]
+            return fmt.unpack_signs(self._tensor(n["weight"], np.uint8), shape)
+        return self._tensor(n["weight"])
+
+    # -- planning ---------------------------------------------------------------------
+    def plan(self) -> None:
+        for n in self.nodes:
+            if id(n) in self.fused:
+                continue
+            op = n["op"]
+            if op in ("conv2d", "linear"):
+                self.m.steps.append(self.weight_layer(n))
+            else:
+                self.m.steps.append(_Step(n["name"], n["output"], self.simple(n)))
+
+    def _only_user(self, value: str) -> dict[str, Any] | None:
+        users = self.users.get(value, [])
+        if len(users) == 1 and value != self.graph["output"]:
+            return users[0]
+        return None
+
+    def weight_layer(self, n: dict[str, Any]) -> _Step:
+        linear = n["op"] == "linear"
+        w = self.weight(n)
+        if linear:
+            w = w.reshape(*w.shape, 1, 1)
+            kernel, stride, padding = (1, 1), (1, 1), (0, 0)
+        else:
+            kernel, stride, padding = _pair(n["kernel"]), _pair(n["stride"]), _pair(n["padding"])
+        scale, shift = self._tensor(n["scale"]), self._tensor(n["shift"])
+        x_name = n["inputs"][0]
+        c = w.shape[1]
+        if n["binary_input"] and n["binary_weight"] and self.m.backend == "compiled":
+            return self._binary_step(n, w, c, kernel, stride, padding, scale, shift, linear)
+        wmat = K.conv_matrix(w)
+        sign_input = n["binary_input"]
+
+        def run(values: dict[str, np.ndarray]) -> np.ndarray:
+            x = values[x_name]
+            x = x.reshape(x.shape[0], 1, 1, -1) if linear else x
+            if sign_input:
+                x = K.sign(x)
+            y = K.im2col(x, kernel, stride, padding) @ wmat
+            if scale is not None:
+                y *= scale
+            if shift is not None:
+                y += shift
+            return y.reshape(y.shape[0], -1) if linear else y
+
+        return _Step(n["name"], n["output"], run)
+
+    def _binary_step(
+        self, n: dict[str, Any], w: np.ndarray, c: int, kernel: tuple[int, int],
+        stride: tuple[int, int], padding: tuple[int, int], scale: np.ndarray | None,
+        shift: np.ndarray | None, linear: bool,
+    ) -> _Step:  # fmt: skip
+        w_words = K.pack_weight_words(w)
+        x_name = n["inputs"][0]
+        out_name = n["output"]
+        residual_name = None
+        act, act_args = None, (0.0, 0.0, None)
+        # Fuse "conv -> [add residual] -> [activation]" when each link has one user.
+        nxt = self._only_user(out_name)
+        if nxt is not None and nxt["op"] == "add":
+            other = [v for v in nxt["inputs"] if v != out_name]
+            if len(other) == 1 and other[0] in self._available(n):
+                residual_name, out_name = other[0], nxt["output"]
+                self.fused.add(id(nxt))
+                nxt = self._only_user(out_name)
+        if nxt is not None and nxt["op"] in _ACTS:
+            act = nxt["op"]
+            if act == "hardtanh":
+                act_args = (float(nxt["min"]), float(nxt["max"]), None)
+            elif act == "prelu":
+                act_args = (0.0, 0.0, np.ascontiguousarray(self._tensor(nxt["weight"]).ravel()))
+            out_name = nxt["output"]
+            self.fused.add(id(nxt))
+        # Pack the output's signs in the kernel when a binary layer reads this value.
+        want_bits = any(
+            u["op"] in ("conv2d", "linear") and u["binary_input"] and u["binary_weight"]
+            for u in self.users.get(out_name, [])
+        )
+        if want_bits:
+            self.bits[out_name] = out_name
+        have_bits = x_name in self.bits
+        threads = self.m.threads
+
+        def run(values: dict[str, np.ndarray]) -> np.ndarray:
+            x_bits = values.get(_bits_key(x_name)) if have_bits else None
+            if x_bits is None:
+                x = values[x_name]
+                x_bits = K.pack_words(x.reshape(x.shape[0], 1, 1, -1) if linear else x, threads)
+            residual = values[residual_name] if residual_name else None
+            if residual is not None:
+                residual = np.ascontiguousarray(residual, dtype=np.float32)
+            y, bits = K.bconv2d(
+                x_bits, w_words, c, kernel, stride, padding, scale, shift, residual, act,
+                act_args, want_bits, threads,
+            )  # fmt: skip
+            if bits is not None:
+                values[_bits_key(out_name)] = bits
+            return y.reshape(y.shape[0], -1) if linear else y
+
+        return _Step(n["name"], out_name, run, binary=True)
+
+    def _available(self, node: dict[str, Any]) -> set[str]:
+        """Values computed before ``node`` in execution order (and the input)."""
+        seen = {self.graph["input"]["name"]}
+        for n in self.nodes:
+            if n is node:
+                break
+            seen.add(n["output"])
+        return seen
+
+    def simple(self, n: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+        op, ins = n["op"], n["inputs"]
+        x_name = ins[0]
+        if op == "affine":
+            s, t = self._tensor(n["scale"]), self._tensor(n["shift"])
+            return lambda v: v[x_name] * s + t
+        if op == "relu":
+            return lambda v: np.maximum(v[x_name], np.float32(0))
+        if op == "hardtanh":
+            lo, hi = np.float32(n["min"]), np.float32(n["max"])
+            return lambda v: np.clip(v[x_name], lo, hi)
+        if op == "prelu":
+            a = self._tensor(n["weight"])
+            return lambda v: np.where(v[x_name] >= 0, v[x_name], v[x_name] * a)
+        if op == "add":
+            return lambda v: v[ins[0]] + v[ins[1]]
+        if op == "shortcut_a":
+            st, before, after = int(n["stride"]), int(n["pad_before"]), int(n["pad_after"])
+            return lambda v: np.pad(
+                v[x_name][:, ::st, ::st], ((0, 0), (0, 0), (0, 0), (before, after))
+            )
+        if op in ("maxpool2d", "avgpool2d"):
+            k, s, p = _pair(n["kernel"]), _pair(n["stride"]), _pair(n["padding"])
+            kind = "max" if op == "maxpool2d" else "avg"
+            return lambda v: K.pool(v[x_name], k, s, p, kind)
+        if op == "global_avgpool":
+            return lambda v: v[x_name].mean(axis=(1, 2), keepdims=True, dtype=np.float32)
+        if op == "flatten":
+
+            def flatten(v: dict[str, np.ndarray]) -> np.ndarray:
+                x = v[x_name]
+                # NHWC here; the flattened order is PyTorch's, channel-major.
+                x = np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
+                return np.ascontiguousarray(x).reshape(x.shape[0], -1)
+
+            return flatten
+        raise AssertionError(op)  # _checked_nodes admits only known ops
