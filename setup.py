@@ -11,6 +11,7 @@ setup(
         Extension(
             "signgrad.runtime._kernels",
             ["signgrad/runtime/_kernels.c"],
+            depends=["signgrad/runtime/_kernels_impl.h"],
             extra_compile_args=["-O3", "-fopenmp", "-std=c11"],
             extra_link_args=["-fopenmp"],
             optional=True,

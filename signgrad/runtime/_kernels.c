@@ -30,108 +30,39 @@ typedef struct {
     const uint64_t *x;
     const uint64_t *w;
     int N, H, W, Cw, C, O, KH, KW, sh, sw, ph, pw, Ho, Wo;
-    const float *scale, *shift, *residual, *slope;
+    const float *scale, *shift; /* per output channel, always given */
+    const float *residual, *slope;
     int act, slope_n;
     float lo, hi;
     float *out;
-    uint8_t *out_bits; /* optional: the signs of the output, packed (O channels) */
+    uint64_t *out_bits; /* optional: the signs of the output, packed (O channels) */
     int threads;
 } bconv_args;
 
-/* One output row (n, oy) of the convolution; acc holds O counters. No OpenMP in here:
- * the parallel loop lives in each instruction-set variant below, so that the outlined
- * parallel region is compiled for that variant's target too. */
-static inline __attribute__((always_inline)) void
-bconv_row(const bconv_args *a, int64_t r, uint64_t *acc)
-{
-    const int O = a->O, Cw = a->Cw, Ow = (O + 63) / 64;
-    const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
-    for (int ox = 0; ox < a->Wo; ox++) {
-        memset(acc, 0, sizeof(uint64_t) * O);
-        int valid = 0;
-        for (int ky = 0; ky < a->KH; ky++) {
-            const int iy = oy * a->sh - a->ph + ky;
-            if (iy < 0 || iy >= a->H) continue;
-            for (int kx = 0; kx < a->KW; kx++) {
-                const int ix = ox * a->sw - a->pw + kx;
-                if (ix < 0 || ix >= a->W) continue;
-                valid++;
-                const uint64_t *xp = a->x + (((int64_t)n * a->H + iy) * a->W + ix) * Cw;
-                const uint64_t *wp = a->w + ((int64_t)(ky * a->KW + kx) * Cw) * O;
-                for (int c = 0; c < Cw; c++) {
-                    const uint64_t v = xp[c];
-                    const uint64_t *wr = wp + (int64_t)c * O;
-                    for (int o = 0; o < O; o++)
-                        acc[o] += (uint64_t)__builtin_popcountll(v ^ wr[o]);
-                }
-            }
-        }
-        const int64_t pix = (r * a->Wo + ox);
-        float *op = a->out + pix * O;
-        const float *rp = a->residual ? a->residual + pix * O : NULL;
-        const int64_t total = (int64_t)valid * a->C;
-        for (int o = 0; o < O; o++) {
-            float v = (float)(total - 2 * (int64_t)acc[o]);
-            if (a->scale) v = v * a->scale[o];
-            if (a->shift) v = v + a->shift[o];
-            if (rp) v = v + rp[o];
-            if (a->act == ACT_RELU) v = v > 0.0f ? v : 0.0f;
-            else if (a->act == ACT_HARDTANH) v = v < a->lo ? a->lo : (v > a->hi ? a->hi : v);
-            else if (a->act == ACT_PRELU && !(v >= 0.0f))
-                v = v * a->slope[a->slope_n == 1 ? 0 : o];
-            op[o] = v;
-        }
-        if (a->out_bits) {
-            uint64_t *bp = (uint64_t *)a->out_bits + pix * Ow;
-            for (int k = 0; k < Ow; k++) {
-                uint64_t bits = 0;
-                const int end = (k + 1) * 64 < O ? (k + 1) * 64 : O;
-                for (int o = k * 64; o < end; o++)
-                    bits |= (uint64_t)(!(op[o] >= 0.0f)) << (o - k * 64);
-                bp[k] = bits;
-            }
-        }
-    }
-}
-
-static inline __attribute__((always_inline)) void
-pack_row(const float *xp, int C, uint64_t *out)
-{
-    const int Cw = (C + 63) / 64;
-    for (int k = 0; k < Cw; k++) {
-        uint64_t bits = 0;
-        const int end = (k + 1) * 64 < C ? (k + 1) * 64 : C;
-        for (int c = k * 64; c < end; c++)
-            bits |= (uint64_t)(!(xp[c] >= 0.0f)) << (c - k * 64);
-        out[k] = bits;
-    }
-}
-
-/* Each variant: the parallel loops, compiled for its target. */
-#define VARIANT(suffix, attr)                                                             \
-    attr static void bconv_##suffix(const bconv_args *a)                                  \
-    {                                                                                     \
-        const int64_t rows = (int64_t)a->N * a->Ho;                                       \
-        _Pragma("omp parallel num_threads(a->threads)")                                   \
-        {                                                                                 \
-            uint64_t acc[a->O];                                                           \
-            _Pragma("omp for schedule(static)")                                           \
-            for (int64_t r = 0; r < rows; r++) bconv_row(a, r, acc);                      \
-        }                                                                                 \
-    }                                                                                     \
-    attr static void pack_##suffix(const float *x, int64_t P, int C, uint64_t *o, int t)  \
-    {                                                                                     \
-        const int Cw = (C + 63) / 64;                                                     \
-        _Pragma("omp parallel for schedule(static) num_threads(t)")                       \
-        for (int64_t p = 0; p < P; p++) pack_row(x + p * C, C, o + p * Cw);               \
-    }
-
 #if defined(__x86_64__) && defined(__GNUC__)
 #define X86 1
-VARIANT(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq"))))
-VARIANT(avx2, __attribute__((target("avx2,popcnt"))))
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx2,fma,popcnt")
+#define SUFFIX avx512
+#define USE_AVX512 1
+#include "_kernels_impl.h"
+#undef USE_AVX512
+#undef SUFFIX
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,popcnt")
+#define SUFFIX avx2
+#include "_kernels_impl.h"
+#undef SUFFIX
+#pragma GCC pop_options
 #endif
-VARIANT(generic, )
+
+#define SUFFIX generic
+#include "_kernels_impl.h"
+#undef SUFFIX
 
 static void (*bconv_impl)(const bconv_args *) = bconv_generic;
 static void (*pack_impl)(const float *, int64_t, int, uint64_t *, int) = pack_generic;
@@ -205,14 +136,14 @@ static PyObject *py_bconv2d(PyObject *Py_UNUSED(self), PyObject *args)
         get_buf(oout, &b[6], 1, npix * a.O * 4, "out", &have[6]) ||
         get_buf(obits, &b[7], 1, npix * ((a.O + 63) / 64) * 8, "out_bits", &have[7]))
         goto done;
-    if (!have[0] || !have[1] || !have[6]) {
-        PyErr_SetString(PyExc_ValueError, "bconv2d: x, w and out are required");
+    if (!have[0] || !have[1] || !have[2] || !have[3] || !have[6]) {
+        PyErr_SetString(PyExc_ValueError, "bconv2d: x, w, scale, shift and out are required");
         goto done;
     }
     a.x = b[0].buf;
     a.w = b[1].buf;
-    a.scale = have[2] ? b[2].buf : NULL;
-    a.shift = have[3] ? b[3].buf : NULL;
+    a.scale = b[2].buf;
+    a.shift = b[3].buf;
     a.residual = have[4] ? b[4].buf : NULL;
     a.slope = have[5] ? b[5].buf : NULL;
     a.out = b[6].buf;
@@ -283,7 +214,7 @@ PyMODINIT_FUNC PyInit__kernels(void)
 #ifdef X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl")) {
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
         bconv_impl = bconv_avx512;
         pack_impl = pack_avx512;
         impl_name = "avx512-vpopcntdq";

@@ -77,28 +77,38 @@ def to_bytes(graph: dict[str, Any], tensors: dict[str, np.ndarray]) -> bytes:
 
 def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(graph, tensors) of a packed file, after checking its format, version and digest."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise SigngradError(f"no packed model at {path}")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SigngradError(f"{path} is not a readable packed model (truncated or "
+        data = path.read_bytes()
+    except OSError as e:
+        raise SigngradError(f"cannot read {path}: {e.strerror}") from None
+    return read_bytes(data, str(path))
+
+
+def read_bytes(data: bytes, where: str = "packed model") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """:func:`read` for the file's bytes; ``where`` names them in errors."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        tensors = load(data)
+    except (SafetensorError, ValueError, AttributeError) as e:
+        raise SigngradError(f"{where} is not a readable packed model (truncated or "
                             f"damaged?): {e}") from None  # fmt: skip
     if meta.get("format") != FORMAT:
-        raise SigngradError(f"{path} is not a signgrad packed model (format "
+        raise SigngradError(f"{where} is not a signgrad packed model (format "
                             f"{meta.get('format')!r})")  # fmt: skip
     if meta.get("version") != str(VERSION):
-        raise SigngradError(f"{path} has packed format version {meta.get('version')}; this "
+        raise SigngradError(f"{where} has packed format version {meta.get('version')}; this "
                             f"signgrad reads version {VERSION}")  # fmt: skip
     if meta.get("sha256") != _digest(tensors):
-        raise SigngradError(f"{path} is damaged: its tensors do not match their checksum")
+        raise SigngradError(f"{where} is damaged: its tensors do not match their checksum")
     try:
         graph = json.loads(zlib.decompress(tensors.pop(GRAPH_TENSOR).tobytes()))
     except (KeyError, zlib.error, ValueError) as e:
-        raise SigngradError(f"{path} has no readable graph: {e}") from None
+        raise SigngradError(f"{where} has no readable graph: {e}") from None
     return graph, tensors

@@ -86,7 +86,8 @@ class PackedModel:
         for step in self.steps:
             values[step.output] = step.fn(values)
         out = values[self.graph["output"]]
-        return out.reshape(out.shape[0], -1) if out.ndim == 4 else out
+        # A copy: the steps' buffers are reused by the next call.
+        return np.array(out.reshape(out.shape[0], -1) if out.ndim == 4 else out)
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Class probabilities (softmax) of uint8 images N x C x H x W."""
@@ -237,6 +238,9 @@ class _Planner:
         shift: np.ndarray | None, linear: bool,
     ) -> _Step:  # fmt: skip
         w_words = K.pack_weight_words(w)
+        o = w.shape[0]
+        scale = np.ones(o, np.float32) if scale is None else np.ascontiguousarray(scale)
+        shift = np.zeros(o, np.float32) if shift is None else np.ascontiguousarray(shift)
         x_name = n["inputs"][0]
         out_name = n["output"]
         residual_name = None
@@ -266,18 +270,20 @@ class _Planner:
             self.bits[out_name] = out_name
         have_bits = x_name in self.bits
         threads = self.m.threads
+        buffers = K.Buffers()
 
         def run(values: dict[str, np.ndarray]) -> np.ndarray:
             x_bits = values.get(_bits_key(x_name)) if have_bits else None
             if x_bits is None:
                 x = values[x_name]
-                x_bits = K.pack_words(x.reshape(x.shape[0], 1, 1, -1) if linear else x, threads)
+                x = x.reshape(x.shape[0], 1, 1, -1) if linear else x
+                x_bits = K.pack_words(x, threads, buffers)
             residual = values[residual_name] if residual_name else None
             if residual is not None:
                 residual = np.ascontiguousarray(residual, dtype=np.float32)
             y, bits = K.bconv2d(
                 x_bits, w_words, c, kernel, stride, padding, scale, shift, residual, act,
-                act_args, want_bits, threads,
+                act_args, want_bits, threads, buffers,
             )  # fmt: skip
             if bits is not None:
                 values[_bits_key(out_name)] = bits

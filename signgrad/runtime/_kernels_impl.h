@@ -1,0 +1,175 @@
+/* The kernels' bodies, included by _kernels.c once per instruction set with SUFFIX
+ * (a name suffix) defined, and USE_AVX512 for the AVX-512 VPOPCNTDQ variant; each
+ * inclusion sits under its own "#pragma GCC target", so every function here, and the
+ * OpenMP regions outlined from it, is compiled for that instruction set. */
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, SUFFIX)
+
+/* Signs of C floats packed into ceil(C / 64) words, 1 for negative (and NaN). */
+static inline __attribute__((always_inline)) void
+FN(pack_row)(const float *xp, int C, uint64_t *out)
+{
+    const int Cw = (C + 63) / 64;
+    for (int k = 0; k < Cw; k++) {
+        uint64_t bits = 0;
+#ifdef USE_AVX512
+        for (int j = 0; j < 4 && k * 64 + j * 16 < C; j++) {
+            const int c = k * 64 + j * 16, left = C - c;
+            const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            const __m512 v = _mm512_maskz_loadu_ps(m, xp + c);
+            const __mmask16 neg = _mm512_mask_cmp_ps_mask(m, v, _mm512_setzero_ps(), _CMP_NGE_UQ);
+            bits |= (uint64_t)neg << (16 * j);
+        }
+#else
+        const int end = (k + 1) * 64 < C ? (k + 1) * 64 : C;
+        for (int c = k * 64; c < end; c++)
+            bits |= (uint64_t)(!(xp[c] >= 0.0f)) << (c - k * 64);
+#endif
+        out[k] = bits;
+    }
+}
+
+/* The offsets of the valid (not padding) taps of output pixel (n, oy, ox). */
+static inline __attribute__((always_inline)) int
+FN(valid_taps)(const bconv_args *a, int n, int oy, int ox, int64_t *xoff, int64_t *woff)
+{
+    int valid = 0;
+    for (int ky = 0; ky < a->KH; ky++) {
+        const int iy = oy * a->sh - a->ph + ky;
+        if (iy < 0 || iy >= a->H) continue;
+        for (int kx = 0; kx < a->KW; kx++) {
+            const int ix = ox * a->sw - a->pw + kx;
+            if (ix < 0 || ix >= a->W) continue;
+            xoff[valid] = (((int64_t)n * a->H + iy) * a->W + ix) * a->Cw;
+            woff[valid] = (int64_t)(ky * a->KW + kx) * a->Cw * a->O;
+            valid++;
+        }
+    }
+    return valid;
+}
+
+/* Portable row: popcounts into acc, then the epilogue as simple loops (vectorizable). */
+static inline __attribute__((always_inline)) void
+FN(bconv_row_plain)(const bconv_args *a, int64_t r, uint64_t *acc, int64_t *xoff, int64_t *woff)
+{
+    const int O = a->O, Cw = a->Cw, Ow = (O + 63) / 64;
+    const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
+    for (int ox = 0; ox < a->Wo; ox++) {
+        const int valid = FN(valid_taps)(a, n, oy, ox, xoff, woff);
+        memset(acc, 0, sizeof(uint64_t) * O);
+        for (int t = 0; t < valid; t++)
+            for (int c = 0; c < Cw; c++) {
+                const uint64_t v = a->x[xoff[t] + c];
+                const uint64_t *wr = a->w + woff[t] + (int64_t)c * O;
+                for (int o = 0; o < O; o++) acc[o] += (uint64_t)__builtin_popcountll(v ^ wr[o]);
+            }
+        const int64_t pix = r * a->Wo + ox, total = (int64_t)valid * a->C;
+        float *y = a->out + pix * O;
+        for (int o = 0; o < O; o++)
+            y[o] = (float)(total - 2 * (int64_t)acc[o]) * a->scale[o] + a->shift[o];
+        if (a->residual) {
+            const float *rp = a->residual + pix * O;
+            for (int o = 0; o < O; o++) y[o] += rp[o];
+        }
+        if (a->act == ACT_RELU)
+            for (int o = 0; o < O; o++) y[o] = y[o] > 0.0f ? y[o] : 0.0f;
+        else if (a->act == ACT_HARDTANH)
+            for (int o = 0; o < O; o++) y[o] = y[o] < a->lo ? a->lo : (y[o] > a->hi ? a->hi : y[o]);
+        else if (a->act == ACT_PRELU)
+            for (int o = 0; o < O; o++)
+                y[o] = y[o] >= 0.0f ? y[o] : y[o] * a->slope[a->slope_n == 1 ? 0 : o];
+        if (a->out_bits) FN(pack_row)(y, O, a->out_bits + pix * Ow);
+    }
+}
+
+#ifdef USE_AVX512
+/* AVX-512 row for O % 8 == 0: output channels in blocks of 64 whose 8 accumulators stay
+ * in registers; one VPOPCNTQ does 8 channels x 64 input bits. */
+static inline __attribute__((always_inline)) void
+FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *woff)
+{
+    const int O = a->O, Cw = a->Cw, Ow = (O + 63) / 64;
+    const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
+    const __m256 zero = _mm256_setzero_ps(), lo = _mm256_set1_ps(a->lo), hi = _mm256_set1_ps(a->hi);
+    for (int ox = 0; ox < a->Wo; ox++) {
+        const int valid = FN(valid_taps)(a, n, oy, ox, xoff, woff);
+        const int64_t pix = r * a->Wo + ox;
+        const __m512i total = _mm512_set1_epi64((int64_t)valid * a->C);
+        float *y = a->out + pix * O;
+        const float *rp = a->residual ? a->residual + pix * O : NULL;
+        uint64_t *bp = a->out_bits ? a->out_bits + pix * Ow : NULL;
+        for (int ob = 0; ob < O; ob += 64) {
+            const int nv = O - ob >= 64 ? 8 : (O - ob) / 8;
+            __m512i acc[8];
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_si512();
+            for (int t = 0; t < valid; t++)
+                for (int c = 0; c < Cw; c++) {
+                    const __m512i v = _mm512_set1_epi64((long long)a->x[xoff[t] + c]);
+                    const uint64_t *wr = a->w + woff[t] + (int64_t)c * O + ob;
+#pragma GCC unroll 8
+                    for (int j = 0; j < 8; j++)
+                        if (j < nv)
+                            acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(
+                                         v, _mm512_loadu_si512((const void *)(wr + 8 * j)))));
+                }
+            uint64_t bits = 0;
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) {
+                if (j >= nv) break;
+                const int o = ob + 8 * j;
+                const __m512i d = _mm512_sub_epi64(total, _mm512_slli_epi64(acc[j], 1));
+                __m256 v = _mm512_cvtepi64_ps(d);
+                v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(a->scale + o)),
+                                  _mm256_loadu_ps(a->shift + o));
+                if (rp) v = _mm256_add_ps(v, _mm256_loadu_ps(rp + o));
+                if (a->act == ACT_RELU) v = _mm256_max_ps(v, zero);
+                else if (a->act == ACT_HARDTANH) v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+                else if (a->act == ACT_PRELU) {
+                    const __m256 s = a->slope_n == 1 ? _mm256_set1_ps(a->slope[0])
+                                                     : _mm256_loadu_ps(a->slope + o);
+                    v = _mm256_blendv_ps(_mm256_mul_ps(v, s), v, _mm256_cmp_ps(v, zero, _CMP_GE_OQ));
+                }
+                _mm256_storeu_ps(y + o, v);
+                if (bp) {
+                    const int m = _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NGE_UQ));
+                    bits |= (uint64_t)m << (8 * j);
+                }
+            }
+            if (bp) bp[ob / 64] = bits;
+        }
+    }
+}
+#endif
+
+static void FN(bconv)(const bconv_args *a)
+{
+    const int64_t rows = (int64_t)a->N * a->Ho;
+#pragma omp parallel num_threads(a->threads)
+    {
+        int64_t xoff[a->KH * a->KW], woff[a->KH * a->KW];
+#ifdef USE_AVX512
+        if (a->O % 8 == 0) {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) FN(bconv_row_avx512)(a, r, xoff, woff);
+        } else
+#endif
+        {
+            uint64_t acc[a->O];
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) FN(bconv_row_plain)(a, r, acc, xoff, woff);
+        }
+    }
+}
+
+static void FN(pack)(const float *x, int64_t P, int C, uint64_t *out, int threads)
+{
+    const int Cw = (C + 63) / 64;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t p = 0; p < P; p++) FN(pack_row)(x + p * C, C, out + p * Cw);
+}
+
+#undef FN
+#undef CAT
+#undef CAT_
