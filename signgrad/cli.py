@@ -1,4 +1,4 @@
-"""The ``signgrad`` command line: train, eval, compare, list.
+"""The ``signgrad`` command line: train, eval, compare, list, summary, export, predict.
 
 A user's mistake (a :class:`SigngradError`) is one line on stderr and exit status 2;
 Ctrl-C during training leaves the last complete epoch's checkpoint and exits 130.
@@ -138,6 +138,120 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"\ncurves: {png}")
 
 
+def _source(args: argparse.Namespace, strict: bool):
+    """What summary/export work on: a checkpoint or run directory, or (summary) a model name
+    built and binarized with the train flags given."""
+    from signgrad import export, train
+
+    target = args.target
+    if Path(target).exists():
+        return export.from_checkpoint(target, data_root=args.data_root)
+    if strict:
+        raise SigngradError(f"no checkpoint or run directory at {target}")
+    flags = {k: getattr(args, k) for k in ("model", "quantizer", "input_quantizer", "scaling",
+                                           "keep", "hyper", "data")}  # fmt: skip
+    flags["model"] = target
+    cfg = train.Config(**{k: v for k, v in flags.items() if v is not None}).resolved()
+    classes, (c, h, w) = data.describe(cfg.data)
+    model = train.build_architecture(cfg, classes, c, h)
+    names = [str(i) for i in range(classes)]
+    return export.Source(model.eval(), (c, h, w), names, [0.0] * c, [1.0] * c,
+                         {"model": target})  # fmt: skip
+
+
+def _summary(args: argparse.Namespace) -> None:
+    from signgrad import summary
+
+    print(summary.summarize(_source(args, strict=False)).table(), end="")
+
+
+def _export(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+
+    from signgrad import export, graph
+
+    src = _source(args, strict=True)
+    run_dir = Path(args.target) if Path(args.target).is_dir() else Path(args.target).parent
+    g = graph.build(src.model, src.input_shape)
+    # Every export is checked against PyTorch before it is written.
+    x = torch.randn((64, *src.input_shape), generator=torch.Generator().manual_seed(0))
+    if args.format == "packed":
+        from signgrad.runtime import format as fmt
+        from signgrad.runtime import model as runtime
+
+        out = Path(args.out or run_dir / "model-packed.safetensors")
+        blob = export.packed(src, g)
+        pm = runtime.build(*fmt.read_bytes(blob, str(out)))
+        with torch.no_grad():
+            ref = src.model(x).numpy()
+        got = pm.run(x.numpy())
+        diff = float(np.abs(got - ref).max())
+        agree = float((got.argmax(1) == ref.argmax(1)).mean())
+        checker = f"the runtime ({pm.backend})"
+    else:
+        from signgrad import onnx_export
+
+        out = Path(args.out or run_dir / "model.onnx")
+        meta = {"classes": ",".join(src.classes), "mean": str(src.mean), "std": str(src.std)}
+        proto = onnx_export.to_onnx(g, metadata=meta)
+        diff, agree = onnx_export.check_onnx(proto, src.model, x)
+        blob = proto.SerializeToString()
+        checker = "onnxruntime"
+    if agree < 1.0:
+        wrong = f"{100 * (1 - agree):.0f}%"
+        raise SigngradError(
+            f"the exported model disagrees with PyTorch on {wrong} of the check inputs; "
+            "nothing written"
+        )
+    export.write(out, blob)
+    full = export.float_size(src.model)
+    ratio = f", {full / len(blob):.1f}x smaller" if args.format == "packed" else ""
+    print(f"wrote {out}: {len(blob):,} bytes (float state_dict {full:,} bytes{ratio})")
+    print(f"checked with {checker} against PyTorch on 64 random inputs: every class agrees, "
+          f"largest logit difference {diff:.2e}")  # fmt: skip
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
+                  ".ppm", ".pnm"}  # fmt: skip
+
+
+def _predict(args: argparse.Namespace) -> None:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from signgrad.runtime import model as runtime
+
+    pm = runtime.load(args.model, backend=args.backend, threads=args.threads)
+    target = Path(args.images)
+    if target.is_dir():
+        files = sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                       and p.is_file() and not p.name.startswith("."))  # fmt: skip
+        if not files:
+            raise SigngradError(f"no image files in {target}")
+    elif target.is_file():
+        files = [target]
+    else:
+        raise SigngradError(f"no image or folder at {target}")
+    c, h, w = pm.input_shape
+    arrays = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if c == 1 else "RGB")
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as e:
+            raise SigngradError(f"cannot read image {p}: {e}") from None
+        arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    probs = pm.predict(np.stack(arrays))
+    names = pm.classes
+    for p, row in zip(files, probs, strict=True):
+        top = np.argsort(-row, kind="stable")[: args.top]
+        print(f"{p}: " + ", ".join(f"{names[k]} {100 * row[k]:.1f}%" for k in top))
+
+
 def _list(args: argparse.Namespace) -> None:
     from signgrad import estimators
 
@@ -167,6 +281,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "list", help="the available quantizers, estimators, models and data sets"
     ).set_defaults(func=_list)
+    s = sub.add_parser("summary", help="per-layer bits, parameters, memory and MACs; the "
+                       "exported size against float 32")  # fmt: skip
+    s.add_argument("target", metavar="CKPT|MODEL", help="checkpoint, run directory, or a "
+                   "model name (built with the flags below)")  # fmt: skip
+    for flag, text in (
+        ("--quantizer", "weight quantizer (bnn)"),
+        ("--input-quantizer", "activation quantizer (none)"),
+        ("--scaling", "none, tensor, channel (none)"),
+        ("--keep", "first_last, first, last, none (first_last)"),
+        ("--data", "built-in data set giving the input shape (cifar10)"),
+    ):
+        s.add_argument(flag, help=f"with a model name: {text}")  # fmt: skip
+    s.add_argument("--hyper", action="store_true", default=None, help="with a model name: "
+                   "Hyper-BinaryNet layers")  # fmt: skip
+    s.add_argument("--model", help=argparse.SUPPRESS)
+    s.add_argument("--data-root", default=None)
+    s.set_defaults(func=_summary)
+    x = sub.add_parser("export", help="write a trained model as a packed 1-bit file or ONNX")
+    x.add_argument("target", metavar="CKPT", help="checkpoint or run directory")
+    x.add_argument("--format", choices=["packed", "onnx"], default="packed")
+    x.add_argument("--out", help="file to write (default: in the run directory)")
+    x.add_argument("--data-root", default=None)
+    x.set_defaults(func=_export)
+    r = sub.add_parser("predict", help="class and probability of images, with the packed "
+                       "runtime")  # fmt: skip
+    r.add_argument("model", help="packed model file (signgrad export)")
+    r.add_argument("images", metavar="IMAGE|FOLDER", help="an image file or a folder of them")
+    r.add_argument("--top", type=int, default=1, help="how many classes to show (1)")
+    r.add_argument("--backend", default="auto", help="auto, compiled, numpy (auto)")
+    r.add_argument("--threads", type=int, default=None, help="kernel threads (all CPUs)")
+    r.set_defaults(func=_predict)
     return parser
 
 

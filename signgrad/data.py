@@ -264,6 +264,15 @@ def check_name(name: str) -> None:
         raise SigngradError(f"unknown data set {name!r}; valid names: {', '.join(names())}")
 
 
+def describe(name: str) -> tuple[int, tuple[int, int, int]]:
+    """(number of classes, (C, H, W)) of a built-in data set, without reading it."""
+    check_name(name)
+    if name.startswith(_IMAGEFOLDER):
+        raise SigngradError("the shape of an image folder is only known once it is read")
+    spec = _SPECS[name]
+    return spec.num_classes, ((3, 32, 32) if spec.meta_file else (1, 28, 28))
+
+
 def data_root(root: str | os.PathLike[str] | None = None) -> Path:
     """Where data sets live: ``root``, else ``$SIGNGRAD_DATA``, else ``~/.cache/signgrad/data``."""
     if root is None:

@@ -236,13 +236,17 @@ class _Builder:
                 output = args[0]
             elif n.op == "call_module":
                 self.module(str(n.target), gm.get_submodule(str(n.target)), args, n.name)
-            elif n.op == "call_function" and n.target in (operator.add, torch.add) and (
-                len(args) == 2 and not n.kwargs
+            elif (
+                n.op == "call_function"
+                and n.target in (operator.add, torch.add)
+                and (len(args) == 2 and not n.kwargs)
             ):
                 self.add("add", n.name, args, n.name)
-            elif n.op in ("call_function", "call_method") and n.target in (
-                torch.flatten, "flatten"
-            ) and list(n.args[1:]) + list(n.kwargs.values()) in ([1], ["1"], [1, -1]):
+            elif (
+                n.op in ("call_function", "call_method")
+                and n.target in (torch.flatten, "flatten")
+                and list(n.args[1:]) + list(n.kwargs.values()) in ([1], ["1"], [1, -1])
+            ):
                 self.add("flatten", n.name, args[:1], n.name)
             elif n.op == "call_function" and n.target in (torch.relu, nn.functional.relu):
                 self.add("relu", n.name, args[:1], n.name)

@@ -218,11 +218,18 @@ def _cpu_has_fast_bf16() -> bool:
 
 def build_model(cfg: Config, ds: data.DataSet) -> nn.Module:
     """The architecture of ``cfg`` sized for ``ds``, binarized as ``cfg`` says."""
+    return build_architecture(cfg, ds.num_classes, ds.in_channels, ds.image_size[0])
+
+
+def build_architecture(
+    cfg: Config, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    """The architecture of ``cfg`` for images of that size, binarized as ``cfg`` says."""
     model = models.get(
         cfg.model,
-        num_classes=ds.num_classes,
-        in_channels=ds.in_channels,
-        image_size=ds.image_size[0],
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
         activation=cfg.activation,
     )
     if cfg.init:

@@ -87,7 +87,9 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]
     return read_bytes(data, str(path))
 
 
-def read_bytes(data: bytes, where: str = "packed model") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_bytes(
+    data: bytes, where: str = "packed model"
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """:func:`read` for the file's bytes; ``where`` names them in errors."""
     from safetensors import SafetensorError
     from safetensors.numpy import load

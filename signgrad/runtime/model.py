@@ -99,7 +99,9 @@ class PackedModel:
         return np.concatenate(probs) if probs else np.zeros((0, len(self.classes)), np.float32)
 
 
-def load(path: str | os.PathLike, *, backend: str = "auto", threads: int | None = None) -> PackedModel:
+def load(
+    path: str | os.PathLike, *, backend: str = "auto", threads: int | None = None
+) -> PackedModel:
     """Load a packed model file (``signgrad export --format packed``).
 
     ``backend``: ``"compiled"`` (the bit-packed C kernels; an error where they are not
@@ -127,7 +129,8 @@ def build(
         if K.COMPILED is None:
             log.warning(
                 "signgrad runtime: compiled kernels unavailable (%s); running the numpy "
-                "fallback, which is much slower", K.UNAVAILABLE
+                "fallback, which is much slower",
+                K.UNAVAILABLE,
             )
         backend = "numpy" if K.COMPILED is None else "compiled"
     threads = threads or len(os.sched_getaffinity(0))
