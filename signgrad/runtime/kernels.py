@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from signgrad.errors import SigngradError
+
 try:
     from signgrad.runtime import _kernels
 except ImportError as e:  # not built (no compiler at install time) or not loadable
@@ -95,6 +97,9 @@ def bconv2d(
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
     new = buffers.get if buffers else lambda _, shape, dtype: np.empty(shape, dtype)
     out = new("out", (n, ho, wo, o), np.float32)
+    if residual is not None and residual.shape != out.shape:
+        raise SigngradError(f"residual of shape {residual.shape} added to an output of shape "
+                            f"{out.shape}: the runtime does not broadcast")  # fmt: skip
     bits = new("out_bits", (n, ho, wo, words(o)), np.uint64) if want_bits else None
     lo, hi, slope = act_args
     _kernels.bconv2d(

@@ -152,7 +152,7 @@ class _Planner:
             for v in n["inputs"]:
                 self.users.setdefault(v, []).append(n)
         self.fused: set[int] = set()  # ids of nodes absorbed into an earlier step
-        self.bits: dict[str, str] = {}  # value -> the key its packed signs are stored under
+        self.packed_values: set[str] = set()  # values whose signs a kernel packs as well
 
     # -- validation: never run a graph we do not fully understand ------------------------
     def _tensor(self, name: str | None, dtype: type = np.float32) -> np.ndarray | None:
@@ -270,8 +270,8 @@ class _Planner:
             for u in self.users.get(out_name, [])
         )
         if want_bits:
-            self.bits[out_name] = out_name
-        have_bits = x_name in self.bits
+            self.packed_values.add(out_name)
+        have_bits = x_name in self.packed_values
         threads = self.m.threads
         buffers = K.Buffers()
 
