@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from signgrad import __version__, data, models, quantizers
+from signgrad import __version__, data, export, models, quantizers
 from signgrad.errors import SigngradError
 
 
@@ -138,19 +138,18 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"\ncurves: {png}")
 
 
-def _source(args: argparse.Namespace, strict: bool):
+def _source(args: argparse.Namespace, strict: bool) -> export.Source:
     """What summary/export work on: a checkpoint or run directory, or (summary) a model name
     built and binarized with the train flags given."""
-    from signgrad import export, train
+    from signgrad import train
 
     target = args.target
     if Path(target).exists():
         return export.from_checkpoint(target, data_root=args.data_root)
     if strict:
         raise SigngradError(f"no checkpoint or run directory at {target}")
-    flags = {k: getattr(args, k) for k in ("model", "quantizer", "input_quantizer", "scaling",
-                                           "keep", "hyper", "data")}  # fmt: skip
-    flags["model"] = target
+    names = ("quantizer", "input_quantizer", "scaling", "keep", "hyper", "data")
+    flags = {"model": target, **{k: getattr(args, k) for k in names}}
     cfg = train.Config(**{k: v for k, v in flags.items() if v is not None}).resolved()
     classes, (c, h, w) = data.describe(cfg.data)
     model = train.build_architecture(cfg, classes, c, h)
@@ -169,7 +168,7 @@ def _export(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from signgrad import export, graph
+    from signgrad import graph
 
     src = _source(args, strict=True)
     run_dir = Path(args.target) if Path(args.target).is_dir() else Path(args.target).parent
@@ -222,6 +221,8 @@ def _predict(args: argparse.Namespace) -> None:
 
     from signgrad.runtime import model as runtime
 
+    if args.top < 1:
+        raise SigngradError(f"--top must be at least 1, got {args.top}")
     pm = runtime.load(args.model, backend=args.backend, threads=args.threads)
     target = Path(args.images)
     if target.is_dir():
@@ -295,7 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(flag, help=f"with a model name: {text}")  # fmt: skip
     s.add_argument("--hyper", action="store_true", default=None, help="with a model name: "
                    "Hyper-BinaryNet layers")  # fmt: skip
-    s.add_argument("--model", help=argparse.SUPPRESS)
     s.add_argument("--data-root", default=None)
     s.set_defaults(func=_summary)
     x = sub.add_parser("export", help="write a trained model as a packed 1-bit file or ONNX")

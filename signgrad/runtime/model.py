@@ -133,6 +133,8 @@ def build(
                 K.UNAVAILABLE,
             )
         backend = "numpy" if K.COMPILED is None else "compiled"
+    if threads is not None and threads < 1:
+        raise SigngradError(f"threads must be at least 1, got {threads}")
     threads = threads or len(os.sched_getaffinity(0))
     model = PackedModel(graph, backend, threads)
     _Planner(model, tensors).plan()
