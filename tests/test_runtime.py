@@ -311,3 +311,29 @@ def test_missing_compiled_kernels_fall_back_with_a_message(monkeypatch, caplog):
     assert "compiled kernels unavailable (no module named _kernels)" in caplog.text
     with pytest.raises(SigngradError, match="compiled kernels are not available"):
         runtime.build(*fmt.read_bytes(blob), backend="compiled")
+
+
+def test_the_runtime_runs_without_pytorch(tmp_path):
+    """A deployed model needs numpy and safetensors, not torch or the training code."""
+    import subprocess
+    import sys
+
+    m = small_binary_model()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(packed_bytes(m))
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    script = (
+        "import sys, numpy as np\n"
+        "for name in ('torch', 'signgrad.train', 'signgrad.layers', 'signgrad.graph'):\n"
+        "    sys.modules[name] = None  # importing any of them now fails\n"
+        "from signgrad.runtime import load\n"
+        f"pm = load({str(path)!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, pm.run(np.load({str(tmp_path / 'x.npy')!r})))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    got = np.load(tmp_path / "y.npy")
+    np.testing.assert_array_equal(got.argmax(1), ref.argmax(1))
+    assert np.abs(got - ref).max() <= TOL * (1 + np.abs(ref).max())
