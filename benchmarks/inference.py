@@ -14,6 +14,7 @@ machine hit every contender alike.
 
     python benchmarks/inference.py                   # all, 2 threads
     python benchmarks/inference.py --threads 1 --rounds 50
+    python benchmarks/inference.py --profile     # + where a packed network's time goes
 """
 
 from __future__ import annotations
@@ -111,6 +112,33 @@ def whole_network(arch: str, batch: int, threads: int, rounds: int, warmup: int)
     ]
 
 
+def profile(arch: str, batch: int, threads: int, rounds: int, warmup: int) -> list[str]:
+    """Median milliseconds of each step of the packed network, slowest first."""
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    kw = {"image_size": 32} if arch == "vgg-small" else {}
+    binary = models.get(arch, num_classes=10, in_channels=3, activation="hardtanh", **kw)
+    pm = packed_model(calibrated(layers.binarize(binary, "bnn", "bnn"), shape), shape, threads)
+    x = np.transpose(np.random.default_rng(0).standard_normal((batch, *shape), np.float32),
+                     (0, 2, 3, 1))  # fmt: skip
+    times: dict[str, list[float]] = {s.name: [] for s in pm.steps}
+    for r in range(warmup + rounds):
+        values = {pm.graph["input"]["name"]: x}
+        for s in pm.steps:
+            t0 = time.perf_counter()
+            values[s.output] = s.fn(values)
+            if r >= warmup:
+                times[s.name].append(time.perf_counter() - t0)
+    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
+    total = sum(ms.values())
+    kind = {s.name: "binary" if s.binary else "numpy" for s in pm.steps}
+    lines = [f"\n{arch}, batch {batch}: {total:.3f} ms in {len(ms)} steps, of which binary "
+             f"kernels {sum(v for k, v in ms.items() if kind[k] == 'binary'):.3f} ms"]  # fmt: skip
+    for k, v in sorted(ms.items(), key=lambda kv: -kv[1])[:6]:
+        lines.append(f"  {k:24s} {kind[k]:6s} {v:7.3f} ms ({100 * v / total:.0f}%)")
+    return lines
+
+
 def sizes() -> list[str]:
     """Exported size of 1W1A ResNet-20 against its float state_dict."""
     torch.manual_seed(0)
@@ -130,6 +158,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--networks", nargs="+", default=["resnet20", "vgg-small"])
+    p.add_argument("--profile", action="store_true", help="also time each packed step")
     args = p.parse_args()
     if kernels.COMPILED is None:
         raise SystemExit(f"the compiled kernels are not built: {kernels.UNAVAILABLE}")
@@ -150,6 +179,10 @@ def main() -> None:
         for b in args.batches:
             rounds = max(5, args.rounds // 3) if arch == "vgg-small" and b > 1 else args.rounds
             print(*whole_network(arch, b, args.threads, rounds, args.warmup), flush=True)
+    if args.profile:
+        for arch in args.networks:
+            for b in args.batches:
+                print(*profile(arch, b, args.threads, args.rounds, args.warmup), sep="\n")
     print()
     print(*sizes())
 
