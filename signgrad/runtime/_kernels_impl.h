@@ -84,60 +84,89 @@ FN(bconv_row_plain)(const bconv_args *a, int64_t r, uint64_t *acc, int64_t *xoff
 }
 
 #ifdef USE_AVX512
-/* AVX-512 row for O % 8 == 0: output channels in blocks of 64 whose 8 accumulators stay
- * in registers; one VPOPCNTQ does 8 channels x 64 input bits. */
+/* One block of NV x 8 output channels (NV a constant after inlining, so the accumulators
+ * stay in registers and no lane is tested per tap): the popcounts, then the epilogue.
+ * One VPOPCNTQ does 8 channels x 64 input bits. Returns the block's output sign bits. */
+static inline __attribute__((always_inline)) uint64_t
+FN(avx512_block)(const bconv_args *a, const int NV, int valid, const int64_t *xoff,
+                 const int64_t *woff, int ob, float *y, const float *rp)
+{
+    const int O = a->O, Cw = a->Cw;
+    const __m256 zero = _mm256_setzero_ps();
+    __m512i acc[8];
+    for (int j = 0; j < NV; j++) acc[j] = _mm512_setzero_si512();
+    for (int t = 0; t < valid; t++)
+        for (int c = 0; c < Cw; c++) {
+            const __m512i v = _mm512_set1_epi64((long long)a->x[xoff[t] + c]);
+            const uint64_t *wr = a->w + woff[t] + (int64_t)c * O + ob;
+            for (int j = 0; j < NV; j++)
+                acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(
+                             v, _mm512_loadu_si512((const void *)(wr + 8 * j)))));
+        }
+    const __m512i total = _mm512_set1_epi64((int64_t)valid * a->C);
+    uint64_t bits = 0;
+    for (int j = 0; j < NV; j++) {
+        const int o = ob + 8 * j;
+        const __m512i d = _mm512_sub_epi64(total, _mm512_slli_epi64(acc[j], 1));
+        __m256 v = _mm512_cvtepi64_ps(d);
+        v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(a->scale + o)),
+                          _mm256_loadu_ps(a->shift + o));
+        if (rp) v = _mm256_add_ps(v, _mm256_loadu_ps(rp + o));
+        if (a->act == ACT_RELU) v = _mm256_max_ps(v, zero);
+        else if (a->act == ACT_HARDTANH)
+            v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(a->lo)), _mm256_set1_ps(a->hi));
+        else if (a->act == ACT_PRELU) {
+            const __m256 s = a->slope_n == 1 ? _mm256_set1_ps(a->slope[0])
+                                             : _mm256_loadu_ps(a->slope + o);
+            v = _mm256_blendv_ps(_mm256_mul_ps(v, s), v, _mm256_cmp_ps(v, zero, _CMP_GE_OQ));
+        }
+        _mm256_storeu_ps(y + o, v);
+        bits |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NGE_UQ)) << (8 * j);
+    }
+    return bits;
+}
+
+/* AVX-512 row for O % 8 == 0: output channels in blocks of 64 (eight registers). */
 static inline __attribute__((always_inline)) void
 FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *woff)
 {
-    const int O = a->O, Cw = a->Cw, Ow = (O + 63) / 64;
-    const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
-    const __m256 zero = _mm256_setzero_ps(), lo = _mm256_set1_ps(a->lo), hi = _mm256_set1_ps(a->hi);
+    const int O = a->O, Ow = (O + 63) / 64, taps = a->KH * a->KW;
+    const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho), iy0 = oy * a->sh - a->ph;
+    const int rows_inside = iy0 >= 0 && iy0 + a->KH <= a->H;
+    /* Inside the image every tap is valid and the offsets follow from the first one. */
+    int64_t rel[taps], woff_all[taps];
+    for (int t = 0; t < taps; t++) {
+        rel[t] = ((int64_t)(t / a->KW) * a->W + t % a->KW) * a->Cw;
+        woff_all[t] = (int64_t)t * a->Cw * O;
+    }
     for (int ox = 0; ox < a->Wo; ox++) {
-        const int valid = FN(valid_taps)(a, n, oy, ox, xoff, woff);
+        const int ix0 = ox * a->sw - a->pw;
+        int valid;
+        const int64_t *wo = woff;
+        if (rows_inside && ix0 >= 0 && ix0 + a->KW <= a->W) {
+            const int64_t base = (((int64_t)n * a->H + iy0) * a->W + ix0) * a->Cw;
+            for (int t = 0; t < taps; t++) xoff[t] = base + rel[t];
+            valid = taps;
+            wo = woff_all;
+        } else {
+            valid = FN(valid_taps)(a, n, oy, ox, xoff, woff);
+        }
         const int64_t pix = r * a->Wo + ox;
-        const __m512i total = _mm512_set1_epi64((int64_t)valid * a->C);
         float *y = a->out + pix * O;
         const float *rp = a->residual ? a->residual + pix * O : NULL;
-        uint64_t *bp = a->out_bits ? a->out_bits + pix * Ow : NULL;
         for (int ob = 0; ob < O; ob += 64) {
-            const int nv = O - ob >= 64 ? 8 : (O - ob) / 8;
-            __m512i acc[8];
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_si512();
-            for (int t = 0; t < valid; t++)
-                for (int c = 0; c < Cw; c++) {
-                    const __m512i v = _mm512_set1_epi64((long long)a->x[xoff[t] + c]);
-                    const uint64_t *wr = a->w + woff[t] + (int64_t)c * O + ob;
-#pragma GCC unroll 8
-                    for (int j = 0; j < 8; j++)
-                        if (j < nv)
-                            acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(
-                                         v, _mm512_loadu_si512((const void *)(wr + 8 * j)))));
-                }
-            uint64_t bits = 0;
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j++) {
-                if (j >= nv) break;
-                const int o = ob + 8 * j;
-                const __m512i d = _mm512_sub_epi64(total, _mm512_slli_epi64(acc[j], 1));
-                __m256 v = _mm512_cvtepi64_ps(d);
-                v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(a->scale + o)),
-                                  _mm256_loadu_ps(a->shift + o));
-                if (rp) v = _mm256_add_ps(v, _mm256_loadu_ps(rp + o));
-                if (a->act == ACT_RELU) v = _mm256_max_ps(v, zero);
-                else if (a->act == ACT_HARDTANH) v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-                else if (a->act == ACT_PRELU) {
-                    const __m256 s = a->slope_n == 1 ? _mm256_set1_ps(a->slope[0])
-                                                     : _mm256_loadu_ps(a->slope + o);
-                    v = _mm256_blendv_ps(_mm256_mul_ps(v, s), v, _mm256_cmp_ps(v, zero, _CMP_GE_OQ));
-                }
-                _mm256_storeu_ps(y + o, v);
-                if (bp) {
-                    const int m = _mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NGE_UQ));
-                    bits |= (uint64_t)m << (8 * j);
-                }
+            uint64_t bits;
+            switch (O - ob >= 64 ? 8 : (O - ob) / 8) {
+            case 8: bits = FN(avx512_block)(a, 8, valid, xoff, wo, ob, y, rp); break;
+            case 7: bits = FN(avx512_block)(a, 7, valid, xoff, wo, ob, y, rp); break;
+            case 6: bits = FN(avx512_block)(a, 6, valid, xoff, wo, ob, y, rp); break;
+            case 5: bits = FN(avx512_block)(a, 5, valid, xoff, wo, ob, y, rp); break;
+            case 4: bits = FN(avx512_block)(a, 4, valid, xoff, wo, ob, y, rp); break;
+            case 3: bits = FN(avx512_block)(a, 3, valid, xoff, wo, ob, y, rp); break;
+            case 2: bits = FN(avx512_block)(a, 2, valid, xoff, wo, ob, y, rp); break;
+            default: bits = FN(avx512_block)(a, 1, valid, xoff, wo, ob, y, rp); break;
             }
-            if (bp) bp[ob / 64] = bits;
+            if (a->out_bits) a->out_bits[pix * Ow + ob / 64] = bits;
         }
     }
 }
