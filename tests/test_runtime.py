@@ -337,3 +337,14 @@ def test_the_runtime_runs_without_pytorch(tmp_path):
     got = np.load(tmp_path / "y.npy")
     np.testing.assert_array_equal(got.argmax(1), ref.argmax(1))
     assert np.abs(got - ref).max() <= TOL * (1 + np.abs(ref).max())
+
+
+def test_inconsistent_graphs_are_refused():
+    graph_doc, tensors = fmt.read_bytes(packed_bytes(small_binary_model()))
+    conv = next(n for n in graph_doc["nodes"] if n["op"] == "conv2d" and n["binary_weight"])
+    tensors[conv["shift"]] = tensors[conv["shift"]][:3]
+    with pytest.raises(SigngradError, match="shift of layer .* has shape"):
+        runtime.build(graph_doc, tensors)
+    del conv["shift"]
+    with pytest.raises(SigngradError, match="malformed graph"):
+        runtime.build(graph_doc, tensors)

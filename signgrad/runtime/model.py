@@ -137,7 +137,11 @@ def build(
         raise SigngradError(f"threads must be at least 1, got {threads}")
     threads = threads or len(os.sched_getaffinity(0))
     model = PackedModel(graph, backend, threads)
-    _Planner(model, tensors).plan()
+    try:
+        _Planner(model, tensors).plan()
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        # A field missing or of the wrong kind: refuse the file rather than guess.
+        raise SigngradError(f"packed model: malformed graph ({type(e).__name__}: {e})") from None
     return model
 
 
@@ -217,7 +221,11 @@ class _Planner:
             kernel, stride, padding = _pair(n["kernel"]), _pair(n["stride"]), _pair(n["padding"])
         scale, shift = self._tensor(n["scale"]), self._tensor(n["shift"])
         x_name = n["inputs"][0]
-        c = w.shape[1]
+        o, c = w.shape[:2]
+        for what, t in (("scale", scale), ("shift", shift)):
+            if t is not None and t.shape != (o,):
+                raise SigngradError(f"packed model: {what} of layer {n['name']!r} has shape "
+                                    f"{t.shape}, not ({o},)")  # fmt: skip
         if n["binary_input"] and n["binary_weight"] and self.m.backend == "compiled":
             return self._binary_step(n, w, c, kernel, stride, padding, scale, shift, linear)
         wmat = K.conv_matrix(w)
