@@ -469,5 +469,8 @@ def _plot_compare(
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize="small", title="mean, band = min–max", title_fontsize="small")
+    # Below both panels: group labels can be long, and inside a panel they hide the curves.
+    handles, names = ax_acc.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", fontsize="small",
+               title="mean, band = min–max", title_fontsize="small")  # fmt: skip
     return _save_atomic(fig, path)
