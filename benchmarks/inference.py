@@ -90,15 +90,21 @@ def single_conv(size: int, batch: int, threads: int, rounds: int, warmup: int) -
     ]
 
 
-def whole_network(arch: str, batch: int, threads: int, rounds: int, warmup: int) -> list[str]:
+SHAPE = (3, 32, 32)
+
+
+def network(arch: str, binary: bool) -> torch.nn.Module:
+    """``arch`` for CIFAR-sized inputs: float, or 1W1A with calibrated batch norm."""
     torch.manual_seed(0)
-    shape = (3, 32, 32)
     kw = {"image_size": 32} if arch == "vgg-small" else {}
-    fp = models.get(arch, num_classes=10, in_channels=3, activation="hardtanh", **kw).eval()
-    binary = models.get(arch, num_classes=10, in_channels=3, activation="hardtanh", **kw)
-    binary = calibrated(layers.binarize(binary, "bnn", "bnn"), shape)
-    pm = packed_model(binary, shape, threads)
-    x = torch.randn(batch, *shape)
+    model = models.get(arch, num_classes=10, in_channels=3, activation="hardtanh", **kw)
+    return calibrated(layers.binarize(model, "bnn", "bnn"), SHAPE) if binary else model.eval()
+
+
+def whole_network(arch: str, batch: int, threads: int, rounds: int, warmup: int) -> list[str]:
+    fp, binary = network(arch, binary=False), network(arch, binary=True)
+    pm = packed_model(binary, SHAPE, threads)
+    x = torch.randn(batch, *SHAPE)
     xn = x.numpy()
     with torch.no_grad():
         ms = timed(
@@ -114,12 +120,8 @@ def whole_network(arch: str, batch: int, threads: int, rounds: int, warmup: int)
 
 def profile(arch: str, batch: int, threads: int, rounds: int, warmup: int) -> list[str]:
     """Median milliseconds of each step of the packed network, slowest first."""
-    torch.manual_seed(0)
-    shape = (3, 32, 32)
-    kw = {"image_size": 32} if arch == "vgg-small" else {}
-    binary = models.get(arch, num_classes=10, in_channels=3, activation="hardtanh", **kw)
-    pm = packed_model(calibrated(layers.binarize(binary, "bnn", "bnn"), shape), shape, threads)
-    x = np.transpose(np.random.default_rng(0).standard_normal((batch, *shape), np.float32),
+    pm = packed_model(network(arch, binary=True), SHAPE, threads)
+    x = np.transpose(np.random.default_rng(0).standard_normal((batch, *SHAPE), np.float32),
                      (0, 2, 3, 1))  # fmt: skip
     times: dict[str, list[float]] = {s.name: [] for s in pm.steps}
     for r in range(warmup + rounds):
