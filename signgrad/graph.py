@@ -284,18 +284,23 @@ def _fold_affine(nodes: list[dict[str, Any]], tensors: dict[str, np.ndarray]) ->
 
 
 def build(model: nn.Module, input_shape: tuple[int, int, int], strict: bool = True) -> Graph:
-    """The deployable graph of ``model`` for inputs of ``input_shape`` (C, H, W).
+    """The deployable graph of ``model`` (in eval mode; its mode is left as it was) for
+    inputs of ``input_shape`` (C, H, W).
 
     ``strict`` (export): every binary layer must already compute with exactly +-1
     weights and sign() inputs. ``strict=False`` (the summary of a model at any stage of
     training) reads soft quantizers as the sign they end in.
     """
-    model = model.eval()
+    was_training = model.training
+    model.eval()  # batch norm's running statistics, as deployed
     try:
-        gm = GraphModule(model, _Tracer().trace(model))
-    except Exception as e:  # fx reports untraceable Python control flow in many types
-        raise SigngradError(f"the model cannot be traced for export: {e}") from None
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(1, *input_shape, device=device))
-    return _Builder(strict).run(gm, list(input_shape))
+        try:
+            gm = GraphModule(model, _Tracer().trace(model))
+        except Exception as e:  # fx reports untraceable Python control flow in many types
+            raise SigngradError(f"the model cannot be traced for export: {e}") from None
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, *input_shape, device=device))
+        return _Builder(strict).run(gm, list(input_shape))
+    finally:
+        model.train(was_training)
