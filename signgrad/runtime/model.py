@@ -51,7 +51,10 @@ class _Step:
 @dataclass
 class PackedModel:
     """A packed network: call :meth:`run` on normalised N x C x H x W float32 inputs, or
-    :meth:`predict` on uint8 images."""
+    :meth:`predict` on uint8 images.
+
+    Its layers reuse their output buffers from call to call, so one object serves one
+    caller at a time: load one per thread to run several at once."""
 
     graph: dict[str, Any]
     backend: str
