@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_summary)
     x = sub.add_parser("export", help="write a trained model as a packed 1-bit file or ONNX")
     x.add_argument("target", metavar="CKPT", help="checkpoint or run directory")
-    x.add_argument("--format", choices=["packed", "onnx"], default="packed")
+    x.add_argument("--format", choices=export.FORMATS, default="packed")
     x.add_argument("--out", help="file to write (default: in the run directory)")
     x.add_argument("--data-root", default=None)
     x.set_defaults(func=_export)
