@@ -17,6 +17,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -37,7 +38,16 @@ typedef struct {
     float *out;
     uint64_t *out_bits; /* optional: the signs of the output, packed (O channels) */
     int threads;
+    /* Heap scratch, sized by the glue: per thread, scratch_stride int64 (xoff and woff of
+     * KH * KW taps, then O accumulators); shared, the offsets of a window inside the image. */
+    int64_t *scratch;
+    int64_t scratch_stride;
+    const int64_t *rel, *woff_all;
 } bconv_args;
+
+/* The most threads a call may ask for: signgrad.runtime.model.MAX_THREADS checks the same
+ * bound with a clear message; this is the glue's own defence. */
+#define MAX_THREADS 1024
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define X86 1
@@ -70,6 +80,29 @@ static const char *impl_name = "generic";
 
 /* ---------------------------------------------------------------- Python glue */
 
+/* a * b into *out unless it overflows (or either is negative): every size below is
+ * computed with these, so no product of values from a model file wraps around. */
+static int mul_ok(int64_t a, int64_t b, int64_t *out)
+{
+    if (a < 0 || b < 0 || (a != 0 && b > INT64_MAX / a)) return 0;
+    *out = a * b;
+    return 1;
+}
+
+static int mul_all(int64_t *out, int n, const int64_t *f)
+{
+    int64_t p = 1;
+    for (int i = 0; i < n; i++)
+        if (!mul_ok(p, f[i], &p)) return 0;
+    if (p > PY_SSIZE_T_MAX) return 0;
+    *out = p;
+    return 1;
+}
+
+#define PRODUCT(out, ...)                                                                   \
+    mul_all(&(out), (int)(sizeof((int64_t[]){__VA_ARGS__}) / sizeof(int64_t)),              \
+            (int64_t[]){__VA_ARGS__})
+
 /* A buffer argument, or NULL for None; checks its size in bytes. */
 static int get_buf(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t nbytes,
                    const char *what, int *have)
@@ -97,44 +130,65 @@ static PyObject *py_bconv2d(PyObject *Py_UNUSED(self), PyObject *args)
                           &a.threads))
         return NULL;
     if (a.N < 0 || a.H < 1 || a.W < 1 || a.C < 1 || a.O < 1 || a.KH < 1 || a.KW < 1 ||
-        a.sh < 1 || a.sw < 1 || a.ph < 0 || a.pw < 0 || a.threads < 1) {
+        a.sh < 1 || a.sw < 1 || a.ph < 0 || a.pw < 0 || a.threads < 1 ||
+        a.threads > MAX_THREADS || a.act < ACT_NONE || a.act > ACT_PRELU) {
         PyErr_SetString(PyExc_ValueError, "bconv2d: bad dimensions");
         return NULL;
     }
+    /* In 64 bits, then checked to fit the kernel's int arithmetic: the padded input, the
+     * channel words and the taps of one window. */
+    const int64_t hp = (int64_t)a.H + 2 * (int64_t)a.ph, wp = (int64_t)a.W + 2 * (int64_t)a.pw;
+    const int64_t taps = (int64_t)a.KH * a.KW;
+    if (hp > INT_MAX || wp > INT_MAX || taps > INT_MAX || a.C > INT_MAX - 64 ||
+        a.O > INT_MAX - 64) {
+        PyErr_SetString(PyExc_ValueError, "bconv2d: dimensions too large");
+        return NULL;
+    }
     a.Cw = (a.C + 63) / 64;
-    a.Ho = (a.H + 2 * a.ph - a.KH) / a.sh + 1;
-    a.Wo = (a.W + 2 * a.pw - a.KW) / a.sw + 1;
-    if (a.Ho < 1 || a.Wo < 1) {
+    if (hp < a.KH || wp < a.KW) {
         PyErr_SetString(PyExc_ValueError, "bconv2d: kernel larger than the padded input");
         return NULL;
     }
-    const Py_ssize_t npix = (Py_ssize_t)a.N * a.Ho * a.Wo;
+    a.Ho = (int)((hp - a.KH) / a.sh + 1);
+    a.Wo = (int)((wp - a.KW) / a.sw + 1);
+    const int64_t Ow = (a.O + 63) / 64;
+    int64_t npix, x_n, w_n, o_n, bits_n, stride, scratch_n, scratch_b;
+    if (!PRODUCT(npix, a.N, a.Ho, a.Wo) || !PRODUCT(x_n, a.N, a.H, a.W, a.Cw, 8) ||
+        !PRODUCT(w_n, taps, a.Cw, a.O, 8) || !PRODUCT(o_n, npix, a.O, 4) ||
+        !PRODUCT(bits_n, npix, Ow, 8) || !PRODUCT(stride, taps, 2) || stride > INT64_MAX - a.O ||
+        !PRODUCT(scratch_n, stride + a.O, a.threads) || scratch_n > INT64_MAX - stride ||
+        !PRODUCT(scratch_b, scratch_n + stride, 8)) {
+        PyErr_SetString(PyExc_ValueError, "bconv2d: dimensions too large");
+        return NULL;
+    }
+    a.scratch_stride = stride + a.O;
     Py_buffer b[8];
     int have[8] = {0};
     PyObject *ret = NULL;
+    int64_t *scratch = NULL;
     Py_ssize_t nslope = 0;
     if (oslope != Py_None) {
         Py_buffer tmp;
         if (PyObject_GetBuffer(oslope, &tmp, PyBUF_C_CONTIGUOUS) < 0) return NULL;
         nslope = tmp.len;
         PyBuffer_Release(&tmp);
-        a.slope_n = (int)(nslope / 4);
-        if (a.slope_n != 1 && a.slope_n != a.O) {
+        if (nslope != 4 && nslope != (Py_ssize_t)a.O * 4) {
             PyErr_SetString(PyExc_ValueError, "bconv2d: slope needs 1 or O values");
             return NULL;
         }
+        a.slope_n = (int)(nslope / 4);
     } else if (a.act == ACT_PRELU) {
         PyErr_SetString(PyExc_ValueError, "bconv2d: prelu needs slopes");
         return NULL;
     }
-    if (get_buf(ox, &b[0], 0, npix ? (Py_ssize_t)a.N * a.H * a.W * a.Cw * 8 : 0, "x", &have[0]) ||
-        get_buf(ow, &b[1], 0, (Py_ssize_t)a.KH * a.KW * a.Cw * a.O * 8, "w", &have[1]) ||
+    if (get_buf(ox, &b[0], 0, npix ? x_n : 0, "x", &have[0]) ||
+        get_buf(ow, &b[1], 0, w_n, "w", &have[1]) ||
         get_buf(oscale, &b[2], 0, (Py_ssize_t)a.O * 4, "scale", &have[2]) ||
         get_buf(oshift, &b[3], 0, (Py_ssize_t)a.O * 4, "shift", &have[3]) ||
-        get_buf(ores, &b[4], 0, npix * a.O * 4, "residual", &have[4]) ||
+        get_buf(ores, &b[4], 0, o_n, "residual", &have[4]) ||
         get_buf(oslope, &b[5], 0, nslope, "slope", &have[5]) ||
-        get_buf(oout, &b[6], 1, npix * a.O * 4, "out", &have[6]) ||
-        get_buf(obits, &b[7], 1, npix * ((a.O + 63) / 64) * 8, "out_bits", &have[7]))
+        get_buf(oout, &b[6], 1, o_n, "out", &have[6]) ||
+        get_buf(obits, &b[7], 1, bits_n, "out_bits", &have[7]))
         goto done;
     if (!have[0] || !have[1] || !have[2] || !have[3] || !have[6]) {
         PyErr_SetString(PyExc_ValueError, "bconv2d: x, w, scale, shift and out are required");
@@ -149,6 +203,20 @@ static PyObject *py_bconv2d(PyObject *Py_UNUSED(self), PyObject *args)
     a.out = b[6].buf;
     a.out_bits = have[7] ? b[7].buf : NULL;
     if (npix) {
+        /* Allocated here, with the GIL, so that a failure is a MemoryError. */
+        scratch = PyMem_RawMalloc((size_t)scratch_b);
+        if (scratch == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        int64_t *rel = scratch + scratch_n;
+        for (int64_t t = 0; t < taps; t++) {
+            rel[t] = ((t / a.KW) * a.W + t % a.KW) * a.Cw;
+            rel[taps + t] = t * a.Cw * a.O;
+        }
+        a.scratch = scratch;
+        a.rel = rel;
+        a.woff_all = rel + taps;
         Py_BEGIN_ALLOW_THREADS
         bconv_impl(&a);
         Py_END_ALLOW_THREADS
@@ -156,6 +224,7 @@ static PyObject *py_bconv2d(PyObject *Py_UNUSED(self), PyObject *args)
     ret = Py_None;
     Py_INCREF(ret);
 done:
+    PyMem_RawFree(scratch);
     for (int i = 0; i < 8; i++)
         if (have[i]) PyBuffer_Release(&b[i]);
     return ret;
@@ -167,15 +236,19 @@ static PyObject *py_pack_signs(PyObject *Py_UNUSED(self), PyObject *args)
     Py_ssize_t P;
     int C, threads;
     if (!PyArg_ParseTuple(args, "OnOii", &ox, &P, &oout, &C, &threads)) return NULL;
-    if (P < 0 || C < 1 || threads < 1) {
+    int64_t x_n, out_n;
+    if (P < 0 || C < 1 || C > INT_MAX - 64 || threads < 1 || threads > MAX_THREADS) {
         PyErr_SetString(PyExc_ValueError, "pack_signs: bad dimensions");
+        return NULL;
+    }
+    if (!PRODUCT(x_n, P, C, 4) || !PRODUCT(out_n, P, (C + 63) / 64, 8)) {
+        PyErr_SetString(PyExc_ValueError, "pack_signs: dimensions too large");
         return NULL;
     }
     Py_buffer bx, bo;
     int hx = 0, ho = 0;
     PyObject *ret = NULL;
-    if (get_buf(ox, &bx, 0, P * C * 4, "x", &hx) ||
-        get_buf(oout, &bo, 1, P * ((C + 63) / 64) * 8, "out", &ho))
+    if (get_buf(ox, &bx, 0, x_n, "x", &hx) || get_buf(oout, &bo, 1, out_n, "out", &ho))
         goto done;
     Py_BEGIN_ALLOW_THREADS
     pack_impl(bx.buf, P, C, bo.buf, threads);

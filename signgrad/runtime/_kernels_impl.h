@@ -72,8 +72,9 @@ FN(bconv_row_plain)(const bconv_args *a, int64_t r, uint64_t *acc, int64_t *xoff
             const float *rp = a->residual + pix * O;
             for (int o = 0; o < O; o++) y[o] += rp[o];
         }
+        /* NaN passes through relu and hardtanh, as in numpy's maximum and clip. */
         if (a->act == ACT_RELU)
-            for (int o = 0; o < O; o++) y[o] = y[o] > 0.0f ? y[o] : 0.0f;
+            for (int o = 0; o < O; o++) y[o] = y[o] < 0.0f ? 0.0f : y[o];
         else if (a->act == ACT_HARDTANH)
             for (int o = 0; o < O; o++) y[o] = y[o] < a->lo ? a->lo : (y[o] > a->hi ? a->hi : y[o]);
         else if (a->act == ACT_PRELU)
@@ -112,9 +113,11 @@ FN(avx512_block)(const bconv_args *a, const int NV, int valid, const int64_t *xo
         v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(a->scale + o)),
                           _mm256_loadu_ps(a->shift + o));
         if (rp) v = _mm256_add_ps(v, _mm256_loadu_ps(rp + o));
-        if (a->act == ACT_RELU) v = _mm256_max_ps(v, zero);
+        /* max/min return their second operand when one is NaN: v second, so a NaN
+         * passes through as in numpy's maximum and clip (the numpy backend). */
+        if (a->act == ACT_RELU) v = _mm256_max_ps(zero, v);
         else if (a->act == ACT_HARDTANH)
-            v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(a->lo)), _mm256_set1_ps(a->hi));
+            v = _mm256_min_ps(_mm256_set1_ps(a->hi), _mm256_max_ps(_mm256_set1_ps(a->lo), v));
         else if (a->act == ACT_PRELU) {
             const __m256 s = a->slope_n == 1 ? _mm256_set1_ps(a->slope[0])
                                              : _mm256_loadu_ps(a->slope + o);
@@ -133,12 +136,9 @@ FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *wof
     const int O = a->O, Ow = (O + 63) / 64, taps = a->KH * a->KW;
     const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho), iy0 = oy * a->sh - a->ph;
     const int rows_inside = iy0 >= 0 && iy0 + a->KH <= a->H;
-    /* Inside the image every tap is valid and the offsets follow from the first one. */
-    int64_t rel[taps], woff_all[taps];
-    for (int t = 0; t < taps; t++) {
-        rel[t] = ((int64_t)(t / a->KW) * a->W + t % a->KW) * a->Cw;
-        woff_all[t] = (int64_t)t * a->Cw * O;
-    }
+    /* Inside the image every tap is valid and the offsets follow from the first one
+     * (a->rel, a->woff_all: computed once per call by the glue). */
+    const int64_t *rel = a->rel, *woff_all = a->woff_all;
     for (int ox = 0; ox < a->Wo; ox++) {
         const int ix0 = ox * a->sw - a->pw;
         int valid;
@@ -177,7 +177,15 @@ static void FN(bconv)(const bconv_args *a)
     const int64_t rows = (int64_t)a->N * a->Ho;
 #pragma omp parallel num_threads(a->threads)
     {
-        int64_t xoff[a->KH * a->KW], woff[a->KH * a->KW];
+        /* Per-thread scratch on the heap (the glue sized it for a->threads threads, and a
+         * team never has more): nothing on the stack is sized by the model file. */
+#ifdef _OPENMP
+        const int64_t tid = omp_get_thread_num();
+#else
+        const int64_t tid = 0;
+#endif
+        int64_t *xoff = a->scratch + tid * a->scratch_stride;
+        int64_t *woff = xoff + (int64_t)a->KH * a->KW;
 #ifdef USE_AVX512
         if (a->O % 8 == 0) {
 #pragma omp for schedule(static)
@@ -185,7 +193,7 @@ static void FN(bconv)(const bconv_args *a)
         } else
 #endif
         {
-            uint64_t acc[a->O];
+            uint64_t *acc = (uint64_t *)(woff + (int64_t)a->KH * a->KW);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) FN(bconv_row_plain)(a, r, acc, xoff, woff);
         }

@@ -33,6 +33,8 @@ import numpy as np
 from signgrad.errors import SigngradError
 
 GRAPH_TENSOR = "__graph__"
+#: the most bytes the graph's JSON may inflate to (a ResNet-18's is about 20 KB)
+MAX_GRAPH_BYTES = 16 << 20
 FORMAT = "signgrad-packed"
 VERSION = 1
 #: the operations of version 1 (their meaning: :mod:`signgrad.graph`)
@@ -87,6 +89,23 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]
     return read_bytes(data, str(path))
 
 
+def _inflate(blob: bytes, where: str) -> bytes:
+    """The graph's JSON, refusing more than :data:`MAX_GRAPH_BYTES` before inflating it (a
+    small file must not inflate to gigabytes)."""
+    d = zlib.decompressobj()
+    try:
+        text = d.decompress(blob, MAX_GRAPH_BYTES)
+        more = d.unconsumed_tail or not d.eof
+    except zlib.error as e:
+        raise SigngradError(f"{where} has no readable graph: {e}") from None
+    if more:
+        if d.unconsumed_tail or d.decompress(b"", 1):
+            raise SigngradError(f"{where}: its graph inflates to more than "
+                                f"{MAX_GRAPH_BYTES >> 20} MiB; refused")  # fmt: skip
+        raise SigngradError(f"{where} has no readable graph: the compressed graph is truncated")
+    return text
+
+
 def read_bytes(
     data: bytes, where: str = "packed model"
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -98,19 +117,32 @@ def read_bytes(
         n = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
         tensors = load(data)
-    except (SafetensorError, ValueError, AttributeError) as e:
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not an object")
+    except KeyError as e:  # a dtype safetensors knows and numpy does not (BF16, F8...)
+        raise SigngradError(f"{where} is not a readable packed model: tensor dtype {e} is "
+                            "not supported") from None  # fmt: skip
+    except (SafetensorError, ValueError, AttributeError, TypeError, RecursionError) as e:
+        # RecursionError: JSON nested deeper than the parser goes.
         raise SigngradError(f"{where} is not a readable packed model (truncated or "
-                            f"damaged?): {e}") from None  # fmt: skip
+                            f"damaged?): {type(e).__name__}: {e}"[:300]) from None  # fmt: skip
     if meta.get("format") != FORMAT:
         raise SigngradError(f"{where} is not a signgrad packed model (format "
-                            f"{meta.get('format')!r})")  # fmt: skip
+                            f"{meta.get('format')!r:.60})")  # fmt: skip
     if meta.get("version") != str(VERSION):
-        raise SigngradError(f"{where} has packed format version {meta.get('version')}; this "
-                            f"signgrad reads version {VERSION}")  # fmt: skip
+        raise SigngradError(f"{where} has packed format version {str(meta.get('version'))[:20]}; "
+                            f"this signgrad reads version {VERSION}")  # fmt: skip
     if meta.get("sha256") != _digest(tensors):
         raise SigngradError(f"{where} is damaged: its tensors do not match their checksum")
+    blob = tensors.pop(GRAPH_TENSOR, None)
+    if blob is None or blob.dtype != np.uint8 or blob.ndim != 1:
+        raise SigngradError(f"{where} has no readable graph: no 1-D uint8 tensor {GRAPH_TENSOR}")
     try:
-        graph = json.loads(zlib.decompress(tensors.pop(GRAPH_TENSOR).tobytes()))
-    except (KeyError, zlib.error, ValueError) as e:
-        raise SigngradError(f"{where} has no readable graph: {e}") from None
+        graph = json.loads(_inflate(blob.tobytes(), where))
+    except (ValueError, RecursionError) as e:
+        raise SigngradError(f"{where} has no readable graph: {type(e).__name__}: "
+                            f"{e}"[:300]) from None  # fmt: skip
+    if not isinstance(graph, dict):
+        raise SigngradError(f"{where} has no readable graph: a {type(graph).__name__}, not a "
+                            "JSON object")  # fmt: skip
     return graph, tensors

@@ -22,6 +22,15 @@ import numpy as np
 from signgrad.errors import SigngradError
 from signgrad.runtime import format as fmt
 from signgrad.runtime import kernels as K
+from signgrad.runtime import validate
+
+#: threads for the compiled kernels: at most this many, and at most THREADS_PER_CPU per CPU
+#: of the machine (more only oversubscribes the cores; far more exhausts the OpenMP
+#: runtime). The C glue refuses more than 1024 itself.
+MAX_THREADS = 1024
+THREADS_PER_CPU = 8
+#: predict() splits its images into batches whose activations fit in this many bytes
+PREDICT_BATCH_BYTES = 2 << 30
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,8 @@ class PackedModel:
     backend: str
     threads: int
     steps: list[_Step] = field(default_factory=list)
+    #: activation bytes one image needs (see :mod:`signgrad.runtime.validate`)
+    image_bytes: int = 0
 
     @property
     def classes(self) -> list[str]:
@@ -77,14 +88,28 @@ class PackedModel:
         std = np.asarray(pre["std"], dtype=np.float32).reshape(1, -1, 1, 1)
         return (images.astype(np.float32) / np.float32(255.0) - mean) / std
 
+    def _takes(self) -> str:
+        return f"N x {' x '.join(map(str, self.input_shape))}"
+
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits (N x classes) of normalised inputs x (N x C x H x W float32)."""
-        x = np.asarray(x, dtype=np.float32)
+        """Logits (N x classes) of normalised inputs x (N x C x H x W real numbers, run as
+        float32); an empty batch gives an empty 0 x classes result."""
+        if not isinstance(x, np.ndarray):
+            raise SigngradError(f"run() takes a numpy array ({self._takes()} float32), got a "
+                                f"{type(x).__name__}")  # fmt: skip
+        if x.dtype.kind not in "iuf":
+            raise SigngradError(f"run() takes real numbers ({self._takes()} float32), got "
+                                f"dtype {x.dtype}")  # fmt: skip
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise SigngradError(
-                f"input of shape {tuple(x.shape)}; this model takes N x "
-                f"{' x '.join(map(str, self.input_shape))}"
-            )
+            raise SigngradError(f"input of shape {tuple(x.shape)}; this model takes "
+                                f"{self._takes()}")  # fmt: skip
+        if len(x) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        with np.errstate(over="ignore"):  # float64 beyond float32: inf, refused just below
+            x = np.asarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise SigngradError("the input holds NaN or infinite values (or values beyond "
+                                "float32); run() needs finite normalised inputs")  # fmt: skip
         values: dict[str, Any] = {self.graph["input"]["name"]: np.transpose(x, (0, 2, 3, 1))}
         for step in self.steps:
             values[step.output] = step.fn(values)
@@ -93,13 +118,43 @@ class PackedModel:
         return np.array(out.reshape(out.shape[0], -1) if out.ndim == 4 else out)
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """Class probabilities (softmax) of uint8 images N x C x H x W."""
+        """Class probabilities (softmax) of uint8 images N x C x H x W (pixels 0..255)."""
+        if type(batch_size) is not int or batch_size < 1:
+            raise SigngradError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+            got = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
+            raise SigngradError(
+                f"predict() takes uint8 images {self._takes()} with pixels 0..255, got {got}; "
+                "convert them (for floats in [0, 1]: (x * 255).round().astype(np.uint8)), or "
+                "call run() on inputs normalised with the model's mean and std"
+            )
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
+            raise SigngradError(f"images of shape {tuple(images.shape)}; this model takes "
+                                f"{self._takes()}")  # fmt: skip
+        # Batches whose activations fit in memory, however large one image's are.
+        step = max(1, min(batch_size, PREDICT_BATCH_BYTES // max(self.image_bytes, 1)))
         probs = []
-        for i in range(0, len(images), batch_size):
-            z = self.run(self.preprocess(images[i : i + batch_size]))
+        for i in range(0, len(images), step):
+            z = self.run(self.preprocess(images[i : i + step]))
             z = np.exp(z - z.max(axis=1, keepdims=True))
             probs.append(z / z.sum(axis=1, keepdims=True))
         return np.concatenate(probs) if probs else np.zeros((0, len(self.classes)), np.float32)
+
+
+def max_threads() -> int:
+    """The most kernel threads :func:`load` accepts on this machine."""
+    return min(MAX_THREADS, THREADS_PER_CPU * (os.cpu_count() or 1))
+
+
+def _check_threads(threads: Any) -> None:
+    if threads is None:
+        return
+    top = max_threads()
+    if type(threads) is not int or not 1 <= threads <= top:
+        raise SigngradError(
+            f"threads must be an integer from 1 to {top} ({THREADS_PER_CPU} per CPU of this "
+            f"machine, at most {MAX_THREADS}), got {threads!r}"
+        )
 
 
 def load(
@@ -110,8 +165,13 @@ def load(
     ``backend``: ``"compiled"`` (the bit-packed C kernels; an error where they are not
     built), ``"numpy"`` (the slower fallback), or ``"auto"`` (compiled when available,
     else numpy with a warning saying why). ``threads``: for the compiled kernels
-    (default: the CPUs this process may use).
+    (default: the CPUs this process may use; at most :func:`max_threads`).
+
+    The file is checked as a whole before it is accepted (see
+    :mod:`signgrad.runtime.validate`): a file edited and signed again is refused with a
+    :class:`SigngradError` naming what is inconsistent, never run into a crash.
     """
+    _check_threads(threads)  # before reading what may be a large file
     graph, tensors = fmt.read(path)
     return build(graph, tensors, backend=backend, threads=threads)
 
@@ -123,7 +183,8 @@ def build(
     backend: str = "auto",
     threads: int | None = None,
 ) -> PackedModel:
-    """A :class:`PackedModel` from a graph and its tensors (as :func:`load` reads them)."""
+    """A :class:`PackedModel` from a graph and its tensors (as :func:`load` reads them),
+    after checking them as a whole (:func:`signgrad.runtime.validate.check`)."""
     if backend not in BACKENDS:
         raise SigngradError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "compiled" and K.COMPILED is None:
@@ -136,14 +197,14 @@ def build(
                 K.UNAVAILABLE,
             )
         backend = "numpy" if K.COMPILED is None else "compiled"
-    if threads is not None and threads < 1:
-        raise SigngradError(f"threads must be at least 1, got {threads}")
-    threads = threads or len(os.sched_getaffinity(0))
-    model = PackedModel(graph, backend, threads)
+    _check_threads(threads)
+    threads = threads or min(len(os.sched_getaffinity(0)), max_threads())
+    checked = validate.check(graph, tensors)
+    model = PackedModel(graph, backend, threads, image_bytes=checked.image_bytes)
     try:
         _Planner(model, tensors).plan()
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        # A field missing or of the wrong kind: refuse the file rather than guess.
+        # The check above admits only consistent graphs; this is its safety net.
         raise SigngradError(f"packed model: malformed graph ({type(e).__name__}: {e})") from None
     return model
 
@@ -155,7 +216,8 @@ class _Planner:
         self.m = model
         self.graph = model.graph
         self.tensors = tensors
-        self.nodes: list[dict[str, Any]] = self._checked_nodes()
+        # validate.check has already checked the whole graph (ops, order, shapes, tensors).
+        self.nodes: list[dict[str, Any]] = self.graph["nodes"]
         self.users: dict[str, list[dict[str, Any]]] = {}
         for n in self.nodes:
             for v in n["inputs"]:
@@ -163,7 +225,7 @@ class _Planner:
         self.fused: set[int] = set()  # ids of nodes absorbed into an earlier step
         self.packed_values: set[str] = set()  # values whose signs a kernel packs as well
 
-    # -- validation: never run a graph we do not fully understand ------------------------
+    # -- tensors (their names, dtypes and shapes checked by validate.check) -------------
     def _tensor(self, name: str | None, dtype: type = np.float32) -> np.ndarray | None:
         if name is None:
             return None
@@ -171,24 +233,6 @@ class _Planner:
         if t is None or t.dtype != dtype:
             raise SigngradError(f"packed model: tensor {name!r} is missing or not {dtype.__name__}")
         return t
-
-    def _checked_nodes(self) -> list[dict[str, Any]]:
-        nodes = self.graph.get("nodes")
-        if not isinstance(nodes, list) or "input" not in self.graph or "output" not in self.graph:
-            raise SigngradError("packed model: the graph lacks nodes, input or output")
-        known = {self.graph["input"]["name"]}
-        for n in nodes:
-            if n.get("op") not in fmt.OPS:
-                raise SigngradError(f"packed model: node {n.get('name')!r} has op {n.get('op')!r}, "
-                                    "which this runtime cannot run")  # fmt: skip
-            missing = [v for v in n["inputs"] if v not in known]
-            if missing:
-                raise SigngradError(f"packed model: node {n['name']!r} reads {missing} before "
-                                    "they are computed")  # fmt: skip
-            known.add(n["output"])
-        if self.graph["output"] not in known:
-            raise SigngradError("packed model: the graph's output is never computed")
-        return nodes
 
     def weight(self, n: dict[str, Any]) -> np.ndarray:
         """The layer's weights as float32 (binary ones as +-1)."""
@@ -352,4 +396,4 @@ class _Planner:
                 return np.ascontiguousarray(x).reshape(x.shape[0], -1)
 
             return flatten
-        raise AssertionError(op)  # _checked_nodes admits only known ops
+        raise AssertionError(op)  # validate.check admits only known ops
