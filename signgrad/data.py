@@ -285,9 +285,11 @@ def load(name: str, root: str | os.PathLike[str] | None = None, download: bool =
 
     ``imagefolder:PATH`` reads ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` with
     PIL (``PATH`` relative to the current directory; ``root``/``download`` do not apply):
-    classes are the sorted sub-folder names of ``train``; images become greyscale when all
-    of them are greyscale, RGB otherwise, and are resized (bilinear) to the size of the
-    first training image when sizes differ; mean/std come from the training split;
+    classes are the sorted sub-folder names of ``train``, each of which must hold an image
+    (a class with no test images only gets a warning); images are decoded by
+    :mod:`signgrad.images` (16-bit and float pixels scaled to 8 bits), become greyscale
+    when all of them are greyscale, RGB otherwise, and are resized (bilinear) to the size
+    of the first training image when sizes differ; mean/std come from the training split;
     ``augment`` is False; files whose name starts with ``.`` are skipped.
     """
     if name.startswith(_IMAGEFOLDER):
@@ -754,13 +756,10 @@ def _check_counts(name: str, spec: _Spec, folder: Path, ds: DataSet) -> None:
 # --------------------------------------------------------------------------- image folder
 
 
-_GREY_MODES = {"1", "L", "LA"}
-
-
 def _load_imagefolder(path_text: str) -> DataSet:
     if not path_text:
         raise SigngradError("imagefolder needs a path: imagefolder:PATH")
-    from PIL import Image, UnidentifiedImageError  # only this loader needs PIL
+    from signgrad import images  # only this loader needs PIL
 
     base = Path(path_text).expanduser()
     for sub in ("train", "test"):
@@ -780,11 +779,24 @@ def _load_imagefolder(path_text: str) -> DataSet:
         )
 
     def files(split: str) -> list[tuple[Path, int]]:
-        out = []
+        out, empty = [], []
         for label, cls in enumerate(classes):
             d = base / split / cls
-            if d.is_dir():
-                out.extend((p, label) for p in visible(d) if p.is_file())
+            found = [p for p in visible(d) if p.is_file()] if d.is_dir() else []
+            if not found:
+                empty.append(d)
+            out.extend((p, label) for p in found)
+        if empty and split == "train":
+            # A class with no training image can never be learned, yet would get an output.
+            raise SigngradError(
+                f"imagefolder: class folder {empty[0]} holds no images"
+                + (f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else "")
+            )
+        if empty:
+            log.warning(
+                "imagefolder: no test images of class %s (%s); its accuracy is not measured",
+                ", ".join(d.name for d in empty), base / split,
+            )  # fmt: skip
         return out
 
     train_files, test_files = files("train"), files("test")
@@ -792,34 +804,18 @@ def _load_imagefolder(path_text: str) -> DataSet:
         if not lst:
             raise SigngradError(f"imagefolder: no images under {base / split}")
 
-    def open_image(p: Path) -> Image.Image:
-        try:
-            return Image.open(p)
-        except (UnidentifiedImageError, OSError) as e:
-            raise SigngradError(f"imagefolder: cannot read image {p}: {e}") from e
-
-    # First pass reads headers only (PIL opens lazily) to fix the mode and the size.
-    modes, size = set(), None
+    # First pass reads headers only (PIL opens lazily) to fix the channels and the size.
+    grey, size = True, None
     for p, _ in train_files + test_files:
-        with open_image(p) as im:
-            modes.add(im.mode)
+        with images.open_image(p, "imagefolder: ") as im:
+            grey = grey and images.is_grey(im)
             size = size or im.size
-    mode = "L" if modes <= _GREY_MODES else "RGB"
+    channels = 1 if grey else 3
     assert size is not None
 
     def read(lst: list[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        arrays = []
-        for p, _ in lst:
-            with open_image(p) as im:
-                try:
-                    im = im.convert(mode)
-                    if im.size != size:
-                        im = im.resize(size, Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.uint8)
-                except OSError as e:  # truncated image data surfaces only on decode
-                    raise SigngradError(f"imagefolder: cannot decode {p}: {e}") from e
-            arrays.append(arr[:, :, None] if arr.ndim == 2 else arr)
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        arrays = [images.read(p, channels, size, "imagefolder: ") for p, _ in lst]
+        x = torch.from_numpy(np.stack(arrays))
         return x, torch.tensor([label for _, label in lst], dtype=torch.int64)
 
     train_x, train_y = read(train_files)

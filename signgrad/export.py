@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from signgrad import checkpoint, graph
+from signgrad.errors import SigngradError
 from signgrad.runtime import format as fmt
 
 FORMATS = ("packed", "onnx")
@@ -50,6 +51,19 @@ def from_checkpoint(path: str | os.PathLike, data_root: str | None = None) -> So
     }  # fmt: skip
     return Source(t.model.eval(), (c, h, w), list(t.data.classes), list(t.data.mean),
                   list(t.data.std), desc)  # fmt: skip
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a network with a NaN or infinite parameter or buffer, naming the first: its
+    export would compute garbage that a check against PyTorch cannot catch (NaN logits
+    agree with NaN logits on every argmax)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise SigngradError(
+                f"the network's {name} holds {bad:,} NaN or infinite value(s) of "
+                f"{t.numel():,}; not exported (was its training diverging?)"
+            )
 
 
 def packed(src: Source, g: graph.Graph | None = None) -> bytes:

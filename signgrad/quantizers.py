@@ -104,6 +104,10 @@ class Quantizer(nn.Module):
     soft_forward: ClassVar[bool] = False
     #: False for methods that only make sense on weights (ProxQuant's prox step)
     for_activations: ClassVar[bool] = True
+    #: Where the method's formula needs it, every sharpness value must be >= this
+    #: (> with ``sharpness_strict``): a negative beta turns descent into ascent.
+    sharpness_minimum: ClassVar[float | None] = None
+    sharpness_strict: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -117,8 +121,17 @@ class Quantizer(nn.Module):
         self.schedule: schedules.Schedule | None = (
             schedules.parse(spec) if spec is not None else None
         )
-        if exact_sign_after is not None and exact_sign_after < 0:
-            raise SigngradError(f"exact_sign_after must be >= 0, got {exact_sign_after}")
+        if self.schedule is not None and self.sharpness_minimum is not None:
+            what = f"quantizer '{self.name}': {self.sharpness_name}"
+            self.schedule.check_above(what, self.sharpness_minimum, self.sharpness_strict)
+        if exact_sign_after is not None and (
+            isinstance(exact_sign_after, bool)
+            or not isinstance(exact_sign_after, int)
+            or exact_sign_after < 0
+        ):
+            raise SigngradError(
+                f"exact_sign_after must be an integer >= 0, got {exact_sign_after!r}"
+            )
         self.exact_sign_after = exact_sign_after
         self.exact = False
         # Standing alone (no trainer), a quantizer sits at the start of its schedule.
@@ -262,6 +275,7 @@ class BNNPlus(Quantizer):
 
     sharpness_name = "beta"
     default_sharpness = "const:5"
+    sharpness_minimum, sharpness_strict = 0.0, True  # beta <= 0: no or reversed gradient
 
     def derivative(self, x: Tensor, s: float | None) -> Tensor:
         return sign_swish_derivative(x, s)
@@ -276,6 +290,7 @@ class BNNPlusPlus(Quantizer):
     sharpness_name = "mu"
     default_sharpness = "exp:5:50"
     soft_forward = True
+    sharpness_minimum, sharpness_strict = 0.0, True  # mu <= 0: flat or flipped Sign-Swish
 
     def forward_map(self, x: Tensor, s: float | None) -> Tensor:
         return sign_swish(x, s)
@@ -294,6 +309,7 @@ class ProxConnect(Quantizer):
     sharpness_name = "mu"
     default_sharpness = "linear:0:1"
     soft_forward = True
+    sharpness_minimum = 0.0  # a proximal step of negative length pushes away from +-1
 
     def forward_map(self, x: Tensor, s: float | None) -> Tensor:
         return prox_binary(x, s)
@@ -313,6 +329,7 @@ class ReversePC(Quantizer):
 
     sharpness_name = "mu"
     default_sharpness = "linear:0:1"
+    sharpness_minimum = 0.0  # as ProxConnect
 
     def __init__(
         self,
@@ -348,8 +365,8 @@ class ProxQuant(Quantizer):
 
     def __init__(self, rho: float = 1.0, exact_sign_after: int | None = None) -> None:
         super().__init__(None, exact_sign_after)
-        if not rho >= 0:
-            raise SigngradError(f"proxquant rho must be >= 0, got {rho}")
+        if not (rho >= 0 and math.isfinite(rho)):
+            raise SigngradError(f"proxquant rho must be a finite number >= 0, got {rho}")
         self.rho = rho
         self.sharpness = 0.0
 
@@ -390,6 +407,7 @@ class EDE(Quantizer):
 
     sharpness_name = "t"
     default_sharpness = "exp:0.1:10"
+    sharpness_minimum, sharpness_strict = 0.0, True  # k = max(1/t, 1) needs t > 0
 
     def derivative(self, x: Tensor, s: float | None) -> Tensor:
         k = max(1.0 / s, 1.0)
@@ -400,11 +418,13 @@ class EDE(Quantizer):
 class STEWarmup(Quantizer):
     """STE-Warmup (Hyper-BinaryNet, Wang et al. 2022): F(x) = hardtanh(x / T) with
     T = T0 * gamma**epoch (default decay:1:0.95), B'(x) = 1 if |x| <= 1 else 0 (the
-    derivative of hardtanh(x)); exact sign when T <= 0 and for the last 10% of epochs."""
+    derivative of hardtanh(x)); exact sign when T = 0 and for the last 10% of epochs.
+    A negative T is refused (it would mean nothing but the exact sign)."""
 
     sharpness_name = "T"
     default_sharpness = "decay:1:0.95"
     soft_forward = True
+    sharpness_minimum = 0.0
 
     def forward_map(self, x: Tensor, s: float | None) -> Tensor:
         if s <= 0:

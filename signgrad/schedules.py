@@ -17,6 +17,11 @@ Text form, as used on the command line (``--sharpness``):
                        sets, with the trainer's ``sharpness_per_step``; D and E may be
                        fractions of an epoch)
 =====================  ========================================================
+
+Every number must be finite, and so must everything a schedule computes from them; a
+decay's factor G lies in (0, 1] (it decays), ``exp`` needs positive ends, ``stepdecay``
+D >= 0 and E > 0. :meth:`Schedule.check_above` tells whether every value the schedule
+takes, over a run of any length, clears a bound (quantizers use it for their sharpness).
 """
 
 from __future__ import annotations
@@ -37,6 +42,38 @@ class Schedule:
         """The text form that :func:`parse` turns back into this schedule."""
         raise NotImplementedError
 
+    def ends(self) -> tuple[float, float, bool] | None:
+        """(first value, limit, whether the limit is reached): every value lies between the
+        two, as the built-in schedules are monotone. None where unknown (user schedules)."""
+        return None
+
+    def check_above(self, what: str, minimum: float, strict: bool) -> None:
+        """Raise SigngradError unless every value is >= ``minimum`` (> with ``strict``);
+        ``what`` names the value in the message."""
+        ends = self.ends()
+        if ends is None:
+            return
+        first, limit, reached = ends
+        low = min(first, limit)
+        # A decay only approaches its limit: 0 is never taken by decay:1:0.5.
+        low_taken = first <= limit or reached
+        ok = low > minimum or (low == minimum and not (strict and low_taken))
+        if not ok:
+            need = f"> {minimum:g}" if strict else f">= {minimum:g}"
+            raise SigngradError(
+                f"{what} must stay {need} throughout training; the schedule {self.spec()} "
+                f"goes down to {low:g}"
+            )
+
+
+def _finite(kind: str, **values: float) -> None:
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise SigngradError(
+            f"{kind} schedule needs finite numbers, got "
+            + ", ".join(f"{k}={v}" for k, v in bad.items())
+        )
+
 
 def _progress(epoch: float, total_epochs: int) -> float:
     # The last epoch (total - 1) reaches the end value, so a run ends at its target.
@@ -49,6 +86,12 @@ def _progress(epoch: float, total_epochs: int) -> float:
 class Constant(Schedule):
     value: float
 
+    def __post_init__(self) -> None:
+        _finite("const", value=self.value)
+
+    def ends(self) -> tuple[float, float, bool]:
+        return self.value, self.value, True
+
     def __call__(self, epoch: float, total_epochs: int) -> float:
         return self.value
 
@@ -60,6 +103,13 @@ class Constant(Schedule):
 class Linear(Schedule):
     start: float
     end: float
+
+    def __post_init__(self) -> None:
+        # end - start must not overflow either: it is what the schedule computes with.
+        _finite("linear", start=self.start, end=self.end, difference=self.end - self.start)
+
+    def ends(self) -> tuple[float, float, bool]:
+        return self.start, self.end, True
 
     def __call__(self, epoch: float, total_epochs: int) -> float:
         p = _progress(epoch, total_epochs)
@@ -77,8 +127,13 @@ class Exponential(Schedule):
     end: float
 
     def __post_init__(self) -> None:
+        _finite("exp", start=self.start, end=self.end)
         if self.start <= 0 or self.end <= 0:
             raise SigngradError(f"exp schedule needs positive ends, got {self.start}:{self.end}")
+        _finite("exp", ratio=self.end / self.start)
+
+    def ends(self) -> tuple[float, float, bool]:
+        return self.start, self.end, True
 
     def __call__(self, epoch: float, total_epochs: int) -> float:
         p = _progress(epoch, total_epochs)
@@ -96,8 +151,13 @@ class Decay(Schedule):
     gamma: float
 
     def __post_init__(self) -> None:
-        if self.gamma <= 0:
-            raise SigngradError(f"decay schedule needs gamma > 0, got {self.gamma}")
+        _finite("decay", start=self.start, gamma=self.gamma)
+        # A factor above 1 grows without bound (to inf in a long enough run).
+        if not 0 < self.gamma <= 1:
+            raise SigngradError(f"decay schedule needs a factor in (0, 1], got {self.gamma}")
+
+    def ends(self) -> tuple[float, float, bool]:
+        return (self.start, self.start, True) if self.gamma == 1 else (self.start, 0.0, False)
 
     def __call__(self, epoch: float, total_epochs: int) -> float:
         return self.start * self.gamma**epoch
@@ -116,11 +176,16 @@ class StepDecay(Schedule):
     every: float
 
     def __post_init__(self) -> None:
-        if self.gamma <= 0 or self.every <= 0 or self.delay < 0:
+        _finite("stepdecay", start=self.start, gamma=self.gamma, delay=self.delay,
+                every=self.every)  # fmt: skip
+        if not 0 < self.gamma <= 1 or self.every <= 0 or self.delay < 0:
             raise SigngradError(
-                f"stepdecay schedule needs gamma > 0, delay >= 0 and every > 0, got "
+                f"stepdecay schedule needs a factor in (0, 1], delay >= 0 and every > 0, got "
                 f"{self.gamma}, {self.delay}, {self.every}"
             )
+
+    def ends(self) -> tuple[float, float, bool]:
+        return (self.start, self.start, True) if self.gamma == 1 else (self.start, 0.0, False)
 
     def __call__(self, epoch: float, total_epochs: int) -> float:
         return self.start * self.gamma ** math.floor(max(0.0, epoch - self.delay) / self.every)

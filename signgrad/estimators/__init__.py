@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from signgrad.errors import SigngradError
-from signgrad.estimators.base import GradientHistory, LearnedEstimator
+from signgrad.estimators.base import GradientHistory, LearnedEstimator, weight_count
 from signgrad.estimators.fsg import FSG, PAPER
 from signgrad.estimators.metaquant import LSTMFC, FCGrad, MultiFC
 
@@ -30,6 +30,7 @@ __all__ = [
     "build",
     "names",
     "parameters",
+    "check",
     "parse_params",
 ]
 
@@ -113,4 +114,16 @@ def parse_params(items: list[str], name: str) -> dict[str, Any]:
                 f"estimator '{name}' takes no parameter {key}; valid: {', '.join(accepted)}"
             )
         params[key] = _convert(key, text.strip(), accepted[key])
+    # Ranges too, so that a bad value fails before any data or model is read.
+    _lookup(name)[0].validate({**accepted, **params})
     return params
+
+
+def check(name: str, model: nn.Module, params: dict[str, Any], device: Any = "cpu") -> None:
+    """Refuse settings of estimator ``name`` that are out of range or whose memory for the
+    binarized layers of ``model`` (which may be a stand-in built only to count them)
+    cannot fit on ``device``, without building the estimator."""
+    cls, _ = _lookup(name)
+    settings = {**parameters(name), **params}
+    cls.validate(settings)
+    cls.check_fits(weight_count(model), settings, device, name)

@@ -23,13 +23,18 @@ gradient history, counters) lives in the estimator object and its ``state_dict()
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from signgrad import layers
+from signgrad import layers, memory
 from signgrad.errors import SigngradError
+
+FLOAT_BYTES = 4  # the meta-networks and their inputs are float32
+# Each meta-parameter has itself, its gradient and Adam's two moments.
+PARAM_COPIES = 4
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -37,6 +42,45 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "silu": nn.SiLU,
     "none": nn.Identity,
 }
+
+
+def check_int(owner: str, key: str, value: object, minimum: int = 1) -> None:
+    """Refuse ``value`` unless it is an integer >= ``minimum`` (bools are not sizes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SigngradError(f"{owner}: {key} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number(
+    owner: str, key: str, value: object, low: float, high: float = math.inf, *,
+    low_open: bool = False,
+) -> None:  # fmt: skip
+    """Refuse ``value`` unless it is a finite number in [low, high] ((low, high] with
+    ``low_open``)."""
+    ok = (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and value <= high
+    )
+    if not ok:
+        left = "(" if low_open else "["
+        right = "]" if math.isfinite(high) else ")"
+        raise SigngradError(
+            f"{owner}: {key} must be a finite number in {left}{low:g}, {high:g}{right}, "
+            f"got {value!r}"
+        )
+
+
+def check_choice(owner: str, key: str, value: object, valid: Any) -> None:
+    """Refuse ``value`` unless it is one of ``valid`` (names)."""
+    if value not in valid:
+        raise SigngradError(f"{owner}: unknown {key} '{value}'; valid: {', '.join(valid)}")
+
+
+def mlp_parameters(hidden: int, depth: int = 3, inputs: int = 1) -> int:
+    """Parameters of :func:`coordinate_mlp` (``inputs`` -> hidden -> ... -> 1)."""
+    return inputs * hidden + hidden + (depth - 2) * (hidden * hidden + hidden) + hidden + 1
 
 
 def coordinate_mlp(hidden: int, activation: str = "relu", depth: int = 3) -> nn.Sequential:
@@ -56,6 +100,21 @@ def coordinate_mlp(hidden: int, activation: str = "relu", depth: int = 3) -> nn.
         if i < depth - 1:
             mods.append(ACTIVATIONS[activation]())
     return nn.Sequential(*mods)
+
+
+def _weight_count(layer: nn.Module) -> int:
+    """Latent weights of a binarized layer (a hyper layer's are generated: its kernel shape)."""
+    shape = getattr(layer, "kernel_shape", None)
+    return math.prod(shape) if shape is not None else layer.weight.numel()
+
+
+def weight_count(model: nn.Module) -> int:
+    """Binarized latent weights of ``model``: the coordinates a learned estimator serves."""
+    return sum(
+        _weight_count(m)
+        for _, m in layers.binary_layers(model)
+        if m.weight_quantizer.precision < 32
+    )
 
 
 class GradientHistory:
@@ -106,6 +165,42 @@ class LearnedEstimator(nn.Module):
 
     name = ""
     history_length = 1
+
+    # -- settings and their cost, checked before anything is allocated ---------------------
+    @classmethod
+    def validate(cls, settings: dict[str, Any]) -> None:
+        """Raise SigngradError for a setting out of its range (``settings``: every keyword
+        of the constructor but ``model``)."""
+
+    @classmethod
+    def memory_needed(cls, weights: int, settings: dict[str, Any]) -> int:
+        """A lower bound, in bytes, of what one training step of the estimator holds at
+        once for ``weights`` binarized weights: meta-parameters with their gradients and
+        Adam state, the activations autograd keeps over every weight, the history."""
+        return 0
+
+    @classmethod
+    def check_fits(
+        cls, weights: int, settings: dict[str, Any], device: Any, name: str | None = None
+    ) -> None:
+        """Refuse ``settings`` whose :meth:`memory_needed` exceeds what ``device`` has."""
+        needed = cls.memory_needed(weights, settings)
+        sizes = ", ".join(f"{k}={settings[k]}" for k in cls.size_keys if k in settings)
+        memory.check_fits(
+            needed,
+            f"estimator '{name or cls.name}' ({sizes}) for {weights:,} binarized weights",
+            device,
+        )
+
+    #: The settings named in a "would need ... GiB" message.
+    size_keys: tuple[str, ...] = ()
+
+    def _check_settings(self, settings: dict[str, Any]) -> None:
+        """For a subclass's __init__, after this class's: ranges, then memory."""
+        self.validate(settings)
+        weights = sum(_weight_count(layer) for layer in self.layers)
+        device = next(self.layers[0].parameters()).device
+        self.check_fits(weights, settings, device)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

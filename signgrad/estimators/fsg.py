@@ -45,7 +45,17 @@ import torch
 from torch import Tensor, nn
 
 from signgrad.errors import SigngradError
-from signgrad.estimators.base import LearnedEstimator, coordinate_mlp
+from signgrad.estimators.base import (
+    ACTIVATIONS,
+    FLOAT_BYTES,
+    PARAM_COPIES,
+    LearnedEstimator,
+    check_choice,
+    check_int,
+    check_number,
+    coordinate_mlp,
+    mlp_parameters,
+)
 from signgrad.estimators.mamba import Mamba, MambaState
 
 SLOW_NETS = ("mamba", "lstm", "gru")
@@ -84,6 +94,7 @@ class FSG(LearnedEstimator):
     """
 
     name = "fsg"
+    size_keys = ("mode", "slow", "history", "d_inner", "d_state", "slow_hidden", "fast_hidden")
 
     def __init__(
         self,
@@ -108,18 +119,12 @@ class FSG(LearnedEstimator):
         chunk_size: int | None = 16384,
         mode: str = "stream",
     ) -> None:
+        # Every keyword but the model, as one dict (the first statement: nothing else yet).
+        settings = {k: v for k, v in locals().items() if k not in ("self", "model", "__class__")}
+        self.validate(settings)  # ranges first: nothing is built from a bad setting
         self.history_length = history
         super().__init__(model)
-        if slow not in SLOW_NETS:
-            raise SigngradError(f"unknown slow-net '{slow}'; valid: {', '.join(SLOW_NETS)}")
-        if parts not in PARTS:
-            raise SigngradError(f"unknown parts '{parts}'; valid: {', '.join(PARTS)}")
-        if update not in UPDATES:
-            raise SigngradError(f"unknown update '{update}'; valid: {', '.join(UPDATES)}")
-        if mode not in MODES:
-            raise SigngradError(f"unknown mode '{mode}'; valid: {', '.join(MODES)}")
-        if not 0.0 <= beta <= 1.0:
-            raise SigngradError(f"beta must be in [0, 1], got {beta}")
+        self._check_settings(settings)  # memory, before any meta-network is allocated
         # fast-only and slow-only are the ablations beta = 0 and beta = 1 without the
         # unused network.
         self.beta = {"both": beta, "fast": 0.0, "slow": 1.0}[parts]
@@ -143,6 +148,63 @@ class FSG(LearnedEstimator):
                 self.lre = nn.Parameter(torch.randn(len(self.layers), 1))
         self._fast_out: list[Tensor | None] = [None] * len(self.layers)
         self.finish_init()
+
+    @classmethod
+    def validate(cls, settings: dict[str, Any]) -> None:
+        name = cls.name
+        for key, label, valid in (
+            ("slow", "slow-net", SLOW_NETS), ("parts", "parts", PARTS),
+            ("update", "update", UPDATES), ("mode", "mode", MODES),
+            ("fast_activation", "fast_activation", ACTIVATIONS),
+        ):  # fmt: skip
+            check_choice(name, label, settings[key], valid)
+        for key in ("history", "d_inner", "d_state", "d_conv", "dt_rank", "slow_hidden",
+                    "fast_hidden"):  # fmt: skip
+            check_int(name, key, settings[key])
+        if settings["chunk_size"] is not None:
+            check_int(name, "chunk_size", settings["chunk_size"])
+        check_number(name, "beta", settings["beta"], 0.0, 1.0)
+        for key in ("fast_lr", "slow_lr"):  # 0 freezes a meta-network: allowed
+            check_number(name, key, settings[key], 0.0)
+        for key in ("lre", "normalize"):
+            if not isinstance(settings[key], bool):
+                raise SigngradError(f"{name}: {key} must be true or false, got {settings[key]!r}")
+
+    @classmethod
+    def memory_needed(cls, weights: int, settings: dict[str, Any]) -> int:
+        n, length = weights, settings["history"]
+        # The history buffer, and the copy torch.cat makes of it when a gradient is pushed.
+        floats = 2 * length * n + 4 * n
+        if settings["parts"] != "slow":
+            hidden = settings["fast_hidden"]
+            floats += PARAM_COPIES * mlp_parameters(hidden) + 4 * hidden * n
+        if settings["parts"] != "fast":
+            floats += cls._slow_floats(n, settings)
+        return FLOAT_BYTES * floats
+
+    @staticmethod
+    def _slow_floats(n: int, s: dict[str, Any]) -> int:
+        """Floats the slow-net holds at once over ``n`` coordinates (lower bound)."""
+        stream, tokens = s["mode"] == "stream", s["history"] + 1
+        if s["slow"] != "mamba":
+            h = s["slow_hidden"]
+            params = 4 * h * (1 + h) + 8 * h + h + 1
+            # Gates and outputs (~6h) per coordinate and token; stream also keeps the state.
+            per_row = 6 * h + 2 * h if stream else 6 * h * tokens
+            return PARAM_COPIES * params + n * per_row
+        d, ds, k, r = s["d_inner"], s["d_state"], s["d_conv"], s["dt_rank"]
+        params = d * (k + 2 * r + 3 * ds + 6)
+        if stream:
+            # step() runs every coordinate at once: the kept state (h and the conv inputs),
+            # and the decay, h and the read-out of this token, each (n, d_inner, d_state).
+            per_row = d * (ds + k - 1) + 3 * d * ds + (k + 8) * d
+            return PARAM_COPIES * params + n * per_row
+        # window: one chunk at a time is recomputed in backward (x, z, the conv taps, delta,
+        # du and y per token; ~1 GiB measured for the paper's sizes on ResNet-20, with the
+        # fast-net); the outputs of every chunk stay.
+        rows = n if s["chunk_size"] is None else min(n, s["chunk_size"])
+        per_row = tokens * ((k + 6) * d + 3 * ds)
+        return PARAM_COPIES * params + rows * per_row + n * (tokens + 1)
 
     def make_meta_optimizer(self) -> torch.optim.Optimizer:
         groups = []

@@ -19,21 +19,53 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from signgrad.estimators.base import LearnedEstimator, coordinate_mlp
+from signgrad.estimators.base import (
+    ACTIVATIONS,
+    FLOAT_BYTES,
+    PARAM_COPIES,
+    LearnedEstimator,
+    check_choice,
+    check_int,
+    check_number,
+    coordinate_mlp,
+    mlp_parameters,
+)
+
+
+def _validate(name: str, settings: dict[str, Any]) -> None:
+    check_int(name, "hidden", settings["hidden"])
+    check_choice(name, "activation", settings["activation"], ACTIVATIONS)
+    check_number(name, "meta_lr", settings["meta_lr"], 0.0)  # 0: a frozen meta-network
 
 
 class FCGrad(LearnedEstimator):
     """MetaQuant FC-Grad: g^ = MLP(g)."""
 
     name = "metaquant-fc"
+    size_keys = ("hidden",)
 
     def __init__(
         self, model: nn.Module, hidden: int = 100, activation: str = "relu", meta_lr: float = 1e-3
     ) -> None:
+        settings = {"hidden": hidden, "activation": activation, "meta_lr": meta_lr}
+        self.validate(settings)  # before the model's layers are touched
         super().__init__(model)
+        self._check_settings(settings)
         self.net = coordinate_mlp(hidden, activation)
         self.meta_lr = meta_lr
         self.finish_init()
+
+    @classmethod
+    def validate(cls, settings: dict[str, Any]) -> None:
+        _validate(cls.name, settings)
+
+    @classmethod
+    def memory_needed(cls, weights: int, settings: dict[str, Any]) -> int:
+        h = settings["hidden"]
+        # Autograd keeps ~4 hidden vectors per weight (two linear outputs, two activations);
+        # history, natural gradient, g^ and its calibration are 4 more numbers per weight.
+        floats = PARAM_COPIES * mlp_parameters(h) + weights * (4 * h + 4)
+        return FLOAT_BYTES * floats
 
     def make_meta_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.meta_lr)
@@ -62,11 +94,15 @@ class LSTMFC(LearnedEstimator):
     """
 
     name = "metaquant-lstm"
+    size_keys = ("hidden",)
 
     def __init__(
         self, model: nn.Module, hidden: int = 100, activation: str = "relu", meta_lr: float = 1e-3
     ) -> None:
+        settings = {"hidden": hidden, "activation": activation, "meta_lr": meta_lr}
+        self.validate(settings)
         super().__init__(model)
+        self._check_settings(settings)
         self.hidden = hidden
         self.cell = nn.LSTMCell(1, hidden)
         self.head = coordinate_mlp(hidden, activation, depth=3)
@@ -75,6 +111,20 @@ class LSTMFC(LearnedEstimator):
         self.meta_lr = meta_lr
         self.states: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
         self.finish_init()
+
+    @classmethod
+    def validate(cls, settings: dict[str, Any]) -> None:
+        _validate(cls.name, settings)
+
+    @classmethod
+    def memory_needed(cls, weights: int, settings: dict[str, Any]) -> int:
+        h = settings["hidden"]
+        cell = 4 * h * (1 + h) + 8 * h  # LSTMCell(1, h)
+        head = 2 * (h * h + h) + h + 1  # h -> h -> h -> 1
+        # Per weight: the kept (h, c) state, the cell's gates and outputs (~6h), the
+        # head's activations (~4h), and the history / gradients.
+        floats = PARAM_COPIES * (cell + head) + weights * (12 * h + 4)
+        return FLOAT_BYTES * floats
 
     def make_meta_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.meta_lr)
