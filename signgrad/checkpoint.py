@@ -10,9 +10,14 @@ A checkpoint is a ``torch.save`` dict of tensors and plain values, read back wit
 ``optimizer``    the optimizer's state_dict
 ``rng``          {"data": generator state, "torch": global CPU RNG state}
 ``history``      the per-epoch metrics so far (the same records as metrics.jsonl)
+``estimator``    the learned gradient estimator's state (None without one)
+
+:func:`load` checks all of it, so every reader (eval, export, summary, --resume, --init)
+refuses a damaged checkpoint with the same one-line error.
 
 Every file goes to a temporary name in the same directory first and is renamed over the
-old one, so an interrupted write never replaces a good file with half a file.
+old one, so an interrupted write never replaces a good file with half a file; a write
+that fails (a full disk, a file size limit) is one error and leaves the old file intact.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -36,8 +40,30 @@ CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 
 
+def _write_error(e: BaseException) -> str | None:
+    """The reason of a failed write (``strerror`` of the ``OSError`` behind it), or None
+    where ``e`` is not a write error. ``torch.save`` wraps the file's ``OSError`` in a
+    ``RuntimeError`` ("PytorchStreamWriter failed writing file ..."), keeping the original
+    as its context."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = str(e)
+    if isinstance(e, RuntimeError) and (
+        "PytorchStreamWriter" in text or "inline_container" in text
+    ):
+        return text.strip().splitlines()[0] if text.strip() else "write failed"
+    return None
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    Any write error (a full disk, a file size limit, an I/O error) is one
+    :class:`SigngradError`; the temporary file is removed and the old ``path`` is intact.
+    """
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -50,12 +76,14 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise SigngradError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        reason = _write_error(e) if isinstance(e, OSError | RuntimeError) else None
+        if reason is None:
+            raise
+        what = "checkpoint" if path.name == CHECKPOINT_NAME else path.name
+        kept = f"; the previous {what} is kept" if path.exists() else ""
+        raise SigngradError(f"cannot write {path}: {reason}{kept}") from None
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -72,7 +100,9 @@ def save(path: Path, state: dict[str, Any]) -> None:
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint file or the checkpoint of a run directory."""
+    """Read a checkpoint file or the checkpoint of a run directory, checked as a whole
+    (:func:`validate`): what it returns has every field a reader needs, of the right kind.
+    Whether the tensors fit the model is checked where the model is built."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -80,13 +110,113 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise SigngradError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SigngradError(f"{path} is not a readable checkpoint: {first}") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise SigngradError(f"{path} is not a signgrad checkpoint")
-    if state.get("format") != FORMAT:
-        raise SigngradError(
-            f"{path} has checkpoint format {state.get('format')}; this signgrad reads {FORMAT}"
-        )
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise SigngradError(
+                f"{path} holds objects other than tensors and plain values; it was refused "
+                "without running them (is it a signgrad checkpoint from a trusted source?)"
+            ) from None
+        raise SigngradError(f"{path} is not a readable checkpoint: {_first_line(e)}") from None
+    except OSError as e:
+        raise SigngradError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - damaged bytes can break the reader in any way
+        raise SigngradError(f"{path} is not a readable checkpoint: {_first_line(e)}") from None
+    validate(state, path)
     return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _bad(path: Path, what: str) -> SigngradError:
+    return SigngradError(f"{path} is a damaged checkpoint: {what}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+#: The numbers every history record holds (the CLI and the curves read them).
+HISTORY_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "time_s")
+
+
+def validate(state: Any, path: Path) -> None:
+    """Check the layout of a loaded checkpoint (see the module's docstring) and its
+    configuration; raise a one-line :class:`SigngradError` naming ``path`` at the first
+    thing that is missing or of the wrong kind."""
+    if not isinstance(state, dict):
+        raise SigngradError(f"{path} is not a signgrad checkpoint (it holds no dict)")
+    if "format" not in state:
+        raise SigngradError(f"{path} is not a signgrad checkpoint (it has no format field)")
+    if state["format"] != FORMAT:
+        raise SigngradError(
+            f"{path} has checkpoint format {state['format']!r}; this signgrad reads {FORMAT}"
+        )
+    for key in ("config", "epoch", "model", "optimizer", "rng", "history"):
+        if key not in state:
+            raise _bad(path, f"it has no '{key}'")
+    from signgrad.train import check_saved_config  # here: train imports this module
+
+    config = check_saved_config(state["config"], path)
+    epoch = state["epoch"]
+    if not _is_int(epoch) or epoch < 1:
+        raise _bad(path, f"its epoch is {epoch!r}, not a number of finished epochs (>= 1)")
+    if epoch > config["epochs"]:
+        raise _bad(path, f"it records epoch {epoch} of a {config['epochs']}-epoch run")
+    model = state["model"]
+    if not isinstance(model, dict) or not model:
+        raise _bad(path, "its 'model' is not a state_dict")
+    for k, v in model.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise _bad(path, f"its model entry {k!r} is a {type(v).__name__}, not a tensor")
+    _check_optimizer(state["optimizer"], path)
+    rng = state["rng"]
+    size = torch.Generator().get_state().numel()
+    for key in ("data", "torch"):
+        r = rng.get(key) if isinstance(rng, dict) else None
+        if not (isinstance(r, torch.Tensor) and r.dtype == torch.uint8 and r.shape == (size,)):
+            got = f"{r.dtype} {list(r.shape)}" if isinstance(r, torch.Tensor) else repr(r)[:40]
+            raise _bad(path, f"its random state '{key}' is {got}, not {size} bytes (uint8)")
+    history = state["history"]
+    if not isinstance(history, list) or len(history) != epoch:
+        got = f"{len(history)} records" if isinstance(history, list) else type(history).__name__
+        raise _bad(path, f"its history is {got}, not one record per finished epoch ({epoch})")
+    for i, r in enumerate(history):
+        if not isinstance(r, dict) or r.get("epoch") != i + 1:
+            raise _bad(path, f"its history record {i + 1} is not the record of epoch {i + 1}")
+        for key in HISTORY_KEYS:
+            if not _is_number(r.get(key)):
+                raise _bad(path, f"its history record {i + 1} has no number '{key}'")
+    if config.get("estimator") is not None:
+        est = state.get("estimator")
+        keys = ("meta", "meta_optimizer", "histories", "steps", "nonfinite_steps", "extra")
+        if not isinstance(est, dict) or any(k not in est for k in keys):
+            raise _bad(path, f"it has no state of its estimator '{config['estimator']}'")
+
+
+def _check_optimizer(opt: Any, path: Path) -> None:
+    """The layout of an optimizer state_dict: ``state`` {int: {str: tensor or number}} and
+    ``param_groups`` [{"params": [int, ...], ...}]. Whether it fits the model's
+    parameters is checked when it is loaded into an optimizer."""
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict):
+        raise _bad(path, "its 'optimizer' is not an optimizer state_dict")
+    groups = opt.get("param_groups")
+    if not isinstance(groups, list) or not groups:
+        raise _bad(path, "its optimizer has no list of parameter groups")
+    for g in groups:
+        if not isinstance(g, dict) or not (
+            isinstance(g.get("params"), list) and all(_is_int(i) for i in g["params"])
+        ):
+            raise _bad(path, "its optimizer has a parameter group without a list of indices")
+    for i, s in opt["state"].items():
+        if not _is_int(i) or not isinstance(s, dict):
+            raise _bad(path, f"its optimizer state {i!r} is not a dict of a parameter index")
+        for k, v in s.items():
+            if not (isinstance(v, torch.Tensor) or _is_number(v)):
+                raise _bad(path, f"its optimizer state '{k}' of parameter {i} is not a tensor")

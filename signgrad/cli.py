@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from signgrad import __version__, data, export, models, quantizers
+from signgrad import __version__, checkpoint, data, export, models, quantizers
 from signgrad.errors import SigngradError
 
 
@@ -88,19 +88,30 @@ def _train(args: argparse.Namespace) -> None:
     fields = {f.name for f in dataclasses.fields(train.Config)}
     flags = {k: v for k, v in vars(args).items() if k in fields}
     resume = getattr(args, "resume", False)
+    stop_after = getattr(args, "stop_after", None)
+    train.check_stop_after(stop_after)
+    done = 0  # epochs finished before this command, to say honestly what it did
     if resume:
         if "out" not in flags:
             raise SigngradError("--resume needs --out RUN_DIR")
-        cfg = train.resume_config(flags.pop("out"), flags)
+        out = flags.pop("out")
+        cfg = train.resume_config(out, flags)
+        done = checkpoint.load(out)["epoch"]
     else:
         cfg = train.Config(**train.with_recipe(flags))
     history = train.train(
         cfg,
         resume=resume,
-        stop_after=getattr(args, "stop_after", None),
+        stop_after=stop_after,
         progress=not getattr(args, "no_progress", False),
     )
-    if history:
+    if len(history) <= done and done < cfg.epochs:
+        print(
+            f"nothing trained: the run in {cfg.out} has done {done} of its {cfg.epochs} "
+            f"epochs, and --stop-after {stop_after} is not above that; continue with a larger "
+            "--stop-after or without it"
+        )
+    elif history and len(history) > done:
         last = history[-1]
         print(
             f"epoch {last['epoch']}/{cfg.epochs}: test accuracy {100 * last['test_acc']:.2f}% "
@@ -115,6 +126,7 @@ def _eval(args: argparse.Namespace) -> None:
     from signgrad import data as data_mod
     from signgrad import train
 
+    _check_data_root(args.data_root)
     t = train.load_trained(args.checkpoint, device=args.device, data_root=args.data_root)
     loader = data_mod.Loader(
         t.data.test_images, t.data.test_labels, batch_size=500, mean=t.data.mean,
@@ -134,8 +146,22 @@ def _compare(args: argparse.Namespace) -> None:
     from signgrad import report
 
     png = Path(args.png)
+    # Writing the curves must not create folders the user did not ask for (a typo).
+    if not png.parent.is_dir():
+        raise SigngradError(
+            f"--png {png}: the folder {png.parent} does not exist (create it first)"
+        )
+    if png.is_dir():
+        raise SigngradError(f"--png {png} is a folder; give a file name such as curves.png")
     print(report.compare(args.runs, png), end="")
     print(f"\ncurves: {png}")
+
+
+def _check_data_root(root: str | None) -> None:
+    """A --data-root given to eval/summary/export must exist: reading a trained run's data
+    must not download it into (and create) a mistyped folder."""
+    if root is not None and not Path(root).expanduser().is_dir():
+        raise SigngradError(f"--data-root {root} is not a folder")
 
 
 def _source(args: argparse.Namespace, strict: bool) -> export.Source:
@@ -144,6 +170,7 @@ def _source(args: argparse.Namespace, strict: bool) -> export.Source:
     from signgrad import train
 
     target = args.target
+    _check_data_root(args.data_root)
     if Path(target).exists():
         return export.from_checkpoint(target, data_root=args.data_root)
     if strict:
@@ -165,12 +192,15 @@ def _summary(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    import math
+
     import numpy as np
     import torch
 
     from signgrad import graph
 
     src = _source(args, strict=True)
+    export.check_finite(src.model)  # before anything is built or written
     run_dir = Path(args.target) if Path(args.target).is_dir() else Path(args.target).parent
     g = graph.build(src.model, src.input_shape)
     # Every export is checked against PyTorch before it is written.
@@ -197,6 +227,12 @@ def _export(args: argparse.Namespace) -> None:
         diff, agree = onnx_export.check_onnx(proto, src.model, x)
         blob = proto.SerializeToString()
         checker = "onnxruntime"
+    if not math.isfinite(diff):
+        # Finite weights can still overflow; NaN logits would "agree" on every argmax.
+        raise SigngradError(
+            f"the network's outputs on the check inputs are not finite (largest logit "
+            f"difference {diff}); nothing written"
+        )
     if agree < 1.0:
         wrong = f"{100 * (1 - agree):.0f}%"
         raise SigngradError(
@@ -217,8 +253,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 def _predict(args: argparse.Namespace) -> None:
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
+    from signgrad import images
     from signgrad.runtime import model as runtime
 
     if args.top < 1:
@@ -235,17 +271,8 @@ def _predict(args: argparse.Namespace) -> None:
     else:
         raise SigngradError(f"no image or folder at {target}")
     c, h, w = pm.input_shape
-    arrays = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                im = im.convert("L" if c == 1 else "RGB")
-                if im.size != (w, h):
-                    im = im.resize((w, h), Image.BILINEAR)
-                arr = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError) as e:
-            raise SigngradError(f"cannot read image {p}: {e}") from None
-        arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    # The image-folder loader's decoder: 16-bit and float pixels are scaled alike.
+    arrays = [images.read(p, c, (w, h)) for p in files]
     probs = pm.predict(np.stack(arrays))
     names = pm.classes
     for p, row in zip(files, probs, strict=True):

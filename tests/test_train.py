@@ -78,7 +78,7 @@ def test_init_from_full_precision_checkpoint(tmp_path):
     assert run_cli("train", *args, "--quantizer", "none", "--out", str(fp)) == 0
     fp_state = checkpoint.load(fp)["model"]
     assert run_cli("train", *args, "--quantizer", "dorefa", "--keep", "none", "--init", str(fp),
-                   "--out", str(tmp_path / "bin"), "--stop-after", "0") == 0  # fmt: skip
+                   "--out", str(tmp_path / "bin")) == 0  # fmt: skip
     model = train.build_model(
         train.Config(model="convnet", quantizer="dorefa", keep="none", init=str(fp)).resolved(),
         data.load("cifar10"),
