@@ -321,7 +321,7 @@ class ProxConnect(Quantizer):
 @register("rpc")
 class ReversePC(Quantizer):
     """Reverse ProxConnect: F(x) = sign(P^mu(x)), the gradient taken at the full-precision
-    x. ``backward="identity"`` (default, the specification's table): B'(x) = 1.
+    x. ``backward="identity"`` (default, the method as usually stated): B'(x) = 1.
     ``backward="prox"``: B'(x) = dP^mu/dx = 1 if ||x| - 1| > mu else 0, which is what the
     PC++ decomposition F = sign o P^mu (straight-through on sign, exact through P^mu) gives.
     Because P^mu keeps signs, F equals sign(x): with the default backward the update is

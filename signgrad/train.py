@@ -599,11 +599,12 @@ def resume_config(run_dir: str | os.PathLike, overrides: dict[str, Any]) -> Conf
         raise
     saved = state["config"]
     changeable = {"epochs", "device", "data_root", "download", "out"}
+    flags = "--epochs, --device, --data-root and --no-download"
     clash = sorted(k for k, v in overrides.items() if k not in changeable and saved.get(k) != v)
     if clash:
         raise SigngradError(
             f"--resume continues the saved configuration; these flags differ from it: "
-            f"{', '.join(clash)} (only --epochs and --device may change)"
+            f"{', '.join(clash)} (only {flags} may change)"
         )
     cfg = Config.from_dict({**saved, **overrides, "out": str(run_dir)})
     check_resume_epochs(run_dir, state["epoch"], cfg.epochs)  # before any file is touched

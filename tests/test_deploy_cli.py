@@ -94,6 +94,7 @@ def error_line(*args: str) -> tuple[int, str]:
     return p.returncode, p.stderr
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path):
     packed = run_dir / "model-packed.safetensors"
@@ -117,6 +118,7 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path):
         assert len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_a_soft_quantizer_mid_training_is_not_exported(tmp_path):
     out = tmp_path / "pc"

@@ -313,6 +313,7 @@ COMMON = ["--model", "convnet", "--data", "cifar10", "--quantizer", "dorefa", "-
 @needs_cifar
 # fsg-paper is the fsg code with bigger sizes (covered by the unit tests above); three
 # epochs of it take minutes on two cores.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in estimators.names() if n != "fsg-paper"])
 def test_training_with_each_estimator_lowers_the_loss(tmp_path, name):
     out = tmp_path / name
@@ -326,6 +327,7 @@ def test_training_with_each_estimator_lowers_the_loss(tmp_path, name):
     assert [h["count"] for h in state["histories"]] == [240] * 4
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_estimator_runs_repeat_and_resume_exactly(tmp_path):
     args = [*COMMON, "--estimator", "fsg", "--epochs", "2", "--seed", "3"]

@@ -163,6 +163,7 @@ needs_cifar = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_short_1w1a_hyper_run_lowers_the_loss_and_repeats(tmp_path, capsys):
     args = ["train", "--model", "hyper-convnet", "--data", "cifar10", "--quantizer",

@@ -164,7 +164,7 @@ def test_proxquant_identity_forward_and_prox_step():
     lam = 0.05 * 2.0 * 3
     w = torch.tensor(GRID.copy())
     q.post_step(w, lr=0.05)
-    # The specification's formula, then the clip to [-1, 1].
+    # ProxQuant's proximal step in closed form, then the clip to [-1, 1].
     a = np.abs(GRID)
     spec = ref_sign(GRID) * (1 + np.sign(a - 1) * np.maximum(np.abs(a - 1) - lam, 0))
     np.testing.assert_allclose(w.numpy(), np.clip(spec, -1, 1))

@@ -71,6 +71,7 @@ def two_of_three(tmp_path_factory, tiny_run, run_cli) -> Path:
 # -- one writer per run directory ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_writer_fails_at_once_and_a_killed_runs_lock_is_reused(
     tmp_path, cifar_root, run_child, one_line_error
 ):
@@ -105,6 +106,7 @@ def test_second_writer_fails_at_once_and_a_killed_runs_lock_is_reused(
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_two_fresh_runs_on_one_directory_one_wins(tmp_path, cifar_root):
     run = tmp_path / "run"
     procs = [start_training(run, "--epochs", "1") for _ in range(2)]
@@ -120,6 +122,7 @@ def test_two_fresh_runs_on_one_directory_one_wins(tmp_path, cifar_root):
     assert checkpoint.load(run)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_a_held_lock_refuses_a_writer_and_leaves_the_run_untouched(
     tmp_path, tiny_run, run_child, one_line_error
 ):
@@ -252,6 +255,7 @@ def assert_previous_checkpoint_survives(run: Path, before: dict[str, bytes], run
     assert state["epoch"] == 2 and [r["epoch"] for r in state["history"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_file_too_large_during_the_checkpoint_write(tmp_path, tiny_run, run_child, one_line_error):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -270,6 +274,7 @@ def test_file_too_large_during_the_checkpoint_write(tmp_path, tiny_run, run_chil
     assert_previous_checkpoint_survives(run, before, run_child)
 
 
+@pytest.mark.slow
 def test_no_space_left_during_the_checkpoint_write(tmp_path, tiny_run, run_child, one_line_error):
     """A real full disk: a small tmpfs in a private mount namespace (skipped where mounting
     is not permitted)."""
@@ -426,6 +431,7 @@ def test_damaged_checkpoint(tmp_path, tiny_run, capsys, kind, command):
     [("model wrong shape", "eval"), ("optimizer group count", "resume"),
      ("epoch a bool", "export"), ("config not a dict", "init")],
 )  # fmt: skip
+@pytest.mark.slow
 def test_damaged_checkpoint_in_a_child_process(
     tmp_path, tiny_run, run_child, one_line_error, kind, command
 ):

@@ -165,6 +165,7 @@ def cifar_resnet20(cifar) -> nn.Module:
     return trained(m, normalised(cifar, cifar.train_images), cifar.train_labels, steps=15)
 
 
+@pytest.mark.slow
 @needs_cifar
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resnet20_1w1a_matches_pytorch_on_every_cifar_test_image(cifar, cifar_resnet20, backend):
@@ -174,6 +175,7 @@ def test_resnet20_1w1a_matches_pytorch_on_every_cifar_test_image(cifar, cifar_re
     assert_same_predictions(cifar_resnet20, pm, cifar)
 
 
+@pytest.mark.slow
 @needs_cifar
 @needs_compiled
 def test_hyper_vgg_small_with_channel_scaling_matches_pytorch(cifar):
@@ -185,6 +187,7 @@ def test_hyper_vgg_small_with_channel_scaling_matches_pytorch(cifar):
     assert_same_predictions(m, packed_of(m, cifar, "compiled"), cifar)
 
 
+@pytest.mark.slow
 @needs_cifar
 @needs_compiled
 def test_resnet18_prelu_binary_shortcuts_match_pytorch(cifar):
@@ -207,6 +210,7 @@ def fashion() -> data.DataSet:
     return data.load("fashion-mnist", root=DATA, download=False)
 
 
+@pytest.mark.slow
 @needs_fashion
 @pytest.mark.parametrize("inputs", ["bnn", None], ids=["1W1A", "1W32A"])
 def test_convnet_matches_pytorch_on_every_fashion_mnist_test_image(fashion, inputs):

@@ -23,6 +23,7 @@ def run_cli(*args: str) -> int:
     return cli.main(["-q", *args])
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_train_binary_resnet20_on_real_cifar10(tmp_path, capsys):
     out = tmp_path / "run"
@@ -52,6 +53,7 @@ def test_train_binary_resnet20_on_real_cifar10(tmp_path, capsys):
     assert f"{100 * records[-1]['test_acc']:.2f}%" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_resume_gives_identical_weights(tmp_path):
     # bnn++ switches to the exact sign in the last epoch: the schedules must survive too.
@@ -71,6 +73,7 @@ def test_resume_gives_identical_weights(tmp_path):
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_init_from_full_precision_checkpoint(tmp_path):
     fp = tmp_path / "fp"
@@ -171,6 +174,7 @@ def test_unwritable_run_directory(tmp_path, capsys):
     assert code == 2 and "cannot create run directory" in err
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys):
     out = tmp_path / "r"
@@ -181,6 +185,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys):
     assert not (out / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_existing_run_and_resume_clashes(tmp_path, capsys):
     out = tmp_path / "r"
@@ -216,6 +221,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.stderr.strip().startswith("signgrad: error: unknown quantizer 'nope'")
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_1w1a_with_proxquant_trains(tmp_path):
     out = tmp_path / "r"

@@ -21,7 +21,7 @@ For every binarized layer:
 * the gradient is g^ = beta * s + (1 - beta) * f, calibrated to W, and is used both in
   the look-ahead forward pass and in the real update (:mod:`signgrad.estimators.base`).
 
-Where signgrad departs from the authors' code (see ALGORITHMS.md, section 3):
+Where signgrad departs from the authors' reference code (docs/methods.md says why):
 
 * the slow-net runs over n sequences of length L + 1 (one per weight), not over one
   sequence of length L * n + 1 that mixes neighbouring weights;
@@ -290,7 +290,7 @@ class FSG(LearnedEstimator):
         self.state_rows = int(state["state_rows"])
 
 
-#: The paper's sizes (ALGORITHMS.md, section 3); chunking bounds the slow-net's memory.
+#: The sizes and rates of the FSG authors' reference code; chunking bounds the slow-net's memory.
 PAPER = {
     "history": 5,
     "d_inner": 100,
