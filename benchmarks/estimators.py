@@ -25,13 +25,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from signgrad import estimators, layers, models
+from signgrad import convert, estimators, models
 
 
 def build(spec: str | None) -> tuple[nn.Module, estimators.LearnedEstimator | None]:
     torch.manual_seed(0)
     model = models.get("resnet20", num_classes=10, in_channels=3)
-    layers.binarize(model, "dorefa", keep="none")
+    convert.binarize(model, "dorefa", keep="none")
     if spec is None:
         return model, None
     name, _, settings = spec.partition(":")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from signgrad import export, graph, layers, models
+from signgrad import convert, export, graph, layers, models
 from signgrad.runtime import format as fmt
 from signgrad.runtime import kernels
 from signgrad.runtime import model as runtime
@@ -100,7 +100,7 @@ def network(arch: str, binary: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     kw = {"image_size": 32} if arch == "vgg-small" else {}
     model = models.get(arch, num_classes=10, in_channels=3, activation="hardtanh", **kw)
-    return calibrated(layers.binarize(model, "bnn", "bnn"), SHAPE) if binary else model.eval()
+    return calibrated(convert.binarize(model, "bnn", "bnn"), SHAPE) if binary else model.eval()
 
 
 def whole_network(arch: str, batch: int, threads: int, rounds: int, warmup: int) -> list[str]:
@@ -147,7 +147,7 @@ def sizes() -> list[str]:
     """Exported size of 1W1A ResNet-20 against its float state_dict."""
     torch.manual_seed(0)
     m = models.get("resnet20", num_classes=10, in_channels=3, activation="hardtanh")
-    layers.binarize(m, "bnn", "bnn")
+    convert.binarize(m, "bnn", "bnn")
     m.eval()
     src = export.Source(m, (3, 32, 32), [str(i) for i in range(10)], [0.0] * 3, [1.0] * 3, {})
     packed, full = len(export.packed(src, graph.build(m, (3, 32, 32)))), export.float_size(m)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from signgrad import layers, models, quantizers
+from signgrad import convert, layers, models, quantizers
 
 
 def build(
@@ -38,7 +38,7 @@ def build(
     act = "hardtanh" if input_q else "relu"
     model = models.get(model_name, num_classes=10, in_channels=3, activation=act)
     if weight_q or input_q:
-        layers.binarize(model, weight_q or "none", input_q, hyper=hyper)
+        convert.binarize(model, weight_q or "none", input_q, hyper=hyper)
         layers.set_epoch(model, 0, 100)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

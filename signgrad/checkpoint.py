@@ -32,6 +32,7 @@ from typing import IO, Any
 
 import torch
 
+from signgrad.config import check_saved_config
 from signgrad.errors import SigngradError
 
 FORMAT = 1
@@ -161,8 +162,6 @@ def validate(state: Any, path: Path) -> None:
     for key in ("config", "epoch", "model", "optimizer", "rng", "history"):
         if key not in state:
             raise _bad(path, f"it has no '{key}'")
-    from signgrad.train import check_saved_config  # here: train imports this module
-
     config = check_saved_config(state["config"], path)
     epoch = state["epoch"]
     if not _is_int(epoch) or epoch < 1:

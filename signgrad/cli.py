@@ -83,22 +83,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from signgrad import train
+    from signgrad import config, rundir, train
 
-    fields = {f.name for f in dataclasses.fields(train.Config)}
+    fields = {f.name for f in dataclasses.fields(config.Config)}
     flags = {k: v for k, v in vars(args).items() if k in fields}
     resume = getattr(args, "resume", False)
     stop_after = getattr(args, "stop_after", None)
-    train.check_stop_after(stop_after)
+    config.check_stop_after(stop_after)
     done = 0  # epochs finished before this command, to say honestly what it did
     if resume:
         if "out" not in flags:
             raise SigngradError("--resume needs --out RUN_DIR")
         out = flags.pop("out")
-        cfg = train.resume_config(out, flags)
+        cfg = rundir.resume_config(out, flags)
         done = checkpoint.load(out)["epoch"]
     else:
-        cfg = train.Config(**train.with_recipe(flags))
+        cfg = config.Config(**config.with_recipe(flags))
     history = train.train(
         cfg,
         resume=resume,
@@ -123,11 +123,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from signgrad import builders, train
     from signgrad import data as data_mod
-    from signgrad import train
 
     _check_data_root(args.data_root)
-    t = train.load_trained(args.checkpoint, device=args.device, data_root=args.data_root)
+    t = builders.load_trained(args.checkpoint, device=args.device, data_root=args.data_root)
     loader = data_mod.Loader(
         t.data.test_images, t.data.test_labels, batch_size=500, mean=t.data.mean,
         std=t.data.std, train=False, augment=False, device=next(t.model.parameters()).device,
@@ -167,7 +167,7 @@ def _check_data_root(root: str | None) -> None:
 def _source(args: argparse.Namespace, strict: bool) -> export.Source:
     """What summary/export work on: a checkpoint or run directory, or (summary) a model name
     built and binarized with the train flags given."""
-    from signgrad import train
+    from signgrad import builders, config
 
     target = args.target
     _check_data_root(args.data_root)
@@ -177,9 +177,10 @@ def _source(args: argparse.Namespace, strict: bool) -> export.Source:
         raise SigngradError(f"no checkpoint or run directory at {target}")
     names = ("quantizer", "input_quantizer", "scaling", "keep", "hyper", "data")
     flags = {"model": target, **{k: getattr(args, k) for k in names}}
-    cfg = train.Config(**{k: v for k, v in flags.items() if v is not None}).resolved()
+    cfg = config.Config(**{k: v for k, v in flags.items() if v is not None}).resolved()
+    builders.check_sizes(cfg)  # as before the split: resolved() checked the sizes too
     classes, (c, h, w) = data.describe(cfg.data)
-    model = train.build_architecture(cfg, classes, c, h)
+    model = builders.build_architecture(cfg, classes, c, h)
     names = [str(i) for i in range(classes)]
     return export.Source(model.eval(), (c, h, w), names, [0.0] * c, [1.0] * c,
                          {"model": target})  # fmt: skip

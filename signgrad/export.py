@@ -38,9 +38,9 @@ class Source:
 
 def from_checkpoint(path: str | os.PathLike, data_root: str | None = None) -> Source:
     """The model of a checkpoint or run directory, in its final state, on the CPU."""
-    from signgrad import train
+    from signgrad import builders
 
-    t = train.load_trained(path, device="cpu", data_root=data_root)
+    t = builders.load_trained(path, device="cpu", data_root=data_root)
     c = t.data.in_channels
     h, w = t.data.image_size
     cfg = t.config

@@ -70,7 +70,7 @@ class _Tracer(Tracer):
     """Keeps binary/hyper layers, quantizers and option-A shortcuts as single calls."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, layers._BinaryMixin | quantizers.Quantizer | models.ShortcutA):
+        if isinstance(m, layers.BinaryLayer | quantizers.Quantizer | models.ShortcutA):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -110,8 +110,9 @@ class _Builder:
 
     # -- layers with weights ----------------------------------------------------------
     def weight_layer(self, name: str, m: nn.Module, x: str, out: str) -> None:
-        binary = isinstance(m, layers._BinaryMixin)
-        conv = isinstance(m, nn.Conv2d) or hasattr(m, "kernel_shape") and len(m.kernel_shape) == 4
+        binary = isinstance(m, layers.BinaryLayer)
+        # A binary layer says its kernel's shape (a hyper layer is no nn.Conv2d).
+        conv = isinstance(m, nn.Conv2d) or binary and len(m.kernel_shape) == 4
         attrs: dict[str, Any] = {"binary_input": False, "binary_weight": False}
         scale = None
         with torch.no_grad():
@@ -181,7 +182,7 @@ class _Builder:
 
     def module(self, name: str, m: nn.Module, args: list[str], out: str) -> None:
         x = args[0]
-        if isinstance(m, layers._BinaryMixin | nn.Conv2d | nn.Linear):
+        if isinstance(m, layers.BinaryLayer | nn.Conv2d | nn.Linear):
             self.weight_layer(name, m, x, out)
         elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
             self.batchnorm(name, m, x, out)

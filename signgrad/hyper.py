@@ -35,6 +35,7 @@ Generators (``generator``):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -68,21 +69,33 @@ def make_generator(kind: str, z_dim: int, out_dim: int, hidden: int = 32) -> nn.
     return nn.Sequential(nn.Linear(z_dim, hidden), act, nn.Linear(hidden, out_dim))
 
 
-class _HyperMixin(layers._BinaryMixin):
-    """Embeddings + generator in place of the latent weight tensor."""
+class HyperLayer(layers.BinaryLayer):
+    """A binary layer (:class:`signgrad.layers.BinaryLayer`) with embeddings + generator
+    in place of the latent weight tensor (``generated_kernel``)."""
 
-    kernel_shape: tuple[int, ...]
+    generated_kernel = True
 
     def _setup_hyper(
-        self, kernels: int, kernel_size: int, z_dim: int, generator: str, hidden: int,
+        self, kernel_shape: tuple[int, ...], z_dim: int, generator: str, hidden: int,
         factory: dict[str, Any],
     ) -> None:  # fmt: skip
-        if self.weight_quantizer.name == "proxquant":
-            # ProxQuant's prox step moves latent weights, which a hyper layer does not have.
-            raise SigngradError("proxquant cannot drive a hyper layer (no latent weights)")
+        """Embeddings and generator for latent weights of ``kernel_shape`` (out, in, kh, kw
+        for a conv, out, in for a linear layer: one kh x kw kernel per (out, in) pair)."""
+        if self.weight_quantizer.needs_post_step:
+            # A post-step (ProxQuant's prox step) moves latent weights, which a hyper layer
+            # does not have.
+            name = self.weight_quantizer.name
+            raise SigngradError(f"{name} cannot drive a hyper layer (no latent weights)")
+        self._kernel_shape = tuple(kernel_shape)
+        kernels, kernel_size = kernel_shape[0] * kernel_shape[1], math.prod(kernel_shape[2:])
         self.z_dim, self.generator_kind = z_dim, generator
         self.generator = make_generator(generator, z_dim, kernel_size, hidden).to(**factory)
         self.embedding = nn.Parameter(torch.randn(kernels, z_dim, **factory) / z_dim**0.5)
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The shape of the generated latent weights W."""
+        return self._kernel_shape
 
     def latent_weight(self) -> Tensor:
         """W = G(z): the latent weights the quantizer binarizes (differentiable)."""
@@ -111,11 +124,14 @@ class _HyperMixin(layers._BinaryMixin):
         self.embedding.copy_(weight.reshape(size, kk))
         return True
 
+    def post_step(self, lr: float) -> None:
+        """Nothing: a hyper layer accepts no quantizer with a post-step."""
+
     def hyper_repr(self) -> str:
         return f"z_dim={self.z_dim}, generator={self.generator_kind}"
 
 
-class HyperConv2d(_HyperMixin, nn.Module):
+class HyperConv2d(HyperLayer, nn.Module):
     """A 1-bit convolution whose latent kernel is generated: W[o, i] = G(z[o, i]).
 
     Arguments as :class:`signgrad.layers.BinaryConv2d`, plus ``z_dim`` (embedding size:
@@ -153,11 +169,10 @@ class HyperConv2d(_HyperMixin, nn.Module):
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.stride, self.padding, self.dilation = stride, padding, dilation
-        self.kernel_shape = (out_channels, in_channels // groups, kh, kw)
+        kernel_shape = (out_channels, in_channels // groups, kh, kw)
         factory = {"device": device, "dtype": dtype}
-        self._setup_binary(weight_quantizer, input_quantizer, scaling, weight_params, input_params)
-        kernels = out_channels * (in_channels // groups)
-        self._setup_hyper(kernels, kh * kw, z_dim, generator, hidden, factory)
+        self.setup_binary(weight_quantizer, input_quantizer, scaling, weight_params, input_params)
+        self._setup_hyper(kernel_shape, z_dim, generator, hidden, factory)
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -175,7 +190,7 @@ class HyperConv2d(_HyperMixin, nn.Module):
         )
 
 
-class HyperLinear(_HyperMixin, nn.Module):
+class HyperLinear(HyperLayer, nn.Module):
     """A 1-bit linear layer whose weights are generated: W[o, i] = G(z[o, i]) (a 1 x 1
     kernel per weight)."""
 
@@ -198,10 +213,9 @@ class HyperLinear(_HyperMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.kernel_shape = (out_features, in_features)
         factory = {"device": device, "dtype": dtype}
-        self._setup_binary(weight_quantizer, input_quantizer, scaling, weight_params, input_params)
-        self._setup_hyper(out_features * in_features, 1, z_dim, generator, hidden, factory)
+        self.setup_binary(weight_quantizer, input_quantizer, scaling, weight_params, input_params)
+        self._setup_hyper((out_features, in_features), z_dim, generator, hidden, factory)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""1-bit layers and the conversion of an existing network.
+"""1-bit layers: the binary-layer protocol (:class:`BinaryLayer`) and its plain forms.
 
 ``BinaryConv2d`` and ``BinaryLinear`` keep full-precision *latent* weights W and compute
 with ``alpha * F(W)``, where F is a :mod:`signgrad.quantizers` forward map and alpha the
@@ -14,12 +14,15 @@ Weight scaling (``scaling``):
 alpha is computed from the detached latent weights: it rescales the binary weights but
 is held constant in back-propagation, so the weight gradient is the quantizer's
 pseudo-gradient times alpha.
+
+Converting an existing network is :func:`signgrad.convert.binarize`; the hyper layers of
+:mod:`signgrad.hyper` build on this module.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -34,13 +37,18 @@ KEEP_POLICIES = ("first_last", "first", "last", "none")
 QuantizerSpec = str | quantizers.Quantizer | None
 
 
-def _weight_quantizer(spec: QuantizerSpec, params: dict[str, Any] | None) -> quantizers.Quantizer:
+def make_weight_quantizer(
+    spec: QuantizerSpec, params: dict[str, Any] | None
+) -> quantizers.Quantizer:
+    """The weight quantizer ``spec`` with ``params`` (None: full precision, ``none``)."""
     return quantizers.get("none" if spec is None else spec, **(params or {}))
 
 
-def _input_quantizer(
+def make_input_quantizer(
     spec: QuantizerSpec, params: dict[str, Any] | None
 ) -> quantizers.Quantizer | None:
+    """The input quantizer ``spec`` with ``params``, or None for unquantized inputs;
+    refuses a weights-only method."""
     if spec is None or spec == "none":
         return None
     q = quantizers.get(spec, **(params or {}))
@@ -49,15 +57,49 @@ def _input_quantizer(
     return q
 
 
-class _BinaryMixin:
-    """What BinaryConv2d and BinaryLinear share: quantizers, scaling, the binary weight."""
+class BinaryLayer:
+    """The binary-layer protocol: what every 1-bit layer offers to the rest of signgrad.
+
+    A mixin for ``nn.Module`` layers (:class:`BinaryConv2d`, :class:`BinaryLinear`, the
+    hyper layers of :mod:`signgrad.hyper`); ``isinstance(m, BinaryLayer)`` is how the
+    trainer, the exporter (:mod:`signgrad.graph`) and the estimators recognise one. A
+    subclass calls :meth:`setup_binary` in ``__init__`` and computes with
+    :meth:`quantize_input` and :meth:`binary_weight` in ``forward``.
+
+    Attributes: ``weight_quantizer`` (F), ``input_quantizer`` (or None), ``scaling``.
+
+    Capabilities:
+
+    * ``generated_kernel``: False when the latent weights are the parameter ``weight``;
+      True when the layer generates them (a hyper layer has no ``weight``);
+    * :attr:`kernel_shape`: the shape of the latent weights (for a conv: out, in, kh, kw);
+    * :meth:`latent_weight` / :meth:`set_latent_grad`: read W, and set its gradient
+      (a generated W passes it on to what generates it);
+    * :meth:`scale`: the weight scaling alpha;
+    * :meth:`post_step`: the weight quantizer's step after each optimizer step (ProxQuant's
+      prox step; a no-op unless ``weight_quantizer.needs_post_step``).
+
+    The hand-off with a learned estimator (:mod:`signgrad.estimators.base`):
+
+    * :meth:`set_lookahead` / :meth:`clear_lookahead`: for one step the forward computes
+      with F(W - lookahead);
+    * :meth:`set_natural_grad_hook`: called with dL/dF(W - lookahead), the natural
+      gradient, at every backward pass (None removes it).
+    """
 
     weight: nn.Parameter
     weight_quantizer: quantizers.Quantizer
     input_quantizer: quantizers.Quantizer | None
     scaling: str
 
-    def _setup_binary(
+    #: True when the layer generates its latent weights instead of holding ``weight``
+    generated_kernel: ClassVar[bool] = False
+    #: set for one step by :meth:`set_lookahead`: the forward uses F(W - lookahead)
+    lookahead: Tensor | None = None
+    #: set by :meth:`set_natural_grad_hook`: called with dL/dF(W - lookahead)
+    on_natural_grad: Callable[[Tensor], None] | None = None
+
+    def setup_binary(
         self,
         weight_quantizer: QuantizerSpec,
         input_quantizer: QuantizerSpec,
@@ -65,11 +107,17 @@ class _BinaryMixin:
         weight_params: dict[str, Any] | None,
         input_params: dict[str, Any] | None,
     ) -> None:
+        """Build the quantizers and check the scaling (for a subclass's ``__init__``)."""
         if scaling not in SCALINGS:
             raise SigngradError(f"unknown scaling '{scaling}'; valid: {', '.join(SCALINGS)}")
-        self.weight_quantizer = _weight_quantizer(weight_quantizer, weight_params)
-        self.input_quantizer = _input_quantizer(input_quantizer, input_params)
+        self.weight_quantizer = make_weight_quantizer(weight_quantizer, weight_params)
+        self.input_quantizer = make_input_quantizer(input_quantizer, input_params)
         self.scaling = scaling
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The shape of the latent weights W."""
+        return tuple(self.weight.shape)
 
     def latent_weight(self) -> Tensor:
         """The latent weights W that the quantizer binarizes (a hyper layer generates them)."""
@@ -80,6 +128,26 @@ class _BinaryMixin:
         left there (None: no update this step). Used by learned estimators."""
         self.weight.grad = grad
 
+    @torch.no_grad()
+    def post_step(self, lr: float) -> None:
+        """After the optimizer step (learning rate ``lr``): the weight quantizer's step on
+        the latent weights, if it has one."""
+        if self.weight_quantizer.needs_post_step:
+            self.weight_quantizer.post_step(self.weight, lr)
+
+    def set_lookahead(self, lookahead: Tensor | None) -> None:
+        """Compute with F(W - ``lookahead``) until :meth:`clear_lookahead` (None: F(W))."""
+        self.lookahead = lookahead
+
+    def clear_lookahead(self) -> None:
+        """Compute with F(W) again."""
+        self.lookahead = None
+
+    def set_natural_grad_hook(self, hook: Callable[[Tensor], None] | None) -> None:
+        """Call ``hook`` with the natural gradient dL/dF(W - lookahead) at every backward
+        pass (None: stop)."""
+        self.on_natural_grad = hook
+
     def scale(self, latent: Tensor | None = None) -> Tensor | None:
         """alpha for the latent weights (default: the current ones), or None when not scaled."""
         if self.scaling == "none" or self.weight_quantizer.precision == 32:
@@ -88,11 +156,6 @@ class _BinaryMixin:
         if self.scaling == "tensor":
             return w.mean()
         return w.mean(dim=tuple(range(1, w.dim())), keepdim=True)
-
-    #: set by a learned estimator for one step: the forward uses F(W - lookahead)
-    lookahead: Tensor | None = None
-    #: set by a learned estimator: called with dL/dF(W - lookahead), the natural gradient
-    on_natural_grad: Callable[[Tensor], None] | None = None
 
     def binary_weight(self) -> Tensor:
         """alpha * F(W): the weights the forward pass computes with."""
@@ -105,13 +168,15 @@ class _BinaryMixin:
         return q if alpha is None else q * alpha
 
     def quantize_input(self, x: Tensor) -> Tensor:
+        """The layer's input as it computes with it (quantized when it has an input
+        quantizer)."""
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     def binary_repr(self) -> str:
         return f"scaling={self.scaling}"
 
 
-class BinaryConv2d(_BinaryMixin, nn.Conv2d):
+class BinaryConv2d(BinaryLayer, nn.Conv2d):
     """``nn.Conv2d`` computing with ``alpha * F(W)`` on (optionally) quantized inputs.
 
     With ``weight_quantizer="bc"`` and no scaling this is exactly
@@ -143,7 +208,7 @@ class BinaryConv2d(_BinaryMixin, nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
             padding_mode, device=device, dtype=dtype,
         )  # fmt: skip
-        self._setup_binary(weight_quantizer, input_quantizer, scaling, weight_params, input_params)
+        self.setup_binary(weight_quantizer, input_quantizer, scaling, weight_params, input_params)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quantize_input(x), self.binary_weight(), self.bias)
@@ -152,7 +217,7 @@ class BinaryConv2d(_BinaryMixin, nn.Conv2d):
         return f"{super().extra_repr()}, {self.binary_repr()}"
 
 
-class BinaryLinear(_BinaryMixin, nn.Linear):
+class BinaryLinear(BinaryLayer, nn.Linear):
     """``nn.Linear`` computing with ``alpha * F(W)`` on (optionally) quantized inputs."""
 
     def __init__(
@@ -170,7 +235,7 @@ class BinaryLinear(_BinaryMixin, nn.Linear):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._setup_binary(weight_quantizer, input_quantizer, scaling, weight_params, input_params)
+        self.setup_binary(weight_quantizer, input_quantizer, scaling, weight_params, input_params)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quantize_input(x), self.binary_weight(), self.bias)
@@ -182,133 +247,21 @@ class BinaryLinear(_BinaryMixin, nn.Linear):
 BINARY_LAYERS = (BinaryConv2d, BinaryLinear)
 
 
-def _hyper_copy(layer: nn.Module, hyper_params: dict[str, Any], **binary: Any) -> nn.Module:
-    """A hyper layer in place of ``layer``, generating its weights when it can (carry)."""
-    from signgrad.hyper import HyperConv2d, HyperLinear  # hyper builds on this module
-
-    w = layer.weight
-    factory = {"device": w.device, "dtype": w.dtype}
-    if isinstance(layer, nn.Conv2d):
-        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise SigngradError(f"hyper layers support zero padding given as numbers: {layer}")
-        new: nn.Module = HyperConv2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, layer.groups, layer.bias is not None,
-            **hyper_params, **binary, **factory,
-        )  # fmt: skip
-    else:
-        new = HyperLinear(
-            layer.in_features, layer.out_features, layer.bias is not None,
-            **hyper_params, **binary, **factory,
-        )  # fmt: skip
-    new.carry(w.detach())
-    if layer.bias is not None:
-        new.bias = layer.bias
-    new.train(layer.training)
-    return new
-
-
-def _binary_copy(layer: nn.Module, **binary: Any) -> nn.Module:
-    """A binary layer with the hyper-parameters and the (shared) parameters of ``layer``."""
-    w = layer.weight
-    factory = {"device": w.device, "dtype": w.dtype}
-    if isinstance(layer, nn.Conv2d):
-        new: nn.Module = BinaryConv2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, layer.groups, layer.bias is not None,
-            layer.padding_mode, **binary, **factory,
-        )  # fmt: skip
-    else:
-        new = BinaryLinear(
-            layer.in_features, layer.out_features, layer.bias is not None, **binary, **factory
+def __getattr__(name: str) -> Any:
+    # binarize moved up a level (it must know the hyper layers, which build on this module)
+    if name == "binarize":
+        raise AttributeError(
+            "signgrad.layers.binarize is now signgrad.convert.binarize (from signgrad import "
+            "convert; convert.binarize(model, ...))"
         )
-    # The trained (or pretrained) values carry over as the latent weights.
-    new.weight = layer.weight
-    if layer.bias is not None:
-        new.bias = layer.bias
-    new.train(layer.training)
-    return new
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def binarize(
-    model: nn.Module,
-    weight_quantizer: QuantizerSpec = "bnn",
-    input_quantizer: QuantizerSpec = None,
-    *,
-    scaling: str = "none",
-    keep: str = "first_last",
-    weight_params: dict[str, Any] | None = None,
-    input_params: dict[str, Any] | None = None,
-    hyper: bool = False,
-    hyper_params: dict[str, Any] | None = None,
-) -> nn.Module:
-    """Replace the ``nn.Conv2d`` and ``nn.Linear`` layers of ``model`` (in place) by
-    binary ones and return it.
-
-    ``hyper=True`` makes them Hyper-BinaryNet layers (:mod:`signgrad.hyper`), built with
-    ``hyper_params`` (``z_dim``, ``generator``, ``hidden``); their generated weights start
-    equal to the old weights when the generator can be the identity (``linear`` with
-    ``z_dim`` = kernel size, the default for 3 x 3 kernels), else from a fresh embedding.
-
-    ``keep`` says which layers stay full precision: ``"first_last"`` (the usual protocol
-    for 1W1A networks: the stem sees raw pixels, the classifier produces logits),
-    ``"first"``, ``"last"``, or ``"none"`` (the MetaQuant/FSG protocol binarizes every
-    layer). First and last are taken in module registration order. Each binary layer gets
-    its own quantizer objects. Parameters are shared with the old layers, so a
-    full-precision network's values become the latent weights.
-    """
-    if keep not in KEEP_POLICIES:
-        raise SigngradError(f"unknown keep policy '{keep}'; valid: {', '.join(KEEP_POLICIES)}")
-    if scaling not in SCALINGS:
-        raise SigngradError(f"unknown scaling '{scaling}'; valid: {', '.join(SCALINGS)}")
-    if isinstance(weight_quantizer, quantizers.Quantizer) or isinstance(
-        input_quantizer, quantizers.Quantizer
-    ):
-        raise SigngradError("binarize takes quantizer names (one object per layer is built)")
-    unknown = sorted(set(hyper_params or {}) - {"z_dim", "generator", "hidden"})
-    if unknown:
-        raise SigngradError(f"unknown hyper_params {unknown}; valid: z_dim, generator, hidden")
-    # Build one quantizer now so a bad name fails before the model is touched.
-    _weight_quantizer(weight_quantizer, weight_params)
-    _input_quantizer(input_quantizer, input_params)
-
-    names = [
-        n
-        for n, m in model.named_modules()
-        if type(m) in (nn.Conv2d, nn.Linear) and not isinstance(m, BINARY_LAYERS)
-    ]
-    if not names:
-        raise SigngradError("binarize found no nn.Conv2d or nn.Linear layer in the model")
-    kept = set()
-    if keep in ("first_last", "first"):
-        kept.add(names[0])
-    if keep in ("first_last", "last"):
-        kept.add(names[-1])
-    for name in names:
-        if name in kept:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        binary = {
-            "weight_quantizer": weight_quantizer,
-            "input_quantizer": input_quantizer,
-            "scaling": scaling,
-            "weight_params": weight_params,
-            "input_params": input_params,
-        }
-        old = getattr(parent, child)
-        new = (
-            _hyper_copy(old, hyper_params or {}, **binary) if hyper else _binary_copy(old, **binary)
-        )
-        setattr(parent, child, new)
-    return model
-
-
-def binary_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def binary_layers(model: nn.Module) -> Iterator[tuple[str, BinaryLayer]]:
     """(name, layer) for every binary layer of ``model`` (BinaryConv2d, BinaryLinear and
     the hyper layers of :mod:`signgrad.hyper`)."""
     for name, m in model.named_modules():
-        if isinstance(m, _BinaryMixin):
+        if isinstance(m, BinaryLayer):
             yield name, m
 
 
@@ -323,10 +276,7 @@ def set_epoch(model: nn.Module, epoch: float, total_epochs: int) -> float | None
     return None
 
 
-@torch.no_grad()
 def post_step(model: nn.Module, lr: float) -> None:
-    """Run the quantizers' after-optimizer-step hooks (ProxQuant's prox step)."""
+    """Run every binary layer's :meth:`BinaryLayer.post_step` (ProxQuant's prox step)."""
     for _, layer in binary_layers(model):
-        hook = getattr(layer.weight_quantizer, "post_step", None)
-        if hook is not None:
-            hook(layer.weight, lr)
+        layer.post_step(lr)

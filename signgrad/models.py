@@ -1,7 +1,7 @@
 """Full-precision reference architectures, ready to be binarized.
 
 Every model here is built only from ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear``,
-pooling and activation modules, so that :func:`signgrad.layers.binarize` can swap the
+pooling and activation modules, so that :func:`signgrad.convert.binarize` can swap the
 conv and linear modules for binary versions. Conventions every model keeps:
 
 * every conv / linear layer is an ``nn.Conv2d`` / ``nn.Linear`` submodule (no functional

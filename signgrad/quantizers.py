@@ -104,10 +104,19 @@ class Quantizer(nn.Module):
     soft_forward: ClassVar[bool] = False
     #: False for methods that only make sense on weights (ProxQuant's prox step)
     for_activations: ClassVar[bool] = True
+    #: True when :meth:`post_step` must run on the latent weights after every optimizer
+    #: step (ProxQuant); a layer without latent weights of its own (a hyper layer) refuses
+    #: such a quantizer. A subclass that defines ``post_step`` gets True by default.
+    needs_post_step: ClassVar[bool] = False
     #: Where the method's formula needs it, every sharpness value must be >= this
     #: (> with ``sharpness_strict``): a negative beta turns descent into ascent.
     sharpness_minimum: ClassVar[float | None] = None
     sharpness_strict: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "post_step" in cls.__dict__ and "needs_post_step" not in cls.__dict__:
+            cls.needs_post_step = True
 
     def __init__(
         self,
@@ -156,6 +165,10 @@ class Quantizer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _Surrogate.apply(x, self, self.sharpness)
+
+    def post_step(self, weight: Tensor, lr: float) -> None:
+        """After every optimizer step (``needs_post_step``): update the latent weights
+        ``weight`` in place (learning rate ``lr``). Nothing by default."""
 
     # -- training progress ------------------------------------------------------------
     def exact_from(self, total_epochs: int) -> int | None:
@@ -362,6 +375,7 @@ class ProxQuant(Quantizer):
     sharpness_name = "lambda/lr"
     soft_forward = True
     for_activations = False
+    needs_post_step = True
 
     def __init__(self, rho: float = 1.0, exact_sign_after: int | None = None) -> None:
         super().__init__(None, exact_sign_after)

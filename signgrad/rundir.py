@@ -1,4 +1,8 @@
-"""One writer per run directory: the lock that ``signgrad train`` holds for a whole run.
+"""The run directory's rules: one writer at a time, how a run starts and resumes in it.
+
+:func:`prepare` creates (or, on resume, finds) the directory and takes its lock before
+the checkpoint is looked at; :func:`resume_config` reads the saved configuration that a
+resumed run continues (what may change: :func:`signgrad.config.resumed_config`).
 
 The lock is ``fcntl.flock`` on ``RUN/.lock``, a file that also names its holder (pid and
 host) for the error message of a second writer. The kernel drops a ``flock`` when its
@@ -16,8 +20,10 @@ import socket
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from signgrad import checkpoint
+from signgrad.config import Config, resumed_config
 from signgrad.errors import SigngradError
 
 try:
@@ -159,3 +165,47 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", len(removed))
     return removed
+
+
+def prepare(cfg: Config, resume: bool) -> tuple[Path, RunLock]:
+    """The run directory, created if new, and its lock, taken before the checkpoint is
+    looked at so that of two runs started on one directory exactly one goes on."""
+    if cfg.out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        cfg.out = str(Path("runs") / f"{cfg.model}-{cfg.data}-{cfg.quantizer}-s{cfg.seed}-{stamp}")
+    run_dir = Path(cfg.out)
+    ckpt = run_dir / checkpoint.CHECKPOINT_NAME
+    if resume and not ckpt.is_file():  # before creating anything; checked again below
+        check_not_busy(run_dir)
+        raise SigngradError(f"--resume: no checkpoint in {run_dir}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SigngradError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+    if not os.access(run_dir, os.W_OK):
+        raise SigngradError(f"run directory {run_dir} is not writable")
+    run_lock = lock(run_dir)
+    try:
+        if resume and not ckpt.is_file():
+            raise SigngradError(f"--resume: no checkpoint in {run_dir}")
+        if not resume and ckpt.exists():
+            raise SigngradError(
+                f"{run_dir} already holds a run; continue it with --resume or choose another --out"
+            )
+        remove_leftovers(run_dir)
+    except BaseException:
+        run_lock.release()
+        raise
+    return run_dir, run_lock
+
+
+def resume_config(run_dir: str | os.PathLike, overrides: dict[str, Any]) -> Config:
+    """The configuration of the run in ``run_dir`` with ``overrides`` applied; only the
+    number of epochs, the device and the data root may change on resume (the rules:
+    :func:`signgrad.config.resumed_config`)."""
+    try:
+        state = checkpoint.load(run_dir)
+    except SigngradError:
+        check_not_busy(Path(run_dir))  # a new run before its first checkpoint
+        raise
+    return resumed_config(run_dir, state["config"], state["epoch"], overrides)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from signgrad import checkpoint, data, estimators, export, images, layers, quantizers, schedules
+from signgrad import checkpoint, convert, data, estimators, export, images, quantizers, schedules
 from signgrad import memory as memory_mod
 from signgrad.errors import SigngradError
 
@@ -364,7 +364,7 @@ def test_estimator_memory_message_in_a_child_process(tmp_path, run_child, one_li
 
 def test_estimators_check_sizes_in_python_before_allocating():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Linear(32, 4))
-    layers.binarize(model, "bnn", keep="none")
+    convert.binarize(model, "bnn", keep="none")
     with pytest.raises(SigngradError, match="hidden must be an integer >= 1"):
         estimators.build("metaquant-fc", model, hidden=-5)
     with pytest.raises(SigngradError, match="d_state must be an integer >= 1"):
@@ -388,12 +388,14 @@ def test_model_sizes_are_refused_up_front(tmp_path, run_cli, capsys):
 
 
 def test_default_settings_are_not_refused():
-    from signgrad import train
+    from signgrad import builders, train
 
+    # The size check is builders.check_sizes, which train() runs after Config.resolved().
     for name in estimators.names():
-        train.Config(estimator=name).resolved()  # the defaults fit on any test machine
-    train.Config(model="resnet18", hyper=True).resolved()
-    train.Config(batch_size=1024).resolved()
+        cfg = train.Config(estimator=name).resolved()
+        builders.check_sizes(cfg)  # the defaults fit on any test machine
+    builders.check_sizes(train.Config(model="resnet18", hyper=True).resolved())
+    builders.check_sizes(train.Config(batch_size=1024).resolved())
 
 
 def test_available_memory_is_read():

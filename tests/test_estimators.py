@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from signgrad import checkpoint, cli, estimators, layers
+from signgrad import checkpoint, cli, convert, estimators, layers
 from signgrad.errors import SigngradError
 from signgrad.estimators.base import GradientHistory
 
@@ -36,7 +36,7 @@ def small_model(quantizer: str = "dorefa", **binarize) -> nn.Module:
         nn.Flatten(),
         nn.Linear(6, 5),
     )
-    return layers.binarize(net, quantizer, keep="none", **binarize)
+    return convert.binarize(net, quantizer, keep="none", **binarize)
 
 
 def batch(seed: int = 0):
@@ -120,11 +120,11 @@ def ste_natural_gradients(model, x, y):
     grads = {}
     hooks = []
     for name, lay in layers.binary_layers(model):
-        lay.on_natural_grad = lambda g, name=name: grads.__setitem__(name, g.detach())
+        lay.set_natural_grad_hook(lambda g, name=name: grads.__setitem__(name, g.detach()))
         hooks.append(lay)
     F.cross_entropy(model(x), y).backward()
     for lay in hooks:
-        lay.on_natural_grad = None
+        lay.set_natural_grad_hook(None)
     model.zero_grad(set_to_none=True)
     return grads
 

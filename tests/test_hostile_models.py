@@ -56,11 +56,11 @@ def convnet_bytes() -> bytes:
     """A 1W1A ConvNet on 1 x 8 x 8 (float stem and classifier), untrained."""
     import torch
 
-    from signgrad import layers, models
+    from signgrad import convert, models
 
     torch.manual_seed(0)
     m = models.get("convnet", num_classes=10, in_channels=1, image_size=8, activation="hardtanh")
-    layers.binarize(m, "bnn", "bnn")
+    convert.binarize(m, "bnn", "bnn")
     return _packed(m, (1, 8, 8))
 
 
@@ -68,11 +68,11 @@ def resnet20_bytes() -> bytes:
     """A binary ResNet-20 (option-A shortcuts, residual adds) on 3 x 8 x 8, untrained."""
     import torch
 
-    from signgrad import layers, models
+    from signgrad import convert, models
 
     torch.manual_seed(1)
     m = models.get("resnet20", num_classes=10, in_channels=3, activation="hardtanh")
-    layers.binarize(m, "bnn", "bnn")
+    convert.binarize(m, "bnn", "bnn")
     return _packed(m, (3, 8, 8))
 
 

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from signgrad import (
     checkpoint,
     cli,
+    convert,
     estimators,
     hyper,
     layers,
@@ -76,11 +77,11 @@ def test_carry_reproduces_a_pretrained_kernel_and_binarize_hyper():
     fp = models.get("resnet20", num_classes=10, in_channels=3)
     x = torch.randn(2, 3, 32, 32)
     fp.eval()
-    bnet = layers.binarize(models.get("resnet20", num_classes=10, in_channels=3), "bc")
+    bnet = convert.binarize(models.get("resnet20", num_classes=10, in_channels=3), "bc")
     bnet.load_state_dict(fp.state_dict())
     hnet = models.get("resnet20", num_classes=10, in_channels=3)
     hnet.load_state_dict(fp.state_dict())
-    layers.binarize(hnet, "bc", hyper=True)
+    convert.binarize(hnet, "bc", hyper=True)
     convs = [m for m in hnet.modules() if isinstance(m, HyperConv2d)]
     assert len(convs) == 18  # 3x3 convs of ResNet-20, first (stem) and last kept
     bnet.eval()
@@ -96,7 +97,7 @@ def test_bad_hyper_settings():
     with pytest.raises(SigngradError, match="z_dim"):
         HyperLinear(3, 4, z_dim=0)
     with pytest.raises(SigngradError, match="unknown hyper_params"):
-        layers.binarize(nn.Sequential(nn.Linear(2, 2)), hyper=True, hyper_params={"width": 3})
+        convert.binarize(nn.Sequential(nn.Linear(2, 2)), hyper=True, hyper_params={"width": 3})
 
 
 def test_estimators_drive_hyper_layers_through_the_generator():
@@ -107,7 +108,7 @@ def test_estimators_drive_hyper_layers_through_the_generator():
         nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
         nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 16, 3),
     )  # fmt: skip
-    layers.binarize(net, "dorefa", keep="first_last", hyper=True)
+    convert.binarize(net, "dorefa", keep="first_last", hyper=True)
     hc = net[3]
     est = estimators.build("fsg", net)
     assert est.layers == [hc]

@@ -4,8 +4,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from signgrad import layers, quantizers
+from signgrad.convert import binarize
 from signgrad.errors import SigngradError
-from signgrad.layers import BinaryConv2d, BinaryLinear, binarize
+from signgrad.layers import BinaryConv2d, BinaryLinear
 
 
 def sign(x):
@@ -122,3 +123,87 @@ def test_set_epoch_and_post_step_reach_every_layer():
     layers.post_step(net, lr=1.0)  # lambda = 20: every weight snaps to +-1
     for _, layer in layers.binary_layers(net):
         assert set(layer.weight.detach().unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_binarize_lives_in_convert():
+    with pytest.raises(AttributeError, match=r"signgrad\.convert\.binarize"):
+        layers.binarize  # noqa: B018
+    assert not hasattr(layers, "binarize")
+
+
+def test_every_binary_layer_follows_the_protocol():
+    from signgrad.hyper import HyperConv2d, HyperLinear
+
+    plain = [BinaryConv2d(3, 4, 3), BinaryLinear(5, 2)]
+    generated = [HyperConv2d(3, 4, 3), HyperLinear(5, 2)]
+    for m in plain + generated:
+        assert isinstance(m, layers.BinaryLayer)
+        assert tuple(m.latent_weight().shape) == m.kernel_shape
+        assert m.generated_kernel == (m in generated)
+    assert [m.kernel_shape for m in plain] == [m.kernel_shape for m in generated]
+    assert [m.kernel_shape for m in plain] == [(4, 3, 3, 3), (2, 5)]
+
+
+def test_lookahead_and_natural_gradient_hook():
+    torch.manual_seed(0)
+    lin = BinaryLinear(4, 3, bias=False, weight_quantizer="bc")
+    w = lin.weight.detach()
+    x = torch.randn(2, 4)
+    lin.set_lookahead(2 * w)  # F(W - 2W) = -sign(W)
+    got = []
+    lin.set_natural_grad_hook(got.append)
+    y = lin(x)
+    torch.testing.assert_close(y, F.linear(x, -sign(w)), rtol=0, atol=0)
+    y.sum().backward()
+    torch.testing.assert_close(got[0], x.sum(0).expand(3, 4), rtol=0, atol=0)
+    lin.clear_lookahead()
+    lin.set_natural_grad_hook(None)
+    lin(x).sum().backward()
+    assert len(got) == 1
+    torch.testing.assert_close(lin(x), F.linear(x, sign(w)), rtol=0, atol=0)
+
+
+class _Halving(quantizers.Quantizer):
+    """Not registered: a quantizer with a post-step, as a user might write one."""
+
+    def derivative(self, x, s):
+        return torch.ones_like(x)
+
+    def post_step(self, weight, lr):
+        weight.mul_(0.5)
+
+
+def test_post_step_is_a_quantizer_capability():
+    from signgrad.hyper import HyperLinear
+
+    needing = [n for n in quantizers.names() if quantizers.get(n).needs_post_step]
+    assert needing == ["proxquant"]
+    assert _Halving.needs_post_step  # defining post_step is enough
+    lin = BinaryLinear(3, 2, weight_quantizer=_Halving())
+    w = lin.weight.detach().clone()
+    layers.post_step(nn.Sequential(lin), lr=0.1)
+    assert torch.equal(lin.weight.detach(), w * 0.5)
+    with pytest.raises(SigngradError, match="cannot drive a hyper layer"):
+        HyperLinear(3, 2, weight_quantizer=_Halving())
+
+
+def test_no_import_cycle_through_the_layers():
+    """layers <- hyper <- convert: the binary layers do not know their conversion."""
+    import ast
+    from pathlib import Path
+
+    root = Path(layers.__file__).parent
+    imports = {}
+    for name in ("layers", "hyper", "convert"):
+        found = set()
+        for node in ast.walk(ast.parse((root / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "signgrad":
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("signgrad."):
+                found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[1] for a in node.names if "." in a.name}
+        imports[name] = found
+    assert not imports["layers"] & {"hyper", "convert"}
+    assert "convert" not in imports["hyper"]
+    assert {"layers", "hyper"} <= imports["convert"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from signgrad import graph, layers, models
+from signgrad import convert, graph, layers, models
 from signgrad.errors import SigngradError
 from signgrad.onnx_export import check_onnx, to_onnx
 
@@ -43,7 +43,7 @@ def ort_run(om, x):
 def test_resnet20_1w1a_matches_torch():
     torch.manual_seed(0)
     m = models.get("resnet20", num_classes=10, in_channels=3, activation="hardtanh")
-    m = calibrated(layers.binarize(m, "bnn", "bnn"), (3, 32, 32))
+    m = calibrated(convert.binarize(m, "bnn", "bnn"), (3, 32, 32))
     g = graph.build(m, (3, 32, 32))
     assert sum(n["op"] == "conv2d" and n["binary_input"] for n in g.nodes) == 18
     assert any(n["op"] == "shortcut_a" for n in g.nodes)
@@ -58,7 +58,7 @@ def test_vgg_small_1w1a_channel_scaling_hyper_matches_torch():
     torch.manual_seed(1)
     m = models.get("vgg-small", num_classes=10, in_channels=3, image_size=32,
                    activation="hardtanh")  # fmt: skip
-    m = calibrated(layers.binarize(m, "bnn", "bnn", scaling="channel", hyper=True), (3, 32, 32))
+    m = calibrated(convert.binarize(m, "bnn", "bnn", scaling="channel", hyper=True), (3, 32, 32))
     g = graph.build(m, (3, 32, 32))
     # Batch norm after max-pool cannot be folded: the unfolded affine path is exercised.
     assert sum(n["op"] == "affine" for n in g.nodes) == 3
@@ -74,7 +74,7 @@ def test_convnet_1w32a_prelu_matches_torch():
         for p in m.modules():
             if isinstance(p, nn.PReLU):
                 p.weight.uniform_(-0.5, 0.5)
-    m = calibrated(layers.binarize(m, "bnn", None), (1, 28, 28))
+    m = calibrated(convert.binarize(m, "bnn", None), (1, 28, 28))
     om = to_onnx(graph.build(m, (1, 28, 28)))
     assert "PRelu" in op_types(om)
     assert "Where" not in op_types(om)  # 1W32A: no input signs
@@ -102,7 +102,7 @@ def test_other_ops_match_torch():
     )  # fmt: skip
     with torch.no_grad():
         m[5].weight.fill_(0.3)
-    m = calibrated(layers.binarize(m, "bnn", "bnn", scaling="tensor"), (2, 11, 11))
+    m = calibrated(convert.binarize(m, "bnn", "bnn", scaling="tensor"), (2, 11, 11))
     g = graph.build(m, (2, 11, 11))
     sc = g.nodes[2]
     assert (sc["op"], sc["pad_before"], sc["pad_after"]) == ("shortcut_a", 1, 2)
@@ -136,7 +136,7 @@ def test_sign_of_zero_is_plus_one():
 def test_batch_dimension_is_symbolic():
     torch.manual_seed(6)
     m = models.get("convnet", num_classes=10, in_channels=1, image_size=28)
-    m = calibrated(layers.binarize(m, "bnn", "bnn"), (1, 28, 28))
+    m = calibrated(convert.binarize(m, "bnn", "bnn"), (1, 28, 28))
     om = to_onnx(graph.build(m, (1, 28, 28)))
     dims = om.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "N" and [d.dim_value for d in dims[1:]] == [1, 28, 28]

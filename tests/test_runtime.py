@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from signgrad import data, export, graph, layers, models
+from signgrad import convert, data, export, graph, layers, models
 from signgrad.errors import SigngradError
 from signgrad.runtime import format as fmt
 from signgrad.runtime import kernels as K
@@ -161,7 +161,7 @@ def cifar() -> data.DataSet:
 def cifar_resnet20(cifar) -> nn.Module:
     torch.manual_seed(0)
     m = models.get("resnet20", num_classes=10, in_channels=3, activation="hardtanh")
-    layers.binarize(m, "bnn", "bnn")
+    convert.binarize(m, "bnn", "bnn")
     return trained(m, normalised(cifar, cifar.train_images), cifar.train_labels, steps=15)
 
 
@@ -182,7 +182,7 @@ def test_hyper_vgg_small_with_channel_scaling_matches_pytorch(cifar):
     torch.manual_seed(1)
     m = models.get("vgg-small", num_classes=10, in_channels=3, image_size=32,
                    activation="hardtanh")  # fmt: skip
-    layers.binarize(m, "bnn", "bnn", scaling="channel", hyper=True)
+    convert.binarize(m, "bnn", "bnn", scaling="channel", hyper=True)
     m = calibrated(m, normalised(cifar, cifar.train_images[:512]))
     assert_same_predictions(m, packed_of(m, cifar, "compiled"), cifar)
 
@@ -193,7 +193,7 @@ def test_hyper_vgg_small_with_channel_scaling_matches_pytorch(cifar):
 def test_resnet18_prelu_binary_shortcuts_match_pytorch(cifar):
     torch.manual_seed(2)
     m = models.get("resnet18", num_classes=10, in_channels=3, activation="prelu")
-    layers.binarize(m, "bnn", "bnn", scaling="tensor")
+    convert.binarize(m, "bnn", "bnn", scaling="tensor")
     for mod in m.modules():
         if isinstance(mod, nn.PReLU):
             nn.init.uniform_(mod.weight, -0.5, 0.5)
@@ -217,7 +217,7 @@ def test_convnet_matches_pytorch_on_every_fashion_mnist_test_image(fashion, inpu
     torch.manual_seed(3)
     act = "hardtanh" if inputs else "relu"
     m = models.get("convnet", num_classes=10, in_channels=1, image_size=28, activation=act)
-    layers.binarize(m, "bnn", inputs, keep="first")  # the classifier is binary too
+    convert.binarize(m, "bnn", inputs, keep="first")  # the classifier is binary too
     train_x = normalised(fashion, fashion.train_images[:4096])
     m = trained(m, train_x, fashion.train_labels[:4096], steps=15)
     backend = "compiled" if K.COMPILED else "numpy"
@@ -230,7 +230,7 @@ def test_convnet_matches_pytorch_on_every_fashion_mnist_test_image(fashion, inpu
 def small_binary_model() -> nn.Module:
     torch.manual_seed(0)
     m = models.get("convnet", num_classes=10, in_channels=1, image_size=8, activation="hardtanh")
-    layers.binarize(m, "bnn", "bnn")
+    convert.binarize(m, "bnn", "bnn")
     return m.eval()
 
 
@@ -298,7 +298,7 @@ def test_layers_the_runtime_cannot_run_are_refused_at_export():
 
 def test_soft_quantizers_are_refused_until_they_are_the_exact_sign():
     m = models.get("convnet", num_classes=10, in_channels=1, image_size=8, activation="hardtanh")
-    layers.binarize(m, "pc", "ste-warmup")
+    convert.binarize(m, "pc", "ste-warmup")
     with pytest.raises(SigngradError, match="not give \\+-1 yet|not yet the exact sign"):
         graph.build(m.eval(), (1, 8, 8))
     layers.set_epoch(m, 9, 10)  # the last 10% of the epochs: exact sign

@@ -6,10 +6,11 @@ trained with MetaQuant's meta-weight trick. One training step with an estimator:
 
 1. :meth:`LearnedEstimator.begin_step` (before the forward pass): from the previous
    step's natural gradient g = dL/dW^ it computes g^ (differentiable in phi), calibrated
-   to W, and sets each layer's look-ahead ``lookahead = lr * g^``; the layer then computes
-   with W^ = F(W - lr * g^), so the loss depends on phi.
-2. ``loss.backward()``: one pass gives dL/dphi (the meta-gradient) and, through a hook on
-   F(W'), the new natural gradient of every layer.
+   to W, and gives each layer the look-ahead lr * g^ (``layer.set_lookahead``); the layer
+   then computes with W^ = F(W - lr * g^), so the loss depends on phi.
+2. ``loss.backward()``: one pass gives dL/dphi (the meta-gradient) and, through the hook
+   each layer calls with dL/dF(W') (``layer.set_natural_grad_hook``), the new natural
+   gradient of every layer.
 3. :meth:`LearnedEstimator.end_step` (before ``optimizer.step()``): steps the meta
    optimizer, hands the base optimizer g^ (detached) as the gradient of W ("late weight
    update"), and stores the new natural gradient. The first step has no previous gradient
@@ -18,7 +19,8 @@ trained with MetaQuant's meta-weight trick. One training step with an estimator:
    dL/dW); such steps are counted.
 
 Everything the estimator learns or remembers (meta-networks, their optimizer, the
-gradient history, counters) lives in the estimator object and its ``state_dict()``.
+gradient history, counters) lives in the estimator object and its ``state_dict()``. The
+layers are driven only through the binary-layer protocol, :class:`signgrad.layers.BinaryLayer`.
 """
 
 from __future__ import annotations
@@ -102,10 +104,9 @@ def coordinate_mlp(hidden: int, activation: str = "relu", depth: int = 3) -> nn.
     return nn.Sequential(*mods)
 
 
-def _weight_count(layer: nn.Module) -> int:
-    """Latent weights of a binarized layer (a hyper layer's are generated: its kernel shape)."""
-    shape = getattr(layer, "kernel_shape", None)
-    return math.prod(shape) if shape is not None else layer.weight.numel()
+def _weight_count(layer: layers.BinaryLayer) -> int:
+    """Latent weights of a binarized layer (generated ones too: its kernel shape)."""
+    return math.prod(layer.kernel_shape)
 
 
 def weight_count(model: nn.Module) -> int:
@@ -219,7 +220,7 @@ class LearnedEstimator(nn.Module):
         self.steps = 0
         self.nonfinite_steps = 0
         for i, layer in enumerate(self.layers):
-            layer.on_natural_grad = self._capture(i)
+            layer.set_natural_grad_hook(self._capture(i))
         self.meta_optimizer: torch.optim.Optimizer | None = None
 
     def _capture(self, i: int):
@@ -285,7 +286,7 @@ class LearnedEstimator(nn.Module):
         for i, (layer, ghat) in enumerate(zip(self.layers, ghats, strict=True)):
             self._fallback[i] = ghat is not None and not next(flags)
             self._ghat[i] = None if self._fallback[i] else ghat
-            layer.lookahead = None if self._ghat[i] is None else lr * self._ghat[i]
+            layer.set_lookahead(None if self._ghat[i] is None else lr * self._ghat[i])
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
         if self.meta_optimizer is not None:
@@ -307,7 +308,7 @@ class LearnedEstimator(nn.Module):
                 layer.set_latent_grad(None)  # no previous gradient yet: no update
             else:
                 layer.set_latent_grad(self.update_gradient(i, ghat).detach())
-            layer.lookahead = None
+            layer.clear_lookahead()
             self._ghat[i] = None
             self._fallback[i] = False
             if self._natural[i] is not None:
@@ -324,8 +325,8 @@ class LearnedEstimator(nn.Module):
     def detach_layers(self) -> None:
         """Remove the estimator's hooks from the model's layers."""
         for layer in self.layers:
-            layer.on_natural_grad = None
-            layer.lookahead = None
+            layer.set_natural_grad_hook(None)
+            layer.clear_lookahead()
 
     # -- state ----------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

@@ -1,0 +1,309 @@
+"""What defines a run, and the rules on it that need no model, data or file.
+
+:class:`Config` is everything ``config.json`` holds; :meth:`Config.resolved` fills the
+defaults that depend on other fields and refuses bad names and values. Also here: the
+presets (:data:`RECIPES`, :func:`with_recipe`), the check of a configuration read back
+from a checkpoint (:func:`check_saved_config`, used by :mod:`signgrad.checkpoint`), and
+what may change when a run is resumed (:func:`resumed_config`, :func:`check_resume_epochs`,
+:func:`check_stop_after`).
+
+This module builds nothing and reads no file: :mod:`signgrad.builders` turns a
+configuration into a model, optimizer and estimator, :mod:`signgrad.train` runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from signgrad import __version__, data, estimators, hyper, models, quantizers
+from signgrad.errors import SigngradError
+
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("cosine", "step", "constant")
+DEFAULT_LR = {"adam": 1e-3, "sgd": 0.1}
+
+
+@dataclass
+class Config:
+    """Everything that defines a run (what ``config.json`` holds)."""
+
+    model: str = "resnet20"
+    data: str = "cifar10"
+    quantizer: str = "bnn"
+    input_quantizer: str | None = None
+    scaling: str = "none"
+    keep: str = "first_last"
+    sharpness: str | None = None
+    exact_sign_after: int | None = None
+    activation: str | None = None  # None: relu, or hardtanh when activations are binary
+    hyper: bool = False  # Hyper-BinaryNet layers (signgrad.hyper); a "hyper-" model sets it
+    z_dim: int = 9  # hyper layers: embedding size per kernel
+    generator: str = "linear"  # hyper layers: linear, mlp-elu, mlp-hardtanh
+    sharpness_per_step: bool = False  # move sharpness schedules every step, not per epoch
+    input_sharpness: str | None = None  # schedule of the input quantizer's sharpness
+    estimator: str | None = None  # a learned gradient estimator (signgrad.estimators)
+    estimator_params: list[str] = field(default_factory=list)  # KEY=VALUE
+    optimizer: str = "adam"
+    lr: float | None = None  # None: 1e-3 for Adam, 0.1 for SGD
+    momentum: float = 0.9
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam
+    weight_decay: float = 0.0
+    grad_clip: float | None = None  # clip the gradient norm of the model to this
+    bn_momentum: float | None = None  # None: PyTorch's 0.1
+    schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=list)  # step schedule; empty: 50%, 75%
+    gamma: float = 0.1
+    epochs: int = 30
+    batch_size: int = 128
+    seed: int = 0
+    bf16: bool = False
+    channels_last: bool = False
+    init: str | None = None
+    data_root: str | None = None
+    download: bool = True
+    device: str = "auto"
+    out: str | None = None
+    recipe: str | None = None  # the preset the values came from, for the record
+    version: str = __version__
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def resolved(self) -> Config:
+        """Fill the defaults that depend on other fields and check every name and value.
+
+        Whether the run fits its device's memory is a separate check that builds a stand-in
+        model: :func:`signgrad.builders.check_sizes` (``train()`` runs both)."""
+        c = dataclasses.replace(self)
+        if c.optimizer not in OPTIMIZERS:
+            raise SigngradError(
+                f"unknown optimizer '{c.optimizer}'; valid: {', '.join(OPTIMIZERS)}"
+            )
+        if c.schedule not in LR_SCHEDULES:
+            raise SigngradError(
+                f"unknown lr schedule '{c.schedule}'; valid: {', '.join(LR_SCHEDULES)}"
+            )
+        if c.model.startswith(HYPER_PREFIX):
+            c.model, c.hyper = c.model[len(HYPER_PREFIX) :], True
+        if c.model not in models.names():
+            valid = models.names() + [HYPER_PREFIX + "MODEL"]
+            raise SigngradError(f"unknown model '{self.model}'; valid: {', '.join(valid)}")
+        if c.hyper:
+            # The name only: a generator z_dim wide is built once its memory is checked.
+            hyper.make_generator(c.generator, 1, 9)
+            if isinstance(c.z_dim, bool) or not isinstance(c.z_dim, int) or c.z_dim < 1:
+                raise SigngradError(f"z_dim must be an integer >= 1, got {c.z_dim!r}")
+        if c.recipe is not None and c.recipe not in RECIPES:
+            raise SigngradError(f"unknown recipe '{c.recipe}'; valid: {', '.join(RECIPES)}")
+        if len(c.betas) != 2 or not all(0 <= b < 1 for b in c.betas):
+            raise SigngradError(f"betas must be two numbers in [0, 1), got {c.betas}")
+        if not 0 <= c.momentum < 1:  # NaN fails too; torch raises on < 0, diverges at >= 1
+            raise SigngradError(f"momentum must be a number in [0, 1), got {c.momentum}")
+        if c.grad_clip is not None and not (c.grad_clip > 0 and math.isfinite(c.grad_clip)):
+            raise SigngradError(f"grad_clip must be positive and finite, got {c.grad_clip}")
+        if not (c.gamma > 0 and math.isfinite(c.gamma)):
+            # gamma <= 0 makes the learning rate negative or zero: gradient ascent or no step.
+            raise SigngradError(f"gamma must be a positive finite number, got {c.gamma}")
+        bad = [m for m in c.milestones if isinstance(m, bool) or not isinstance(m, int) or m < 1]
+        if bad:
+            raise SigngradError(f"milestones must be whole epochs >= 1, got {bad[0]!r}")
+        # torch's generators take seeds in [-2**63, 2**64); a negative seed is just a typo.
+        if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2**64:
+            raise SigngradError(f"seed must be an integer in [0, 2**64), got {c.seed!r}")
+        if c.bn_momentum is not None and not 0 < c.bn_momentum <= 1:
+            raise SigngradError(f"bn_momentum must be in (0, 1], got {c.bn_momentum}")
+        data.check_name(c.data)
+        if c.input_quantizer == "none":
+            c.input_quantizer = None
+        if c.lr is None:
+            c.lr = DEFAULT_LR[c.optimizer]
+        if c.activation is None:
+            c.activation = "hardtanh" if c.input_quantizer else "relu"
+        for name, value in [("epochs", c.epochs), ("batch_size", c.batch_size)]:
+            if value < 1:
+                raise SigngradError(f"{name} must be at least 1, got {value}")
+        if not (c.lr > 0 and math.isfinite(c.lr)):
+            raise SigngradError(f"lr must be a positive number, got {c.lr}")
+        if not (c.weight_decay >= 0 and math.isfinite(c.weight_decay)):
+            raise SigngradError(f"weight_decay must be a finite number >= 0, got {c.weight_decay}")
+        # Build the quantizers once so that bad names and parameters fail before any work.
+        quantizers.get(c.quantizer, **self.weight_params())
+        if c.estimator is not None:
+            if c.estimator not in estimators.names():
+                raise SigngradError(
+                    f"unknown estimator '{c.estimator}'; valid: {', '.join(estimators.names())}"
+                )
+            if c.quantizer == "none":
+                raise SigngradError("a learned estimator needs binarized weights (--quantizer)")
+            estimators.parse_params(c.estimator_params, c.estimator)
+        elif c.estimator_params:
+            raise SigngradError("--estimator-param given without --estimator")
+        if c.input_quantizer and not quantizers.get(c.input_quantizer).for_activations:
+            raise SigngradError(
+                f"quantizer '{c.input_quantizer}' works on weights only, not on activations"
+            )
+        if c.input_sharpness is not None:
+            if not c.input_quantizer:
+                raise SigngradError("--input-sharpness given without --input-quantizer")
+            quantizers.get(c.input_quantizer, **c.input_params())
+        return c
+
+    def input_params(self) -> dict[str, Any]:
+        return {} if self.input_sharpness is None else {"sharpness": self.input_sharpness}
+
+    def weight_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if self.sharpness is not None:
+            params["sharpness"] = self.sharpness
+        if self.exact_sign_after is not None:
+            params["exact_sign_after"] = self.exact_sign_after
+        return params
+
+
+HYPER_PREFIX = "hyper-"
+
+#: Fields a saved configuration must have: they define what was trained. The others take
+#: their defaults when missing (a configuration from before they existed).
+SAVED_REQUIRED = ("model", "data", "quantizer", "input_quantizer", "epochs")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a JSON-like ``value`` is of the annotated type ``tp`` (bool is not a number)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list | tuple) and all(_fits(v, item) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def check_saved_config(saved: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """The configuration dict of the checkpoint at ``path``, checked: every field known,
+    of its type, and every name valid; a one-line error otherwise."""
+    where = f"{path} is a damaged checkpoint"
+    if not isinstance(saved, dict):
+        raise SigngradError(f"{where}: its config is a {type(saved).__name__}, not a dict")
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(str(k) for k in saved if k not in hints)
+    if unknown:
+        raise SigngradError(f"{where}: its config has unknown fields: {', '.join(unknown)}")
+    missing = [k for k in SAVED_REQUIRED if k not in saved]
+    if missing:
+        raise SigngradError(f"{where}: its config has no {', '.join(missing)}")
+    for k, v in saved.items():
+        if not _fits(v, hints[k]):
+            raise SigngradError(
+                f"{where}: its config's {k} is {v!r}, not of type {_type_name(hints[k])}"
+            )
+    # The names a reader builds from. Not Config.resolved() with builders.check_sizes: that
+    # also checks the device and memory of the training machine, which a reader need not be.
+    valid = {
+        "model": models.names(),
+        "quantizer": quantizers.names(),
+        "input_quantizer": [None, *quantizers.names()],
+        "estimator": [None, *estimators.names()],
+        "optimizer": list(OPTIMIZERS),
+        "schedule": list(LR_SCHEDULES),
+    }
+    for k, names in valid.items():
+        if k in saved and saved[k] not in names:
+            shown = ", ".join(str(n) for n in names if n is not None)
+            raise SigngradError(f"{where}: its config's {k} is {saved[k]!r}; valid: {shown}")
+    try:
+        data.check_name(saved["data"])
+    except SigngradError as e:
+        raise SigngradError(f"{where}: its config's data: {e}") from None
+    for k in ("epochs", "batch_size"):
+        if k in saved and saved[k] < 1:
+            raise SigngradError(f"{where}: its config's {k} is {saved[k]}, not >= 1")
+    return saved
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+#: Presets of Config values; flags given with a preset override it.
+RECIPES: dict[str, dict[str, Any]] = {
+    # Hyper-BinaryNet's CIFAR recipe (the authors' code): Adam 1e-2 with betas (0.5, 0.99),
+    # no weight decay, lr x0.5 every 60 epochs, gradient norm clipped at 5, BN momentum 0.5.
+    "hyper-binarynet": {
+        "optimizer": "adam",
+        "lr": 1e-2,
+        "betas": [0.5, 0.99],
+        "weight_decay": 0.0,
+        "schedule": "step",
+        "milestones": list(range(60, 1000, 60)),
+        "gamma": 0.5,
+        "grad_clip": 5.0,
+        "bn_momentum": 0.5,
+    },
+}
+
+
+def with_recipe(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` on top of the recipe they name (``values["recipe"]``), if any."""
+    name = values.get("recipe")
+    if name is None:
+        return values
+    if name not in RECIPES:
+        raise SigngradError(f"unknown recipe '{name}'; valid: {', '.join(RECIPES)}")
+    return {**RECIPES[name], **values}
+
+
+#: What ``--resume`` may change: the rest of the saved configuration is the run.
+RESUME_CHANGEABLE = ("epochs", "device", "data_root", "download", "out")
+
+
+def resumed_config(
+    run_dir: str | os.PathLike, saved: dict[str, Any], done: int, overrides: dict[str, Any]
+) -> Config:
+    """The saved configuration of the run in ``run_dir`` (``done`` epochs finished) with
+    ``overrides`` applied; only the number of epochs, the device and the data root may
+    change on resume. :func:`signgrad.rundir.resume_config` reads them from the checkpoint."""
+    flags = "--epochs, --device, --data-root and --no-download"
+    clash = sorted(
+        k for k, v in overrides.items() if k not in RESUME_CHANGEABLE and saved.get(k) != v
+    )
+    if clash:
+        raise SigngradError(
+            f"--resume continues the saved configuration; these flags differ from it: "
+            f"{', '.join(clash)} (only {flags} may change)"
+        )
+    cfg = Config.from_dict({**saved, **overrides, "out": str(run_dir)})
+    check_resume_epochs(run_dir, done, cfg.epochs)  # before any file is touched
+    return cfg
+
+
+def check_resume_epochs(run_dir: str | os.PathLike, done: int, epochs: Any) -> None:
+    """A resumed run cannot have fewer epochs than it has finished."""
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs < done:
+        raise SigngradError(
+            f"--epochs {epochs} is below the {done} epochs the run in {run_dir} has done; "
+            f"give --epochs {done} or more, or leave it out"
+        )
+
+
+def check_stop_after(stop_after: Any) -> None:
+    if stop_after is not None and (
+        isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1
+    ):
+        raise SigngradError(f"--stop-after must be at least 1, got {stop_after}")

@@ -1,0 +1,162 @@
+"""The step protocol: what plugs into the training loop of :mod:`signgrad.train`.
+
+The loop itself only sets the learning rate, runs forward, backward and the optimizer;
+everything a configuration adds to a step is a :class:`StepHook`, called at fixed
+points. One training step, in this order::
+
+    lr = learning_rate(...); every param group's "lr" = lr
+    hook.before_forward(step)       # each hook, in list order; may replace step.x
+    logits = model(step.x); loss = cross_entropy(logits, y)
+    optimizer.zero_grad()
+    hook.before_backward(step)      # may replace step.loss (what backward runs on)
+    step.loss.backward()
+    hook.after_backward(step)       # gradients are in .grad; may change them
+    optimizer.step()
+    hook.after_step(step)           # the weights are updated
+
+and per epoch ``hook.begin_epoch(epoch)`` before its first step and
+``hook.end_epoch(record)`` on its metrics record (a hook may add fields to it). The
+recorded training loss is the cross-entropy the loop computed, whatever ``step.loss``
+became. :func:`for_config` builds the hooks of a configuration in the order that keeps
+today's results bit for bit: per-step sharpness, channels_last input, the learned
+estimator, gradient clipping, the quantizers' post-step (ProxQuant's prox step).
+
+What later extensions would be: a distillation teacher runs its model in
+``before_forward`` and adds its term to ``step.loss`` in ``before_backward``;
+distributed gradient reduction all-reduces the gradients in ``after_backward``, placed
+before clipping; AMP loss scaling multiplies ``step.loss`` in ``before_backward`` and
+unscales the gradients in ``after_backward`` before clipping (skipping a step whose
+gradients overflowed would need one more field of :class:`Step` for the loop to read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from signgrad import estimators, layers
+from signgrad.config import Config
+
+
+@dataclass
+class Step:
+    """One training step as the hooks see it."""
+
+    epoch: int  # 0-based
+    index: int  # the step within the epoch, 0-based
+    steps: int  # steps per epoch
+    lr: float  # the learning rate of this step (already set on the optimizer)
+    x: torch.Tensor  # the input batch; before_forward may replace it
+    y: torch.Tensor
+    logits: torch.Tensor | None = None  # set after the forward pass
+    loss: torch.Tensor | None = None  # what backward runs on; before_backward may replace it
+
+
+class StepHook:
+    """A per-step extension of the training loop; every method does nothing unless
+    overridden. See the module's docstring for when each is called."""
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Before the first step of ``epoch`` (0-based)."""
+
+    def before_forward(self, step: Step) -> None:
+        """After the learning rate is set, before ``model(step.x)``."""
+
+    def before_backward(self, step: Step) -> None:
+        """After ``optimizer.zero_grad()``, before ``step.loss.backward()``."""
+
+    def after_backward(self, step: Step) -> None:
+        """After the backward pass, before ``optimizer.step()``."""
+
+    def after_step(self, step: Step) -> None:
+        """After ``optimizer.step()``."""
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        """On the metrics record of the epoch just trained, before it is saved."""
+
+
+class PerStepSharpness(StepHook):
+    """Move the quantizers' sharpness schedules every step (``sharpness_per_step``), not
+    only at the epoch's start (which the loop does for every run)."""
+
+    def __init__(self, model: nn.Module, total_epochs: int) -> None:
+        self.model, self.total_epochs = model, total_epochs
+
+    def before_forward(self, step: Step) -> None:
+        if step.index > 0:  # step 0 is the epoch's start: already set
+            layers.set_epoch(self.model, step.epoch + step.index / step.steps, self.total_epochs)
+
+
+class ChannelsLastInput(StepHook):
+    """Give the model its input in channels_last memory format (``channels_last``)."""
+
+    def before_forward(self, step: Step) -> None:
+        step.x = step.x.contiguous(memory_format=torch.channels_last)
+
+
+class LearnedEstimatorStep(StepHook):
+    """A learned gradient estimator's step (:mod:`signgrad.estimators`): look-ahead
+    weights before the forward pass (the loss depends on its parameters), its gradients
+    cleared with the model's, and the learned gradient handed to the optimizer after the
+    backward pass. Records ``fallback_steps``: the steps of the epoch in which some
+    layer's learned gradient was not finite (the straight-through one was used)."""
+
+    def __init__(self, estimator: estimators.LearnedEstimator) -> None:
+        self.estimator = estimator
+        self.fallback_steps = 0
+
+    def begin_epoch(self, epoch: int) -> None:
+        self.fallback_steps = 0
+
+    def before_forward(self, step: Step) -> None:
+        self.estimator.begin_step(step.lr)
+
+    def before_backward(self, step: Step) -> None:
+        self.estimator.zero_grad()
+
+    def after_backward(self, step: Step) -> None:
+        self.fallback_steps += self.estimator.end_step() > 0
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        record["fallback_steps"] = self.fallback_steps
+
+
+class GradClip(StepHook):
+    """Clip the gradient norm of the model's parameters (``grad_clip``)."""
+
+    def __init__(self, model: nn.Module, max_norm: float) -> None:
+        self.model, self.max_norm = model, max_norm
+
+    def after_backward(self, step: Step) -> None:
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+
+
+class QuantizerPostStep(StepHook):
+    """Every binary layer's post-step on the updated weights (ProxQuant's prox step; a
+    no-op for the other quantizers)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def after_step(self, step: Step) -> None:
+        layers.post_step(self.model, step.lr)
+
+
+def for_config(
+    cfg: Config, model: nn.Module, estimator: estimators.LearnedEstimator | None
+) -> list[StepHook]:
+    """The hooks of a run of ``cfg``, in the order they are called."""
+    hooks: list[StepHook] = []
+    if cfg.sharpness_per_step:
+        hooks.append(PerStepSharpness(model, cfg.epochs))
+    if cfg.channels_last:
+        hooks.append(ChannelsLastInput())
+    if estimator is not None:
+        hooks.append(LearnedEstimatorStep(estimator))
+    if cfg.grad_clip is not None:
+        hooks.append(GradClip(model, cfg.grad_clip))
+    hooks.append(QuantizerPostStep(model))
+    return hooks
