@@ -9,6 +9,7 @@ rebuilt from its checkpoint (:func:`load_trained`). :mod:`signgrad.train` runs t
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from torch import nn
 from signgrad import checkpoint, convert, data, estimators, hyper, layers, memory, models
 from signgrad.config import Config
 from signgrad.errors import SigngradError
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -95,8 +98,11 @@ def _check_init(
     """An --init checkpoint is checked as a whole like any other (its states must fit the
     run it describes), though only its weights are used: rebuild that run's model."""
     own = dataclasses.replace(Config.from_dict(state["config"]), init=None)
+    deploy = checkpoint.deploy_of(state)
     if own.data == cfg.data:
         shape = num_classes, in_channels, image_size
+    elif deploy is not None:
+        shape = len(deploy["classes"]), deploy["in_channels"], deploy["height"]
     else:
         try:
             classes, (c, h, _) = data.describe(own.data)
@@ -260,27 +266,71 @@ def check_sizes(c: Config) -> None:
 
 @dataclass
 class Trained:
-    """A trained model rebuilt from its checkpoint, with what it was trained on."""
+    """A trained model rebuilt from its checkpoint, with what it was trained on: ``deploy``
+    is the checkpoint's deployment entry (:func:`signgrad.checkpoint.deploy_entry`: class
+    names, input shape, normalisation), ``data`` the data set (None when not loaded)."""
 
     model: nn.Module
     config: Config
     checkpoint: dict[str, Any]
-    data: data.DataSet
+    data: data.DataSet | None
+    deploy: dict[str, Any]
+
+
+def _deploy_of_data(ds: data.DataSet) -> dict[str, Any]:
+    return checkpoint.deploy_entry(ds.classes, (ds.in_channels, *ds.image_size), ds.mean, ds.std)
+
+
+def _images(d: dict[str, Any]) -> str:
+    """'10 classes (airplane, automobile, ...) of 3x32x32 images' of a deploy entry."""
+    names = ", ".join(d["classes"][:3]) + (", ..." if len(d["classes"]) > 3 else "")
+    shape = f"{d['in_channels']}x{d['height']}x{d['width']}"
+    return f"{len(d['classes'])} classes ({names}) of {shape} images"
 
 
 def load_trained(
-    path: str | os.PathLike, device: str = "cpu", data_root: str | None = None
+    path: str | os.PathLike,
+    device: str = "cpu",
+    data_root: str | None = None,
+    with_data: bool = True,
 ) -> Trained:
     """Rebuild the model of a checkpoint (or run directory) in its final state: weights
-    loaded, quantizers at the epoch the checkpoint was written."""
+    loaded, quantizers at the epoch the checkpoint was written.
+
+    The class names, input shape and normalisation come from the checkpoint's ``deploy``
+    entry; ``with_data=False`` does not read the data set (``Trained.data`` is None), so
+    exporting needs no data. A checkpoint written before that entry existed is the
+    exception: its data set is read (from ``data_root``, else the configuration's) to
+    learn them, with a note in the log. With data, the data set must still match the
+    recorded classes and shape."""
     state = checkpoint.load(path)
     cfg = Config.from_dict(state["config"])
     if data_root is not None:
         cfg.data_root = data_root
-    ds = data.load(cfg.data, root=cfg.data_root, download=cfg.download)
-    model = build_model(dataclasses.replace(cfg, init=None), ds)
+    deploy = checkpoint.deploy_of(state)
+    ds = None
+    if deploy is None:
+        log.info(
+            "%s records no deployment entry (it was written by an older signgrad): its "
+            "classes, input shape and normalisation are read from its data set %s",
+            path, cfg.data,
+        )  # fmt: skip
+    if with_data or deploy is None:
+        ds = data.load(cfg.data, root=cfg.data_root, download=cfg.download)
+        own = _deploy_of_data(ds)
+        if deploy is None:
+            deploy = own
+        elif any(own[k] != deploy[k] for k in ("classes", "in_channels", "height", "width")):
+            raise SigngradError(
+                f"{path} was trained on {_images(deploy)}, but its data set {cfg.data} now "
+                f"holds {_images(own)}"
+            )
+    model = build_architecture(
+        dataclasses.replace(cfg, init=None),
+        len(deploy["classes"]), deploy["in_channels"], deploy["height"],
+    )  # fmt: skip
     # The whole checkpoint must fit, not only the weights: a run that cannot be resumed
     # from it is damaged, and a reader says so rather than trusting half of it.
     restore(state, path, model, make_optimizer(cfg, model))
     layers.set_epoch(model, state["epoch"] - 1, cfg.epochs)
-    return Trained(model.to(pick_device(device)), cfg, state, ds)
+    return Trained(model.to(pick_device(device)), cfg, state, ds, deploy)

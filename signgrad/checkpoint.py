@@ -11,6 +11,11 @@ A checkpoint is a ``torch.save`` dict of tensors and plain values, read back wit
 ``rng``          {"data": generator state, "torch": global CPU RNG state}
 ``history``      the per-epoch metrics so far (the same records as metrics.jsonl)
 ``estimator``    the learned gradient estimator's state (None without one)
+``deploy``       what using the model needs, without its data set (:func:`deploy_entry`):
+                 {"classes": [str, ...], "in_channels": C, "height": H, "width": W,
+                 "mean": [C floats], "std": [C floats]} (the normalisation of the
+                 [0, 1] pixels). Always written; checkpoints written before it was added
+                 have none, and their readers take it from the data set instead.
 
 :func:`load` checks all of it, so every reader (eval, export, summary, --resume, --init)
 refuses a damaged checkpoint with the same one-line error.
@@ -23,6 +28,7 @@ that fails (a full disk, a file size limit) is one error and leaves the old file
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -192,11 +198,65 @@ def validate(state: Any, path: Path) -> None:
         for key in HISTORY_KEYS:
             if not _is_number(r.get(key)):
                 raise _bad(path, f"its history record {i + 1} has no number '{key}'")
+    if "deploy" in state:
+        _check_deploy(state["deploy"], path)
     if config.get("estimator") is not None:
         est = state.get("estimator")
         keys = ("meta", "meta_optimizer", "histories", "steps", "nonfinite_steps", "extra")
         if not isinstance(est, dict) or any(k not in est for k in keys):
             raise _bad(path, f"it has no state of its estimator '{config['estimator']}'")
+
+
+DEPLOY_KEYS = ("classes", "in_channels", "height", "width", "mean", "std")
+
+
+def deploy_entry(
+    classes: list[str], shape: tuple[int, int, int], mean: Any, std: Any
+) -> dict[str, Any]:
+    """The checkpoint's ``deploy`` entry: the class names, the input shape (C, H, W) and
+    the per-channel normalisation mean/std of a model, as plain values."""
+    c, h, w = (int(x) for x in shape)
+    return {
+        "classes": [str(n) for n in classes], "in_channels": c, "height": h, "width": w,
+        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+    }  # fmt: skip
+
+
+def deploy_of(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``deploy`` entry of a loaded (validated) checkpoint, or None for a checkpoint
+    written before signgrad recorded it."""
+    return state.get("deploy")
+
+
+def _check_deploy(d: Any, path: Path) -> None:
+    """The layout of the ``deploy`` entry (see the module's docstring)."""
+    if not isinstance(d, dict):
+        raise _bad(path, f"its 'deploy' is a {type(d).__name__}, not a dict")
+    for key in DEPLOY_KEYS:
+        if key not in d:
+            raise _bad(path, f"its 'deploy' has no '{key}'")
+    classes = d["classes"]
+    if not (
+        isinstance(classes, list) and classes and all(isinstance(n, str) and n for n in classes)
+    ):
+        raise _bad(path, "its 'deploy' classes are not a list of names")
+    if len(set(classes)) != len(classes):
+        raise _bad(path, "its 'deploy' classes repeat a name")
+    for key in ("in_channels", "height", "width"):
+        if not _is_int(d[key]) or d[key] < 1:
+            raise _bad(path, f"its 'deploy' {key} is {d[key]!r}, not a positive number")
+    for key in ("mean", "std"):
+        v = d[key]
+        if not (isinstance(v, list) and all(_is_number(x) for x in v)):
+            raise _bad(path, f"its 'deploy' {key} is not a list of numbers")
+        if len(v) != d["in_channels"]:
+            raise _bad(
+                path, f"its 'deploy' {key} has {len(v)} values for {d['in_channels']} channels"
+            )
+        if not all(math.isfinite(x) for x in v):
+            raise _bad(path, f"its 'deploy' {key} holds a NaN or infinite value")
+    if not all(x > 0 for x in d["std"]):
+        raise _bad(path, "its 'deploy' std holds a value that is not above 0")
 
 
 def _check_optimizer(opt: Any, path: Path) -> None:

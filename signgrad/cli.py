@@ -2,6 +2,10 @@
 
 A user's mistake (a :class:`SigngradError`) is one line on stderr and exit status 2;
 Ctrl-C during training leaves the last complete epoch's checkpoint and exits 130.
+
+Each command imports what it needs when it runs: ``predict`` (the packed runtime) works
+where PyTorch is not installed, and the flags whose help lists the registered models or
+quantizers are added only when their command is parsed or its help is shown.
 """
 
 from __future__ import annotations
@@ -10,20 +14,57 @@ import argparse
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from signgrad import __version__, checkpoint, data, export, models, quantizers
+from signgrad import __version__
 from signgrad.errors import SigngradError
+
+if TYPE_CHECKING:
+    from signgrad import export
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """A command's parser whose arguments ``populate`` adds on first use (parsing, usage or
+    help), so that building the whole command line imports nothing heavy."""
+
+    def __init__(self, *args: Any, populate: Callable[[Any], None] | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self._populate = populate
+
+    def _fill(self) -> None:
+        populate, self._populate = self._populate, None
+        if populate is not None:
+            populate(self)
+
+    def parse_known_args(self, *args: Any, **kw: Any) -> Any:
+        self._fill()
+        return super().parse_known_args(*args, **kw)
+
+    def format_usage(self) -> str:
+        self._fill()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._fill()
+        return super().format_help()
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    sub.add_parser(
         "train",
         help="train a (binary) network",
         description="Train a network; every flag left out keeps its default "
         "(or, with --resume, the value saved in the run).",
         argument_default=argparse.SUPPRESS,
-    )
+        populate=_train_flags,
+    ).set_defaults(func=_train)
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    from signgrad import models, quantizers
+
     p.add_argument("--model", help=f"architecture: {', '.join(models.names())}, or "
                    "hyper-MODEL for its Hyper-BinaryNet form (resnet20)")  # fmt: skip
     p.add_argument("--data", help="data set: cifar10, cifar100, fashion-mnist, mnist, "
@@ -79,11 +120,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-after", type=int, help="stop after this many epochs in total, "
                    "keeping the schedules of --epochs; continue later with --resume")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_train)
 
 
 def _train(args: argparse.Namespace) -> None:
-    from signgrad import config, rundir, train
+    from signgrad import checkpoint, config, rundir, train
 
     fields = {f.name for f in dataclasses.fields(config.Config)}
     flags = {k: v for k, v in vars(args).items() if k in fields}
@@ -128,9 +168,11 @@ def _eval(args: argparse.Namespace) -> None:
 
     _check_data_root(args.data_root)
     t = builders.load_trained(args.checkpoint, device=args.device, data_root=args.data_root)
+    # The normalisation the model was trained with (the checkpoint's), on today's test set.
     loader = data_mod.Loader(
-        t.data.test_images, t.data.test_labels, batch_size=500, mean=t.data.mean,
-        std=t.data.std, train=False, augment=False, device=next(t.model.parameters()).device,
+        t.data.test_images, t.data.test_labels, batch_size=500, mean=t.deploy["mean"],
+        std=t.deploy["std"], train=False, augment=False,
+        device=next(t.model.parameters()).device,
     )  # fmt: skip
     loss, acc = train.evaluate(
         t.model, loader, bf16=t.config.bf16, channels_last=t.config.channels_last
@@ -167,7 +209,7 @@ def _check_data_root(root: str | None) -> None:
 def _source(args: argparse.Namespace, strict: bool) -> export.Source:
     """What summary/export work on: a checkpoint or run directory, or (summary) a model name
     built and binarized with the train flags given."""
-    from signgrad import builders, config
+    from signgrad import builders, config, data, export
 
     target = args.target
     _check_data_root(args.data_root)
@@ -198,7 +240,7 @@ def _export(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from signgrad import graph
+    from signgrad import export, graph
 
     src = _source(args, strict=True)
     export.check_finite(src.model)  # before anything is built or written
@@ -282,12 +324,22 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _list(args: argparse.Namespace) -> None:
-    from signgrad import estimators
+    from signgrad import data, estimators, models, quantizers
 
     print("quantizers:", ", ".join(quantizers.names()))
     print("estimators:", ", ".join(estimators.names()))
     print("models:    ", ", ".join(models.names()), "(each also as hyper-MODEL)")
     print("data:      ", ", ".join(data.names()))
+
+
+def _export_flags(x: argparse.ArgumentParser) -> None:
+    from signgrad import export
+
+    x.add_argument("target", metavar="CKPT", help="checkpoint or run directory")
+    x.add_argument("--format", choices=export.FORMATS, default="packed")
+    x.add_argument("--out", help="file to write (default: in the run directory)")
+    x.add_argument("--data-root", default=None, help="data set root, only for a checkpoint "
+                   "written before signgrad recorded its classes and normalisation")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"signgrad {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
     _add_train(sub)
     e = sub.add_parser("eval", help="test loss and accuracy of a run or checkpoint")
     e.add_argument("checkpoint", help="run directory or checkpoint file")
@@ -326,12 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "Hyper-BinaryNet layers")  # fmt: skip
     s.add_argument("--data-root", default=None)
     s.set_defaults(func=_summary)
-    x = sub.add_parser("export", help="write a trained model as a packed 1-bit file or ONNX")
-    x.add_argument("target", metavar="CKPT", help="checkpoint or run directory")
-    x.add_argument("--format", choices=export.FORMATS, default="packed")
-    x.add_argument("--out", help="file to write (default: in the run directory)")
-    x.add_argument("--data-root", default=None)
-    x.set_defaults(func=_export)
+    sub.add_parser(
+        "export",
+        help="write a trained model as a packed 1-bit file or ONNX",
+        populate=_export_flags,
+    ).set_defaults(func=_export)
     r = sub.add_parser("predict", help="class and probability of images, with the packed "
                        "runtime")  # fmt: skip
     r.add_argument("model", help="packed model file (signgrad export)")

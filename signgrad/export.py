@@ -37,20 +37,24 @@ class Source:
 
 
 def from_checkpoint(path: str | os.PathLike, data_root: str | None = None) -> Source:
-    """The model of a checkpoint or run directory, in its final state, on the CPU."""
+    """The model of a checkpoint or run directory, in its final state, on the CPU.
+
+    Its classes, input shape and normalisation come from the checkpoint: no data set is
+    read, except for a checkpoint written before signgrad recorded them (then from
+    ``data_root``, else its configuration's)."""
     from signgrad import builders
 
-    t = builders.load_trained(path, device="cpu", data_root=data_root)
-    c = t.data.in_channels
-    h, w = t.data.image_size
+    t = builders.load_trained(path, device="cpu", data_root=data_root, with_data=False)
+    d = t.deploy
     cfg = t.config
     desc = {
         "checkpoint": str(path), "epoch": int(t.checkpoint["epoch"]), "model": cfg.model,
         "data": cfg.data, "quantizer": cfg.quantizer, "input_quantizer": cfg.input_quantizer,
         "keep": cfg.keep, "scaling": cfg.scaling,
     }  # fmt: skip
-    return Source(t.model.eval(), (c, h, w), list(t.data.classes), list(t.data.mean),
-                  list(t.data.std), desc)  # fmt: skip
+    shape = (d["in_channels"], d["height"], d["width"])
+    return Source(t.model.eval(), shape, list(d["classes"]), list(d["mean"]), list(d["std"]),
+                  desc)  # fmt: skip
 
 
 def check_finite(model: nn.Module) -> None:

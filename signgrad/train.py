@@ -133,6 +133,7 @@ def _train_locked(
             return history
         _continue_metrics(cfg, run_dir, history)
     config_dict = dataclasses.asdict(cfg)
+    deploy = checkpoint.deploy_entry(ds.classes, (ds.in_channels, *ds.image_size), ds.mean, ds.std)
     checkpoint.write_json(run_dir / checkpoint.CONFIG_NAME, config_dict)
 
     for epoch in range(start_epoch, end_epoch):
@@ -159,7 +160,7 @@ def _train_locked(
         history.append(record)
         checkpoint.save(
             run_dir / checkpoint.CHECKPOINT_NAME,
-            _checkpoint_state(config_dict, history, model, optimizer, estimator, generator),
+            _checkpoint_state(config_dict, history, model, optimizer, estimator, generator, deploy),
         )
         _append_metrics(run_dir, record)
         _log_epoch(cfg, record)
@@ -263,9 +264,11 @@ def _checkpoint_state(
     optimizer: torch.optim.Optimizer,
     estimator: estimators.LearnedEstimator | None,
     generator: torch.Generator,
+    deploy: dict[str, Any],
 ) -> dict[str, Any]:
     """What the checkpoint after the last epoch of ``history`` holds (see
-    :mod:`signgrad.checkpoint`)."""
+    :mod:`signgrad.checkpoint`); ``deploy`` is :func:`signgrad.checkpoint.deploy_entry` of
+    the data set trained on."""
     return {
         "config": config_dict,
         "epoch": len(history),
@@ -274,6 +277,7 @@ def _checkpoint_state(
         "rng": {"data": generator.get_state(), "torch": torch.get_rng_state()},
         "history": history,
         "estimator": None if estimator is None else estimator.state_dict(),
+        "deploy": deploy,
     }
 
 

@@ -3,23 +3,16 @@ training on the real CIFAR-10 subset."""
 
 import io
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from signgrad import checkpoint, cli, convert, estimators, layers
+from signgrad import checkpoint, convert, estimators, layers
 from signgrad.errors import SigngradError
 from signgrad.estimators.base import GradientHistory
 
-DATA = os.environ.get("SIGNGRAD_DATA")
-needs_cifar = pytest.mark.skipif(
-    not DATA or not (Path(DATA) / "cifar-10-batches-py" / "data_batch_1").is_file(),
-    reason="SIGNGRAD_DATA with cifar-10-batches-py is not available",
-)
 SMALL_FSG = {"d_inner": 4, "d_state": 3, "d_conv": 3, "fast_hidden": 8}
 
 
@@ -259,7 +252,7 @@ def test_bwn_with_binary_activations_and_sgd(name):
         assert not torch.equal(w0, lay.weight.detach())
 
 
-def test_list_names_the_estimators(capsys):
+def test_list_names_the_estimators(run_cli, capsys):
     assert run_cli("list") == 0
     out = capsys.readouterr().out
     assert all(name in out for name in estimators.names())
@@ -302,20 +295,15 @@ def test_non_finite_estimator_output_falls_back_to_ste():
 # -- training on real data ---------------------------------------------------------------
 
 
-def run_cli(*args):
-    return cli.main(["-q", *args])
-
-
 COMMON = ["--model", "convnet", "--data", "cifar10", "--quantizer", "dorefa", "--keep", "none",
           "--batch-size", "64", "--lr", "3e-3", "--no-progress"]  # fmt: skip
 
 
-@needs_cifar
 # fsg-paper is the fsg code with bigger sizes (covered by the unit tests above); three
 # epochs of it take minutes on two cores.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in estimators.names() if n != "fsg-paper"])
-def test_training_with_each_estimator_lowers_the_loss(tmp_path, name):
+def test_training_with_each_estimator_lowers_the_loss(tmp_path, cifar_root, run_cli, name):
     out = tmp_path / name
     # 3 epochs of 80 steps: a few hundred meta-learning steps.
     assert run_cli("train", *COMMON, "--estimator", name, "--epochs", "3",
@@ -328,8 +316,7 @@ def test_training_with_each_estimator_lowers_the_loss(tmp_path, name):
 
 
 @pytest.mark.slow
-@needs_cifar
-def test_estimator_runs_repeat_and_resume_exactly(tmp_path):
+def test_estimator_runs_repeat_and_resume_exactly(tmp_path, cifar_root, run_cli):
     args = [*COMMON, "--estimator", "fsg", "--epochs", "2", "--seed", "3"]
     assert run_cli("train", *args, "--out", str(tmp_path / "a")) == 0
     assert run_cli("train", *args, "--out", str(tmp_path / "b"), "--stop-after", "1") == 0
@@ -344,7 +331,7 @@ def test_estimator_runs_repeat_and_resume_exactly(tmp_path):
     assert [r["test_loss"] for r in a["history"]] == [r["test_loss"] for r in b["history"]]
 
 
-def test_estimator_flag_errors(tmp_path, capsys):
+def test_estimator_flag_errors(tmp_path, run_cli, capsys):
     base = ["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]
     assert run_cli(*base, "--estimator", "fsg3") == 2
     assert "unknown estimator 'fsg3'" in capsys.readouterr().err

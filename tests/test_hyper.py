@@ -1,8 +1,6 @@
 """Hyper-BinaryNet: HyperConv2d / HyperLinear, hyper accumulation, binarize(hyper=True)."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -157,16 +155,8 @@ def test_recipe_and_flags():
     assert resolved.model == "vgg-small" and resolved.hyper
 
 
-DATA = os.environ.get("SIGNGRAD_DATA")
-needs_cifar = pytest.mark.skipif(
-    not DATA or not (Path(DATA) / "cifar-10-batches-py" / "data_batch_1").is_file(),
-    reason="SIGNGRAD_DATA with cifar-10-batches-py is not available",
-)
-
-
 @pytest.mark.slow
-@needs_cifar
-def test_short_1w1a_hyper_run_lowers_the_loss_and_repeats(tmp_path, capsys):
+def test_short_1w1a_hyper_run_lowers_the_loss_and_repeats(tmp_path, cifar_root, capsys):
     args = ["train", "--model", "hyper-convnet", "--data", "cifar10", "--quantizer",
             "ste-warmup", "--input-quantizer", "ste-warmup", "--recipe", "hyper-binarynet",
             "--epochs", "3", "--batch-size", "64", "--no-progress"]  # fmt: skip

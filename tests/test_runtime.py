@@ -2,8 +2,6 @@
 the file format's checks, and what it refuses."""
 
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,15 +15,6 @@ from signgrad.runtime import format as fmt
 from signgrad.runtime import kernels as K
 from signgrad.runtime import model as runtime
 
-DATA = os.environ.get("SIGNGRAD_DATA")
-needs_cifar = pytest.mark.skipif(
-    not DATA or not (Path(DATA) / "cifar-10-batches-py" / "data_batch_1").is_file(),
-    reason="SIGNGRAD_DATA with cifar-10-batches-py is not available",
-)
-needs_fashion = pytest.mark.skipif(
-    not DATA or not (Path(DATA) / "fashion-mnist").is_dir(),
-    reason="SIGNGRAD_DATA with fashion-mnist is not available",
-)
 needs_compiled = pytest.mark.skipif(K.COMPILED is None, reason=f"no kernels: {K.UNAVAILABLE}")
 BACKENDS = ["numpy", pytest.param("compiled", marks=needs_compiled)]
 
@@ -153,8 +142,8 @@ def assert_same_predictions(model: nn.Module, pm: runtime.PackedModel, ds: data.
 
 
 @pytest.fixture(scope="module")
-def cifar() -> data.DataSet:
-    return data.load("cifar10", root=DATA, download=False)
+def cifar(cifar_root) -> data.DataSet:
+    return data.load("cifar10", root=cifar_root, download=False)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +155,6 @@ def cifar_resnet20(cifar) -> nn.Module:
 
 
 @pytest.mark.slow
-@needs_cifar
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resnet20_1w1a_matches_pytorch_on_every_cifar_test_image(cifar, cifar_resnet20, backend):
     pm = packed_of(cifar_resnet20, cifar, backend)
@@ -176,7 +164,6 @@ def test_resnet20_1w1a_matches_pytorch_on_every_cifar_test_image(cifar, cifar_re
 
 
 @pytest.mark.slow
-@needs_cifar
 @needs_compiled
 def test_hyper_vgg_small_with_channel_scaling_matches_pytorch(cifar):
     torch.manual_seed(1)
@@ -188,7 +175,6 @@ def test_hyper_vgg_small_with_channel_scaling_matches_pytorch(cifar):
 
 
 @pytest.mark.slow
-@needs_cifar
 @needs_compiled
 def test_resnet18_prelu_binary_shortcuts_match_pytorch(cifar):
     torch.manual_seed(2)
@@ -206,12 +192,13 @@ def test_resnet18_prelu_binary_shortcuts_match_pytorch(cifar):
 
 
 @pytest.fixture(scope="module")
-def fashion() -> data.DataSet:
-    return data.load("fashion-mnist", root=DATA, download=False)
+def fashion(cifar_root) -> data.DataSet:
+    if not (cifar_root / "fashion-mnist").is_dir():
+        pytest.skip("SIGNGRAD_DATA with fashion-mnist is not available")
+    return data.load("fashion-mnist", root=cifar_root, download=False)
 
 
 @pytest.mark.slow
-@needs_fashion
 @pytest.mark.parametrize("inputs", ["bnn", None], ids=["1W1A", "1W32A"])
 def test_convnet_matches_pytorch_on_every_fashion_mnist_test_image(fashion, inputs):
     torch.manual_seed(3)

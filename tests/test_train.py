@@ -1,31 +1,16 @@
 """End-to-end training on the real CIFAR-10 subset, resume, and the command line's errors."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from signgrad import checkpoint, cli, data, layers, train
-
-DATA = os.environ.get("SIGNGRAD_DATA")
-needs_cifar = pytest.mark.skipif(
-    not DATA or not (Path(DATA) / "cifar-10-batches-py" / "data_batch_1").is_file(),
-    reason="SIGNGRAD_DATA with cifar-10-batches-py is not available",
-)
-
-
-def run_cli(*args: str) -> int:
-    return cli.main(["-q", *args])
+from signgrad import checkpoint, data, layers, train
 
 
 @pytest.mark.slow
-@needs_cifar
-def test_train_binary_resnet20_on_real_cifar10(tmp_path, capsys):
+def test_train_binary_resnet20_on_real_cifar10(tmp_path, cifar_root, run_cli, capsys):
     out = tmp_path / "run"
     code = run_cli(
         "train", "--model", "resnet20", "--data", "cifar10", "--quantizer", "bnn",
@@ -54,8 +39,7 @@ def test_train_binary_resnet20_on_real_cifar10(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@needs_cifar
-def test_resume_gives_identical_weights(tmp_path):
+def test_resume_gives_identical_weights(tmp_path, cifar_root, run_cli):
     # bnn++ switches to the exact sign in the last epoch: the schedules must survive too.
     common = ["--model", "convnet", "--data", "cifar10", "--quantizer", "bnn++",
               "--epochs", "3", "--batch-size", "256", "--seed", "7", "--no-progress"]  # fmt: skip
@@ -74,8 +58,7 @@ def test_resume_gives_identical_weights(tmp_path):
 
 
 @pytest.mark.slow
-@needs_cifar
-def test_init_from_full_precision_checkpoint(tmp_path):
+def test_init_from_full_precision_checkpoint(tmp_path, cifar_root, run_cli):
     fp = tmp_path / "fp"
     args = ["--model", "convnet", "--data", "cifar10", "--epochs", "1", "--no-progress"]
     assert run_cli("train", *args, "--quantizer", "none", "--out", str(fp)) == 0
@@ -129,7 +112,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("args,message", BAD)
-def test_bad_flags(tmp_path, capsys, args, message):
+def test_bad_flags(tmp_path, run_cli, capsys, args, message):
     code = run_cli("train", "--data-root", str(tmp_path), "--out", str(tmp_path / "r"), *args)
     err = capsys.readouterr().err
     assert code == 2
@@ -137,9 +120,8 @@ def test_bad_flags(tmp_path, capsys, args, message):
     assert len(err.strip().splitlines()) == 1
 
 
-@needs_cifar
-def test_shape_that_cannot_work(tmp_path, capsys):
-    fmnist = Path(DATA) / "fashion-mnist"
+def test_shape_that_cannot_work(tmp_path, cifar_root, run_cli, capsys):
+    fmnist = cifar_root / "fashion-mnist"
     if not fmnist.is_dir():
         pytest.skip("no fashion-mnist in SIGNGRAD_DATA")
     code = run_cli("train", "--model", "vgg-small", "--data", "fashion-mnist",
@@ -147,17 +129,16 @@ def test_shape_that_cannot_work(tmp_path, capsys):
     assert code == 2 and "divisible by 8" in capsys.readouterr().err
 
 
-def test_data_root_without_files(tmp_path, capsys):
+def test_data_root_without_files(tmp_path, run_cli, capsys):
     code = run_cli("train", "--data-root", str(tmp_path), "--no-download",
                    "--out", str(tmp_path / "r"))  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and str(tmp_path) in err and "cifar-10-batches-py" in err
 
 
-@needs_cifar
-def test_truncated_data_file(tmp_path, capsys):
+def test_truncated_data_file(tmp_path, cifar_root, run_cli, capsys):
     root = tmp_path / "data"
-    shutil.copytree(Path(DATA) / "cifar-10-batches-py", root / "cifar-10-batches-py")
+    shutil.copytree(cifar_root / "cifar-10-batches-py", root / "cifar-10-batches-py")
     batch = root / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:100_000])
     code = run_cli("train", "--data-root", str(root), "--out", str(tmp_path / "r"))
@@ -165,8 +146,7 @@ def test_truncated_data_file(tmp_path, capsys):
     assert code == 2 and "data_batch_3" in err
 
 
-@needs_cifar
-def test_unwritable_run_directory(tmp_path, capsys):
+def test_unwritable_run_directory(tmp_path, cifar_root, run_cli, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     code = run_cli("train", "--model", "convnet", "--out", str(blocker / "run"))
@@ -175,8 +155,7 @@ def test_unwritable_run_directory(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@needs_cifar
-def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys):
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, cifar_root, run_cli, capsys):
     out = tmp_path / "r"
     code = run_cli("train", "--model", "convnet", "--quantizer", "none", "--optimizer", "sgd",
                    "--lr", "1e30", "--epochs", "2", "--no-progress", "--out", str(out))  # fmt: skip
@@ -186,8 +165,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@needs_cifar
-def test_existing_run_and_resume_clashes(tmp_path, capsys):
+def test_existing_run_and_resume_clashes(tmp_path, cifar_root, run_cli, capsys):
     out = tmp_path / "r"
     args = ["--model", "convnet", "--epochs", "2", "--no-progress", "--out", str(out)]
     assert run_cli("train", *args, "--stop-after", "1") == 0
@@ -197,12 +175,12 @@ def test_existing_run_and_resume_clashes(tmp_path, capsys):
     assert "flags differ from it: quantizer" in capsys.readouterr().err
 
 
-def test_resume_without_a_run(tmp_path, capsys):
+def test_resume_without_a_run(tmp_path, run_cli, capsys):
     assert run_cli("train", "--resume", "--out", str(tmp_path / "nothing")) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_corrupt_checkpoint_for_eval(tmp_path, capsys):
+def test_corrupt_checkpoint_for_eval(tmp_path, run_cli, capsys):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     assert run_cli("eval", str(bad)) == 2
@@ -210,20 +188,15 @@ def test_corrupt_checkpoint_for_eval(tmp_path, capsys):
     assert "is not a readable checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
-def test_command_line_error_has_no_traceback(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "signgrad.cli", "train", "--quantizer", "nope",
-         "--out", str(tmp_path / "r")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+def test_command_line_error_has_no_traceback(tmp_path, run_child):
+    proc = run_child("train", "--quantizer", "nope", "--out", tmp_path / "r", timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("signgrad: error: unknown quantizer 'nope'")
 
 
 @pytest.mark.slow
-@needs_cifar
-def test_1w1a_with_proxquant_trains(tmp_path):
+def test_1w1a_with_proxquant_trains(tmp_path, cifar_root, run_cli):
     out = tmp_path / "r"
     code = run_cli("train", "--model", "convnet", "--quantizer", "proxquant",
                    "--input-quantizer", "bnn", "--epochs", "3", "--lr", "3e-3",

@@ -74,7 +74,22 @@ def to_bytes(graph: dict[str, Any], tensors: dict[str, np.ndarray]) -> bytes:
     text = json.dumps(graph, separators=(",", ":")).encode()
     tensors = {**tensors, GRAPH_TENSOR: np.frombuffer(zlib.compress(text, 9), dtype=np.uint8)}
     meta = {"format": FORMAT, "version": str(VERSION), "sha256": _digest(tensors)}
-    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
+    blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=meta)
+    return _sorted_metadata(blob)
+
+
+def _sorted_metadata(blob: bytes) -> bytes:
+    """``blob`` with its header's metadata in sorted order: safetensors writes it in the
+    order of a hash map, which changes from one process to the next, and the same model
+    should give the same bytes. The header keeps its length (and so every offset)."""
+    n = int.from_bytes(blob[:8], "little")
+    raw = blob[8 : 8 + n]
+    header = json.loads(raw)
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) != len(raw.rstrip(b" ")):  # not the encoding expected: leave it as it is
+        return blob
+    return blob[:8] + text.ljust(n) + blob[8 + n :]
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
