@@ -32,16 +32,10 @@ from signgrad.estimators.base import (
 )
 
 
-def _validate(name: str, settings: dict[str, Any]) -> None:
-    check_int(name, "hidden", settings["hidden"])
-    check_choice(name, "activation", settings["activation"], ACTIVATIONS)
-    check_number(name, "meta_lr", settings["meta_lr"], 0.0)  # 0: a frozen meta-network
+class _MetaQuant(LearnedEstimator):
+    """What the three MetaQuant estimators share: their settings, checked (ranges, then
+    memory) before any meta-network is built, and one Adam over the meta-networks."""
 
-
-class FCGrad(LearnedEstimator):
-    """MetaQuant FC-Grad: g^ = MLP(g)."""
-
-    name = "metaquant-fc"
     size_keys = ("hidden",)
 
     def __init__(
@@ -51,13 +45,29 @@ class FCGrad(LearnedEstimator):
         self.validate(settings)  # before the model's layers are touched
         super().__init__(model)
         self._check_settings(settings)
-        self.net = coordinate_mlp(hidden, activation)
         self.meta_lr = meta_lr
-        self.finish_init()
 
     @classmethod
     def validate(cls, settings: dict[str, Any]) -> None:
-        _validate(cls.name, settings)
+        check_int(cls.name, "hidden", settings["hidden"])
+        check_choice(cls.name, "activation", settings["activation"], ACTIVATIONS)
+        check_number(cls.name, "meta_lr", settings["meta_lr"], 0.0)  # 0: a frozen meta-network
+
+    def make_meta_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.meta_lr)
+
+
+class FCGrad(_MetaQuant):
+    """MetaQuant FC-Grad: g^ = MLP(g)."""
+
+    name = "metaquant-fc"
+
+    def __init__(
+        self, model: nn.Module, hidden: int = 100, activation: str = "relu", meta_lr: float = 1e-3
+    ) -> None:
+        super().__init__(model, hidden, activation, meta_lr)
+        self.net = coordinate_mlp(hidden, activation)
+        self.finish_init()
 
     @classmethod
     def memory_needed(cls, weights: int, settings: dict[str, Any]) -> int:
@@ -66,9 +76,6 @@ class FCGrad(LearnedEstimator):
         # history, natural gradient, g^ and its calibration are 4 more numbers per weight.
         floats = PARAM_COPIES * mlp_parameters(h) + weights * (4 * h + 4)
         return FLOAT_BYTES * floats
-
-    def make_meta_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.meta_lr)
 
     def gradient(self, i: int, w_tilde: Tensor) -> Tensor:
         g = self.histories[i].latest()
@@ -85,7 +92,7 @@ class MultiFC(FCGrad):
         return g * self.net(w_tilde.unsqueeze(1)).squeeze(1)
 
 
-class LSTMFC(LearnedEstimator):
+class LSTMFC(_MetaQuant):
     """MetaQuant LSTMFC: g^ = g * MLP(LSTM(W~)), one LSTM state per coordinate.
 
     The state after each step is kept (detached) and continues at the next step: the
@@ -94,27 +101,18 @@ class LSTMFC(LearnedEstimator):
     """
 
     name = "metaquant-lstm"
-    size_keys = ("hidden",)
 
     def __init__(
         self, model: nn.Module, hidden: int = 100, activation: str = "relu", meta_lr: float = 1e-3
     ) -> None:
-        settings = {"hidden": hidden, "activation": activation, "meta_lr": meta_lr}
-        self.validate(settings)
-        super().__init__(model)
-        self._check_settings(settings)
+        super().__init__(model, hidden, activation, meta_lr)
         self.hidden = hidden
         self.cell = nn.LSTMCell(1, hidden)
         self.head = coordinate_mlp(hidden, activation, depth=3)
         # The head reads the LSTM's hidden vector, not a scalar.
         self.head[0] = nn.Linear(hidden, hidden)
-        self.meta_lr = meta_lr
         self.states: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
         self.finish_init()
-
-    @classmethod
-    def validate(cls, settings: dict[str, Any]) -> None:
-        _validate(cls.name, settings)
 
     @classmethod
     def memory_needed(cls, weights: int, settings: dict[str, Any]) -> int:
@@ -125,9 +123,6 @@ class LSTMFC(LearnedEstimator):
         # head's activations (~4h), and the history / gradients.
         floats = PARAM_COPIES * (cell + head) + weights * (12 * h + 4)
         return FLOAT_BYTES * floats
-
-    def make_meta_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.meta_lr)
 
     def gradient(self, i: int, w_tilde: Tensor) -> Tensor:
         g = self.histories[i].latest()
