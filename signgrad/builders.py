@@ -20,7 +20,7 @@ from torch import nn
 
 from signgrad import checkpoint, convert, data, estimators, hyper, layers, memory, models
 from signgrad.config import Config
-from signgrad.errors import SigngradError
+from signgrad.errors import SigngradError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def build_architecture(
         except (RuntimeError, ValueError, TypeError, KeyError) as e:
             raise SigngradError(
                 f"--init {cfg.init} ({state['config'].get('model')}) does not fit "
-                f"{cfg.model}: {_first_line(e)}"
+                f"{cfg.model}: {first_line(e)}"
             ) from None
     if cfg.quantizer != "none" or cfg.input_quantizer or cfg.hyper:
         convert.binarize(
@@ -134,16 +134,6 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
-def _first_line(e: BaseException) -> str:
-    """The cause of ``e`` on one line: its first line, and the second where the first only
-    introduces it ("Error(s) in loading state_dict for ConvNet:"), cut to a readable size."""
-    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
-    if not lines:
-        return type(e).__name__
-    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def restore(
     state: dict[str, Any],
     path: str | os.PathLike,
@@ -175,7 +165,7 @@ def restore(
         else:
             torch.Generator().set_state(state["rng"]["torch"])
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise SigngradError(f"{where}: its {part}: {_first_line(e)}") from None
+        raise SigngradError(f"{where}: its {part}: {first_line(e)}") from None
 
 
 def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:

@@ -39,7 +39,7 @@ from typing import IO, Any
 import torch
 
 from signgrad.config import check_saved_config
-from signgrad.errors import SigngradError
+from signgrad.errors import SigngradError, first_line
 
 FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -123,18 +123,13 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
                 f"{path} holds objects other than tensors and plain values; it was refused "
                 "without running them (is it a signgrad checkpoint from a trusted source?)"
             ) from None
-        raise SigngradError(f"{path} is not a readable checkpoint: {_first_line(e)}") from None
+        raise SigngradError(f"{path} is not a readable checkpoint: {first_line(e)}") from None
     except OSError as e:
         raise SigngradError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - damaged bytes can break the reader in any way
-        raise SigngradError(f"{path} is not a readable checkpoint: {_first_line(e)}") from None
+        raise SigngradError(f"{path} is not a readable checkpoint: {first_line(e)}") from None
     validate(state, path)
     return state
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _bad(path: Path, what: str) -> SigngradError:
