@@ -37,14 +37,17 @@ class HardenedBuildExt(build_ext):
         with tempfile.TemporaryDirectory() as tmp:
             src = os.path.join(tmp, "probe.c")
             with open(src, "w") as f:
-                f.write("#include <string.h>\nint probe(char *d, const char *s)"
-                        " { strcpy(d, s); return (int)strlen(d); }\n")  # fmt: skip
+                f.write(
+                    "#include <string.h>\nint probe(char *d, const char *s)"
+                    " { strcpy(d, s); return (int)strlen(d); }\n"
+                )
             try:
                 # -Werror: compilers that only warn about an unknown flag (clang) refuse it.
                 objs = self.compiler.compile(
-                    [src], output_dir=tmp,
+                    [src],
+                    output_dir=tmp,
                     extra_postargs=["-O2", "-Werror", *([] if link else flags)],
-                )  # fmt: skip
+                )
                 if link:
                     self.compiler.link_shared_object(
                         objs, os.path.join(tmp, "probe.so"), extra_postargs=flags
@@ -65,8 +68,10 @@ class HardenedBuildExt(build_ext):
                 ext.extra_compile_args = ext.extra_compile_args + compile_flags
                 ext.extra_link_args = ext.extra_link_args + link_flags
             if compile_flags or link_flags:
-                print(f"signgrad kernels on {platform.machine()}: hardening "
-                      f"{' '.join(compile_flags + link_flags)}")  # fmt: skip
+                print(
+                    f"signgrad kernels on {platform.machine()}: hardening "
+                    f"{' '.join(compile_flags + link_flags)}"
+                )
         super().build_extensions()
 
 

@@ -58,16 +58,16 @@ def calibrated(model: torch.nn.Module, shape: tuple[int, int, int]) -> torch.nn.
 
 
 def packed_model(model: torch.nn.Module, shape: tuple[int, int, int], threads: int):
-    src = export.Source(model, shape, [str(i) for i in range(10)], [0.0] * shape[0],
-                        [1.0] * shape[0], {})  # fmt: skip
+    src = export.Source(
+        model, shape, [str(i) for i in range(10)], [0.0] * shape[0], [1.0] * shape[0], {}
+    )
     g, tensors = fmt.read_bytes(export.packed(src))
     return runtime.build(g, tensors, backend="compiled", threads=threads)
 
 
 def single_conv(size: int, batch: int, threads: int, rounds: int, warmup: int) -> list[str]:
     torch.manual_seed(0)
-    conv = layers.BinaryConv2d(64, 64, 3, padding=1, weight_quantizer="bnn",
-                               input_quantizer="bnn")  # fmt: skip
+    conv = layers.BinaryConv2d(64, 64, 3, padding=1, weight_quantizer="bnn", input_quantizer="bnn")
     # A packed model ends in N x classes, hence the head; only step 0, the conv, is timed.
     head = (torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
     net = calibrated(torch.nn.Sequential(conv, torch.nn.BatchNorm2d(64), *head), (64, size, size))
@@ -123,8 +123,9 @@ def whole_network(arch: str, batch: int, threads: int, rounds: int, warmup: int)
 def profile(arch: str, batch: int, threads: int, rounds: int, warmup: int) -> list[str]:
     """Median milliseconds of each step of the packed network, slowest first."""
     pm = packed_model(network(arch, binary=True), SHAPE, threads)
-    x = np.transpose(np.random.default_rng(0).standard_normal((batch, *SHAPE), np.float32),
-                     (0, 2, 3, 1))  # fmt: skip
+    x = np.transpose(
+        np.random.default_rng(0).standard_normal((batch, *SHAPE), np.float32), (0, 2, 3, 1)
+    )
     times: dict[str, list[float]] = {s.name: [] for s in pm.steps}
     for r in range(warmup + rounds):
         values = {pm.graph["input"]["name"]: x}
@@ -136,8 +137,11 @@ def profile(arch: str, batch: int, threads: int, rounds: int, warmup: int) -> li
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     total = sum(ms.values())
     kind = {s.name: "binary" if s.binary else "numpy" for s in pm.steps}
-    lines = [f"\n{arch}, batch {batch}: {total:.3f} ms in {len(ms)} steps, of which binary "
-             f"kernels {sum(v for k, v in ms.items() if kind[k] == 'binary'):.3f} ms"]  # fmt: skip
+    binary_ms = sum(v for k, v in ms.items() if kind[k] == "binary")
+    lines = [
+        f"\n{arch}, batch {batch}: {total:.3f} ms in {len(ms)} steps, of which binary "
+        f"kernels {binary_ms:.3f} ms"
+    ]
     for k, v in sorted(ms.items(), key=lambda kv: -kv[1])[:6]:
         lines.append(f"  {k:24s} {kind[k]:6s} {v:7.3f} ms ({100 * v / total:.0f}%)")
     return lines
@@ -151,8 +155,10 @@ def sizes() -> list[str]:
     m.eval()
     src = export.Source(m, (3, 32, 32), [str(i) for i in range(10)], [0.0] * 3, [1.0] * 3, {})
     packed, full = len(export.packed(src, graph.build(m, (3, 32, 32)))), export.float_size(m)
-    return [f"1W1A ResNet-20 (first/last full precision): packed file {packed} bytes, float "
-            f"state_dict {full} bytes, {full / packed:.1f}x smaller"]  # fmt: skip
+    return [
+        f"1W1A ResNet-20 (first/last full precision): packed file {packed} bytes, float "
+        f"state_dict {full} bytes, {full / packed:.1f}x smaller"
+    ]
 
 
 def main() -> None:

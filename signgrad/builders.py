@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from signgrad import checkpoint, convert, data, estimators, hyper, layers, memory, models
+from signgrad import checkpoint, convert, data, estimators, hyper, layers, memory, models, optim
 from signgrad.config import Config
 from signgrad.errors import SigngradError, first_line
 
@@ -129,9 +129,9 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    # The settings the optimizer's builder names (lr, betas, momentum) come from cfg.
+    settings = {k: getattr(cfg, k) for k in optim.OPTIMIZERS.parameters(cfg.optimizer)}
+    return optim.OPTIMIZERS.build(cfg.optimizer, groups, **settings)
 
 
 def restore(
@@ -317,8 +317,10 @@ def load_trained(
             )
     model = build_architecture(
         dataclasses.replace(cfg, init=None),
-        len(deploy["classes"]), deploy["in_channels"], deploy["height"],
-    )  # fmt: skip
+        len(deploy["classes"]),
+        deploy["in_channels"],
+        deploy["height"],
+    )
     # The whole checkpoint must fit, not only the weights: a run that cannot be resumed
     # from it is damaged, and a reader says so rather than trusting half of it.
     restore(state, path, model, make_optimizer(cfg, model))

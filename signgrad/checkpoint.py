@@ -212,9 +212,13 @@ def deploy_entry(
     the per-channel normalisation mean/std of a model, as plain values."""
     c, h, w = (int(x) for x in shape)
     return {
-        "classes": [str(n) for n in classes], "in_channels": c, "height": h, "width": w,
-        "mean": [float(m) for m in mean], "std": [float(s) for s in std],
-    }  # fmt: skip
+        "classes": [str(n) for n in classes],
+        "in_channels": c,
+        "height": h,
+        "width": w,
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+    }
 
 
 def deploy_of(state: dict[str, Any]) -> dict[str, Any] | None:

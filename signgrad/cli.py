@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from signgrad import __version__
 from signgrad.errors import SigngradError
@@ -25,7 +25,15 @@ if TYPE_CHECKING:
     from signgrad import export
 
 
-class _LazyParser(argparse.ArgumentParser):
+class _Parser(argparse.ArgumentParser):
+    """A parser whose errors are one line, like signgrad's own (the usage of ``train``
+    alone is a screenful)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"signgrad: error: {message} (see '{self.prog} --help')\n")
+
+
+class _LazyParser(_Parser):
     """A command's parser whose arguments ``populate`` adds on first use (parsing, usage or
     help), so that building the whole command line imports nothing heavy."""
 
@@ -62,46 +70,68 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     ).set_defaults(func=_train)
 
 
-def _train_flags(p: argparse.ArgumentParser) -> None:
-    from signgrad import models, quantizers
+def _name_flag(p: argparse.ArgumentParser, flag: str, what: str, names: str, **kw: Any) -> None:
+    """A flag whose value is a registered name: its help lists the registry's names, and
+    its value is turned into the registered spelling (or refused) as it is read."""
+    from signgrad import config, registry
 
-    p.add_argument("--model", help=f"architecture: {', '.join(models.names())}, or "
-                   "hyper-MODEL for its Hyper-BinaryNet form (resnet20)")  # fmt: skip
-    p.add_argument("--data", help="data set: cifar10, cifar100, fashion-mnist, mnist, "
-                   "imagefolder:PATH (cifar10)")  # fmt: skip
-    p.add_argument("--quantizer", help=f"weight quantizer: {', '.join(quantizers.names())} (bnn)")
-    p.add_argument("--input-quantizer", help="activation quantizer for 1W1A (none)")
-    p.add_argument("--scaling", help="binary weight scaling: none, tensor, channel (none)")
-    p.add_argument("--keep", help="layers kept full precision: first_last, first, last, none "
-                   "(first_last)")  # fmt: skip
-    p.add_argument("--sharpness", help="schedule of the quantizer's sharpness, e.g. const:5, "
-                   "linear:1:10, exp:0.1:10, decay:1:0.95")  # fmt: skip
+    field = flag.lstrip("-").replace("-", "_")
+    canonical = config.name_fields()[field]
+    p.add_argument(flag, type=registry.cli_type(canonical, field), metavar="NAME",
+                   help=f"{what}: {names}", **kw)  # fmt: skip
+
+
+def _model_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The flags that define a binary network (train, and summary of a model name)."""
+    from signgrad import convert, data, layers, quantizers
+
+    _name_flag(p, "--quantizer", f"{prefix}weight quantizer", quantizers.QUANTIZERS.help("bnn"))
+    _name_flag(p, "--input-quantizer", f"{prefix}activation quantizer for 1W1A",
+               quantizers.QUANTIZERS.help("none"))  # fmt: skip
+    _name_flag(p, "--scaling", f"{prefix}binary weight scaling", layers.SCALINGS.help("none"))
+    _name_flag(p, "--keep", f"{prefix}layers kept full precision",
+               convert.KEEP_POLICIES.help("first_last"))  # fmt: skip
+    also = [data.names()[-1]]
+    _name_flag(p, "--data", f"{prefix}data set", data.DATASETS.help("cifar10", also=also))
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    from signgrad import config, estimators, hyper, models, optim, schedules
+
+    hyper_form = f"{config.HYPER_PREFIX}MODEL for its Hyper-BinaryNet form"
+    _name_flag(p, "--model", "architecture",
+               models.MODELS.help("resnet20", also=[hyper_form]))  # fmt: skip
+    _model_flags(p)
+    p.add_argument("--sharpness", help="schedule of the quantizer's sharpness: "
+                   f"{schedules.forms()}, e.g. linear:1:10")  # fmt: skip
     p.add_argument("--exact-sign-after", type=int, help="epoch (0-based) from which a soft "
                    "forward becomes the exact sign (default: the last 10%%)")  # fmt: skip
-    p.add_argument("--activation", help="relu, hardtanh, prelu, identity "
-                   "(relu; hardtanh with --input-quantizer)")  # fmt: skip
+    _name_flag(p, "--activation", "nonlinearity",
+               models.ACTIVATIONS.help("relu; hardtanh with --input-quantizer"))  # fmt: skip
     p.add_argument("--input-sharpness", help="schedule of the input quantizer's sharpness")
     p.add_argument("--sharpness-per-step", action="store_true", help="move sharpness "
                    "schedules every step (epoch fractions), not once per epoch")  # fmt: skip
     p.add_argument("--hyper", action="store_true", help="Hyper-BinaryNet layers: generated "
                    "latent kernels (also: --model hyper-MODEL)")  # fmt: skip
     p.add_argument("--z-dim", type=int, help="hyper layers: embedding size per kernel (9)")
-    p.add_argument("--generator", help="hyper layers: linear, mlp-elu, mlp-hardtanh (linear)")
-    p.add_argument("--estimator", help="learned gradient estimator: fsg, fsg-paper, "
-                   "metaquant-fc, metaquant-multifc, metaquant-lstm (none)")  # fmt: skip
+    _name_flag(p, "--generator", "hyper layers' kernel generator",
+               hyper.GENERATORS.help("linear"))  # fmt: skip
+    _name_flag(p, "--estimator", "learned gradient estimator",
+               estimators.ESTIMATORS.help("none"))  # fmt: skip
     p.add_argument("--estimator-param", dest="estimator_params", action="append",
                    metavar="KEY=VALUE", help="estimator setting, e.g. beta=0.5 "
                    "(repeatable)")  # fmt: skip
-    p.add_argument("--optimizer", help="adam or sgd (adam)")
-    p.add_argument("--lr", type=float, help="base learning rate (adam 1e-3, sgd 0.1)")
+    _name_flag(p, "--optimizer", "optimizer", optim.OPTIMIZERS.help("adam"))
+    default_lr = ", ".join(f"{k} {v:g}" for k, v in config.DEFAULT_LR.items())
+    p.add_argument("--lr", type=float, help=f"base learning rate ({default_lr})")
     p.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
     p.add_argument("--betas", type=float, nargs=2, help="Adam's betas (0.9 0.999)")
     p.add_argument("--weight-decay", type=float, help="on conv/linear weights only (0)")
     p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (off)")
     p.add_argument("--bn-momentum", type=float, help="batch norm momentum (PyTorch's 0.1)")
-    p.add_argument("--recipe", help="preset of optimizer settings, overridden by flags given: "
-                   "hyper-binarynet")  # fmt: skip
-    p.add_argument("--schedule", help="lr schedule: cosine, step, constant (cosine)")
+    _name_flag(p, "--recipe", "preset of optimizer settings, overridden by flags given",
+               config.RECIPES.help())  # fmt: skip
+    _name_flag(p, "--schedule", "lr schedule", optim.LR_SCHEDULES.help("cosine"))
     p.add_argument("--milestones", type=int, nargs="+", help="epochs of the step schedule")
     p.add_argument("--gamma", type=float, help="factor of the step schedule (0.1)")
     p.add_argument("--epochs", type=int, help="number of epochs (30)")
@@ -225,7 +255,7 @@ def _source(args: argparse.Namespace, strict: bool) -> export.Source:
     model = builders.build_architecture(cfg, classes, c, h)
     names = [str(i) for i in range(classes)]
     return export.Source(model.eval(), (c, h, w), names, [0.0] * c, [1.0] * c,
-                         {"model": target})  # fmt: skip
+                         {"model": cfg.model})  # fmt: skip
 
 
 def _summary(args: argparse.Namespace) -> None:
@@ -235,59 +265,21 @@ def _summary(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    import math
-
-    import numpy as np
-    import torch
-
-    from signgrad import export, graph
+    from signgrad import export
 
     src = _source(args, strict=True)
-    export.check_finite(src.model)  # before anything is built or written
+    built = export.checked(src, args.format)  # refuses before anything is written
     run_dir = Path(args.target) if Path(args.target).is_dir() else Path(args.target).parent
-    g = graph.build(src.model, src.input_shape)
-    # Every export is checked against PyTorch before it is written.
-    x = torch.randn((64, *src.input_shape), generator=torch.Generator().manual_seed(0))
-    if args.format == "packed":
-        from signgrad.runtime import format as fmt
-        from signgrad.runtime import model as runtime
-
-        out = Path(args.out or run_dir / "model-packed.safetensors")
-        blob = export.packed(src, g)
-        pm = runtime.build(*fmt.read_bytes(blob, str(out)))
-        with torch.no_grad():
-            ref = src.model(x).numpy()
-        got = pm.run(x.numpy())
-        diff = float(np.abs(got - ref).max())
-        agree = float((got.argmax(1) == ref.argmax(1)).mean())
-        checker = f"the runtime ({pm.backend})"
-    else:
-        from signgrad import onnx_export
-
-        out = Path(args.out or run_dir / "model.onnx")
-        meta = {"classes": ",".join(src.classes), "mean": str(src.mean), "std": str(src.std)}
-        proto = onnx_export.to_onnx(g, metadata=meta)
-        diff, agree = onnx_export.check_onnx(proto, src.model, x)
-        blob = proto.SerializeToString()
-        checker = "onnxruntime"
-    if not math.isfinite(diff):
-        # Finite weights can still overflow; NaN logits would "agree" on every argmax.
-        raise SigngradError(
-            f"the network's outputs on the check inputs are not finite (largest logit "
-            f"difference {diff}); nothing written"
-        )
-    if agree < 1.0:
-        wrong = f"{100 * (1 - agree):.0f}%"
-        raise SigngradError(
-            f"the exported model disagrees with PyTorch on {wrong} of the check inputs; "
-            "nothing written"
-        )
-    export.write(out, blob)
+    out = Path(args.out or run_dir / built.filename)
+    export.write(out, built.data)
     full = export.float_size(src.model)
-    ratio = f", {full / len(blob):.1f}x smaller" if args.format == "packed" else ""
-    print(f"wrote {out}: {len(blob):,} bytes (float state_dict {full:,} bytes{ratio})")
-    print(f"checked with {checker} against PyTorch on 64 random inputs: every class agrees, "
-          f"largest logit difference {diff:.2e}")  # fmt: skip
+    size = len(built.data)
+    ratio = f", {full / size:.1f}x smaller" if args.format == "packed" else ""
+    print(f"wrote {out}: {size:,} bytes (float state_dict {full:,} bytes{ratio})")
+    print(
+        f"checked with {built.checker} against PyTorch on {export.CHECK_INPUTS} random "
+        f"inputs: every class agrees, largest logit difference {built.max_diff:.2e}"
+    )
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",
@@ -323,29 +315,97 @@ def _predict(args: argparse.Namespace) -> None:
         print(f"{p}: " + ", ".join(f"{names[k]} {100 * row[k]:.1f}%" for k in top))
 
 
-def _list(args: argparse.Namespace) -> None:
-    from signgrad import data, estimators, models, quantizers
+def _registries() -> dict[str, Any]:
+    """What ``signgrad list`` shows: every registry, by the word for its kind."""
+    from signgrad import (
+        config,
+        convert,
+        data,
+        estimators,
+        export,
+        hyper,
+        layers,
+        models,
+        optim,
+        quantizers,
+        schedules,
+    )
+    from signgrad.estimators import base
 
-    print("quantizers:", ", ".join(quantizers.names()))
-    print("estimators:", ", ".join(estimators.names()))
-    print("models:    ", ", ".join(models.names()), "(each also as hyper-MODEL)")
-    print("data:      ", ", ".join(data.names()))
+    return {
+        "quantizers": quantizers.QUANTIZERS,
+        "estimators": estimators.ESTIMATORS,
+        "models": models.MODELS,
+        "data": data.DATASETS,
+        "activations": models.ACTIVATIONS,
+        "generators": hyper.GENERATORS,
+        "optimizers": optim.OPTIMIZERS,
+        "lr-schedules": optim.LR_SCHEDULES,
+        "sharpness-schedules": schedules.KINDS,
+        "recipes": config.RECIPES,
+        "scalings": layers.SCALINGS,
+        "keep": convert.KEEP_POLICIES,
+        "meta-activations": base.ACTIVATIONS,
+        "export-formats": export.FORMATS,
+    }
+
+
+# Forms accepted beside a registry's names, shown in listings.
+_ALSO = {"models": "each also as hyper-MODEL", "data": "and imagefolder:PATH"}
+
+
+def _list(args: argparse.Namespace) -> None:
+    regs = _registries()
+    if args.kind is None:
+        width = max(map(len, regs)) + 1
+        for kind, reg in regs.items():
+            also = f" ({_ALSO[kind]})" if kind in _ALSO else ""
+            print(f"{kind + ':':<{width}} {', '.join(reg)}{also}")
+        return
+    if args.kind not in regs:
+        raise SigngradError(f"unknown kind {args.kind!r}; valid: {', '.join(regs)}")
+    rows = regs[args.kind].summaries()
+    width = max(len(name) for name, _ in rows)
+    for name, summary in rows:
+        print(f"{name:<{width}}  {summary}".rstrip())
+    if args.kind in _ALSO:
+        print(f"({_ALSO[args.kind]})")
+
+
+def _summary_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("target", metavar="CKPT|MODEL", help="checkpoint, run directory, or a "
+                   "model name (built with the flags below)")  # fmt: skip
+    _model_flags(s, prefix="with a model name: ")
+    s.add_argument("--hyper", action="store_true", default=None, help="with a model name: "
+                   "Hyper-BinaryNet layers")  # fmt: skip
+    s.add_argument("--data-root", default=None)
+
+
+def _predict_flags(r: argparse.ArgumentParser) -> None:
+    from signgrad.runtime import model as runtime
+
+    r.add_argument("model", help="packed model file (signgrad export)")
+    r.add_argument("images", metavar="IMAGE|FOLDER", help="an image file or a folder of them")
+    r.add_argument("--top", type=int, default=1, help="how many classes to show (1)")
+    r.add_argument("--backend", choices=runtime.BACKENDS, default="auto",
+                   help=f"kernels: {', '.join(runtime.BACKENDS)} (auto)")  # fmt: skip
+    r.add_argument("--threads", type=int, default=None, help="kernel threads (all CPUs)")
 
 
 def _export_flags(x: argparse.ArgumentParser) -> None:
     from signgrad import export
 
     x.add_argument("target", metavar="CKPT", help="checkpoint or run directory")
-    x.add_argument("--format", choices=export.FORMATS, default="packed")
+    formats = export.FORMATS.help("packed")
+    x.add_argument("--format", type=export.FORMATS.cli_type(), default="packed",
+                   metavar="NAME", help=f"file format: {formats}")  # fmt: skip
     x.add_argument("--out", help="file to write (default: in the run directory)")
     x.add_argument("--data-root", default=None, help="data set root, only for a checkpoint "
                    "written before signgrad recorded its classes and normalisation")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="signgrad", description="Train and compare binary neural networks."
-    )
+    parser = _Parser(prog="signgrad", description="Train and compare binary neural networks.")
     parser.add_argument("--version", action="version", version=f"signgrad {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
@@ -359,43 +419,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", help="run directories")
     c.add_argument("--png", default="comparison.png", help="where to write the curves")
     c.set_defaults(func=_compare)
+    li = sub.add_parser("list", help="the names signgrad knows: quantizers, estimators, "
+                        "models, data sets, ...; with a KIND, each with its summary")  # fmt: skip
+    li.add_argument("kind", nargs="?", metavar="KIND", help="one kind, e.g. quantizers")
+    li.set_defaults(func=_list)
     sub.add_parser(
-        "list", help="the available quantizers, estimators, models and data sets"
-    ).set_defaults(func=_list)
-    s = sub.add_parser("summary", help="per-layer bits, parameters, memory and MACs; the "
-                       "exported size against float 32")  # fmt: skip
-    s.add_argument("target", metavar="CKPT|MODEL", help="checkpoint, run directory, or a "
-                   "model name (built with the flags below)")  # fmt: skip
-    for flag, text in (
-        ("--quantizer", "weight quantizer (bnn)"),
-        ("--input-quantizer", "activation quantizer (none)"),
-        ("--scaling", "none, tensor, channel (none)"),
-        ("--keep", "first_last, first, last, none (first_last)"),
-        ("--data", "built-in data set giving the input shape (cifar10)"),
-    ):
-        s.add_argument(flag, help=f"with a model name: {text}")  # fmt: skip
-    s.add_argument("--hyper", action="store_true", default=None, help="with a model name: "
-                   "Hyper-BinaryNet layers")  # fmt: skip
-    s.add_argument("--data-root", default=None)
-    s.set_defaults(func=_summary)
+        "summary",
+        help="per-layer bits, parameters, memory and MACs; the exported size against float 32",
+        populate=_summary_flags,
+    ).set_defaults(func=_summary)
     sub.add_parser(
         "export",
         help="write a trained model as a packed 1-bit file or ONNX",
         populate=_export_flags,
     ).set_defaults(func=_export)
-    r = sub.add_parser("predict", help="class and probability of images, with the packed "
-                       "runtime")  # fmt: skip
-    r.add_argument("model", help="packed model file (signgrad export)")
-    r.add_argument("images", metavar="IMAGE|FOLDER", help="an image file or a folder of them")
-    r.add_argument("--top", type=int, default=1, help="how many classes to show (1)")
-    r.add_argument("--backend", default="auto", help="auto, compiled, numpy (auto)")
-    r.add_argument("--threads", type=int, default=None, help="kernel threads (all CPUs)")
-    r.set_defaults(func=_predict)
+    sub.add_parser(
+        "predict",
+        help="class and probability of images, with the packed runtime",
+        populate=_predict_flags,
+    ).set_defaults(func=_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # the command's own parser says it, pointing at the command's help
+            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            commands.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, --version, or a mistake argparse has printed
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s" if not args.quiet else "%(levelname)s: %(message)s",

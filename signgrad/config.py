@@ -13,20 +13,35 @@ configuration into a model, optimizer and estimator, :mod:`signgrad.train` runs 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from signgrad import __version__, data, estimators, hyper, models, quantizers
+from signgrad import (
+    __version__,
+    convert,
+    data,
+    estimators,
+    hyper,
+    layers,
+    models,
+    optim,
+    quantizers,
+)
 from signgrad.errors import SigngradError
+from signgrad.registry import Registry
 
-OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("cosine", "step", "constant")
-DEFAULT_LR = {"adam": 1e-3, "sgd": 0.1}
+# The names of the optimizers and schedules and their default learning rates (their
+# registries in signgrad.optim are the source).
+OPTIMIZERS = tuple(optim.OPTIMIZERS)
+LR_SCHEDULES = tuple(optim.LR_SCHEDULES)
+DEFAULT_LR = {name: optim.OPTIMIZERS.parameters(name)["lr"] for name in optim.OPTIMIZERS}
 
 
 @dataclass
@@ -82,27 +97,12 @@ class Config:
 
         Whether the run fits its device's memory is a separate check that builds a stand-in
         model: :func:`signgrad.builders.check_sizes` (``train()`` runs both)."""
-        c = dataclasses.replace(self)
-        if c.optimizer not in OPTIMIZERS:
-            raise SigngradError(
-                f"unknown optimizer '{c.optimizer}'; valid: {', '.join(OPTIMIZERS)}"
-            )
-        if c.schedule not in LR_SCHEDULES:
-            raise SigngradError(
-                f"unknown lr schedule '{c.schedule}'; valid: {', '.join(LR_SCHEDULES)}"
-            )
+        # Every name in its registered spelling: what config.json and checkpoints hold.
+        c = dataclasses.replace(self, **canonical_names(dataclasses.asdict(self)))
         if c.model.startswith(HYPER_PREFIX):
             c.model, c.hyper = c.model[len(HYPER_PREFIX) :], True
-        if c.model not in models.names():
-            valid = models.names() + [HYPER_PREFIX + "MODEL"]
-            raise SigngradError(f"unknown model '{self.model}'; valid: {', '.join(valid)}")
-        if c.hyper:
-            # The name only: a generator z_dim wide is built once its memory is checked.
-            hyper.make_generator(c.generator, 1, 9)
-            if isinstance(c.z_dim, bool) or not isinstance(c.z_dim, int) or c.z_dim < 1:
-                raise SigngradError(f"z_dim must be an integer >= 1, got {c.z_dim!r}")
-        if c.recipe is not None and c.recipe not in RECIPES:
-            raise SigngradError(f"unknown recipe '{c.recipe}'; valid: {', '.join(RECIPES)}")
+        if c.hyper and (isinstance(c.z_dim, bool) or not isinstance(c.z_dim, int) or c.z_dim < 1):
+            raise SigngradError(f"z_dim must be an integer >= 1, got {c.z_dim!r}")
         if len(c.betas) != 2 or not all(0 <= b < 1 for b in c.betas):
             raise SigngradError(f"betas must be two numbers in [0, 1), got {c.betas}")
         if not 0 <= c.momentum < 1:  # NaN fails too; torch raises on < 0, diverges at >= 1
@@ -120,7 +120,6 @@ class Config:
             raise SigngradError(f"seed must be an integer in [0, 2**64), got {c.seed!r}")
         if c.bn_momentum is not None and not 0 < c.bn_momentum <= 1:
             raise SigngradError(f"bn_momentum must be in (0, 1], got {c.bn_momentum}")
-        data.check_name(c.data)
         if c.input_quantizer == "none":
             c.input_quantizer = None
         if c.lr is None:
@@ -169,6 +168,47 @@ class Config:
 
 
 HYPER_PREFIX = "hyper-"
+
+
+def canonical_model(name: str) -> str:
+    """The registered spelling of a model name, ``hyper-MODEL`` (its Hyper-BinaryNet
+    form) included; unknown names are an error listing the valid ones."""
+    also = [HYPER_PREFIX + "MODEL"]
+    if isinstance(name, str) and name.strip().lower().replace("_", "-").startswith(HYPER_PREFIX):
+        base = name.strip()[len(HYPER_PREFIX) :]
+        if base in models.MODELS:
+            return HYPER_PREFIX + models.MODELS.canonical(base)
+        raise SigngradError(f"unknown model {name!r}; valid: {models.MODELS.help(also=also)}")
+    return models.MODELS.canonical(name, also=also)
+
+
+def name_fields() -> dict[str, Callable[[str], str]]:
+    """The configuration fields that hold a name, each with the function giving its
+    registered spelling (the command line's flags use them too)."""
+    return {
+        "model": canonical_model,
+        "data": data.canonical,
+        "quantizer": quantizers.QUANTIZERS.canonical,
+        "input_quantizer": quantizers.QUANTIZERS.canonical,
+        "scaling": layers.SCALINGS.canonical,
+        "keep": convert.KEEP_POLICIES.canonical,
+        "activation": models.ACTIVATIONS.canonical,
+        "generator": hyper.GENERATORS.canonical,
+        "estimator": estimators.ESTIMATORS.canonical,
+        "optimizer": optim.OPTIMIZERS.canonical,
+        "schedule": optim.LR_SCHEDULES.canonical,
+        "recipe": RECIPES.canonical,
+    }
+
+
+def canonical_names(values: dict[str, Any]) -> dict[str, Any]:
+    """The name fields of ``values`` (a Config's fields, or some of them) in their
+    registered spelling, so that ``vgg_small`` and ``vgg-small`` are one model in Python
+    and on the command line alike; an unknown name is an error listing the valid ones."""
+    return {
+        k: canon(values[k]) for k, canon in name_fields().items() if isinstance(values.get(k), str)
+    }
+
 
 #: Fields a saved configuration must have: they define what was trained. The others take
 #: their defaults when missing (a configuration from before they existed).
@@ -220,8 +260,8 @@ def check_saved_config(saved: Any, path: str | os.PathLike) -> dict[str, Any]:
         "quantizer": quantizers.names(),
         "input_quantizer": [None, *quantizers.names()],
         "estimator": [None, *estimators.names()],
-        "optimizer": list(OPTIMIZERS),
-        "schedule": list(LR_SCHEDULES),
+        "optimizer": optim.OPTIMIZERS.names(),
+        "schedule": optim.LR_SCHEDULES.names(),
     }
     for k, names in valid.items():
         if k in saved and saved[k] not in names:
@@ -241,11 +281,14 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-#: Presets of Config values; flags given with a preset override it.
-RECIPES: dict[str, dict[str, Any]] = {
-    # Hyper-BinaryNet's CIFAR recipe (the authors' code): Adam 1e-2 with betas (0.5, 0.99),
-    # no weight decay, lr x0.5 every 60 epochs, gradient norm clipped at 5, BN momentum 0.5.
-    "hyper-binarynet": {
+#: Presets of Config values by name; flags given with a preset override it.
+RECIPES: Registry[dict[str, Any]] = Registry("recipe")
+RECIPES.register(
+    "hyper-binarynet",
+    # The authors' code: Adam 1e-2 with betas (0.5, 0.99), no weight decay, lr x0.5 every
+    # 60 epochs, gradient norm clipped at 5, BN momentum 0.5.
+    summary="Hyper-BinaryNet's CIFAR optimizer settings",
+    obj={
         "optimizer": "adam",
         "lr": 1e-2,
         "betas": [0.5, 0.99],
@@ -256,7 +299,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "grad_clip": 5.0,
         "bn_momentum": 0.5,
     },
-}
+)
 
 
 def with_recipe(values: dict[str, Any]) -> dict[str, Any]:
@@ -264,9 +307,8 @@ def with_recipe(values: dict[str, Any]) -> dict[str, Any]:
     name = values.get("recipe")
     if name is None:
         return values
-    if name not in RECIPES:
-        raise SigngradError(f"unknown recipe '{name}'; valid: {', '.join(RECIPES)}")
-    return {**RECIPES[name], **values}
+    preset = copy.deepcopy(RECIPES.get(name))  # its lists are not the caller's to change
+    return {**preset, **values, "recipe": RECIPES.canonical(name)}
 
 
 #: What ``--resume`` may change: the rest of the saved configuration is the run.
@@ -280,6 +322,7 @@ def resumed_config(
     ``overrides`` applied; only the number of epochs, the device and the data root may
     change on resume. :func:`signgrad.rundir.resume_config` reads them from the checkpoint."""
     flags = "--epochs, --device, --data-root and --no-download"
+    overrides = {**overrides, **canonical_names(overrides)}  # any spelling of a name
     clash = sorted(
         k for k, v in overrides.items() if k not in RESUME_CHANGEABLE and saved.get(k) != v
     )

@@ -7,6 +7,7 @@ It swaps ``nn.Conv2d`` / ``nn.Linear`` layers for the binary layers of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -16,7 +17,6 @@ from signgrad.errors import SigngradError
 from signgrad.hyper import HyperConv2d, HyperLinear
 from signgrad.layers import (
     BINARY_LAYERS,
-    KEEP_POLICIES,
     SCALINGS,
     BinaryConv2d,
     BinaryLinear,
@@ -24,8 +24,37 @@ from signgrad.layers import (
     make_input_quantizer,
     make_weight_quantizer,
 )
+from signgrad.registry import Registry
 
 HYPER_PARAMS = ("z_dim", "generator", "hidden")
+
+#: Which layers :func:`binarize` keeps full precision, by name: functions of the names of
+#: the convertible layers (in module registration order) giving the names kept.
+KEEP_POLICIES: Registry[Callable[[list[str]], set[str]]] = Registry("keep policy")
+
+
+@KEEP_POLICIES.register("first_last")
+def _first_last(names: list[str]) -> set[str]:
+    """The stem and the classifier (the usual protocol for 1W1A networks)."""
+    return {names[0], names[-1]}
+
+
+@KEEP_POLICIES.register("first")
+def _first(names: list[str]) -> set[str]:
+    """The stem only."""
+    return {names[0]}
+
+
+@KEEP_POLICIES.register("last")
+def _last(names: list[str]) -> set[str]:
+    """The classifier only."""
+    return {names[-1]}
+
+
+@KEEP_POLICIES.register("none")
+def _none(names: list[str]) -> set[str]:
+    """No layer: every one binary (the MetaQuant/FSG protocol)."""
+    return set()
 
 
 def _hyper_copy(layer: nn.Module, hyper_params: dict[str, Any], **binary: Any) -> nn.Module:
@@ -36,15 +65,27 @@ def _hyper_copy(layer: nn.Module, hyper_params: dict[str, Any], **binary: Any) -
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise SigngradError(f"hyper layers support zero padding given as numbers: {layer}")
         new: nn.Module = HyperConv2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, layer.groups, layer.bias is not None,
-            **hyper_params, **binary, **factory,
-        )  # fmt: skip
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
+            **hyper_params,
+            **binary,
+            **factory,
+        )
     else:
         new = HyperLinear(
-            layer.in_features, layer.out_features, layer.bias is not None,
-            **hyper_params, **binary, **factory,
-        )  # fmt: skip
+            layer.in_features,
+            layer.out_features,
+            layer.bias is not None,
+            **hyper_params,
+            **binary,
+            **factory,
+        )
     new.carry(w.detach())
     if layer.bias is not None:
         new.bias = layer.bias
@@ -58,10 +99,18 @@ def _binary_copy(layer: nn.Module, **binary: Any) -> nn.Module:
     factory = {"device": w.device, "dtype": w.dtype}
     if isinstance(layer, nn.Conv2d):
         new: nn.Module = BinaryConv2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, layer.groups, layer.bias is not None,
-            layer.padding_mode, **binary, **factory,
-        )  # fmt: skip
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias is not None,
+            layer.padding_mode,
+            **binary,
+            **factory,
+        )
     else:
         new = BinaryLinear(
             layer.in_features, layer.out_features, layer.bias is not None, **binary, **factory
@@ -101,10 +150,8 @@ def binarize(
     its own quantizer objects. Parameters are shared with the old layers, so a
     full-precision network's values become the latent weights.
     """
-    if keep not in KEEP_POLICIES:
-        raise SigngradError(f"unknown keep policy '{keep}'; valid: {', '.join(KEEP_POLICIES)}")
-    if scaling not in SCALINGS:
-        raise SigngradError(f"unknown scaling '{scaling}'; valid: {', '.join(SCALINGS)}")
+    kept_of = KEEP_POLICIES.get(keep)
+    scaling = SCALINGS.canonical(scaling)
     if isinstance(weight_quantizer, quantizers.Quantizer) or isinstance(
         input_quantizer, quantizers.Quantizer
     ):
@@ -123,11 +170,7 @@ def binarize(
     ]
     if not names:
         raise SigngradError("binarize found no nn.Conv2d or nn.Linear layer in the model")
-    kept = set()
-    if keep in ("first_last", "first"):
-        kept.add(names[0])
-    if keep in ("first_last", "last"):
-        kept.add(names[-1])
+    kept = kept_of(names)
     for name in names:
         if name in kept:
             continue

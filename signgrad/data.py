@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from signgrad.errors import SigngradError
+from signgrad.registry import Registry
 
 try:
     from tqdm import tqdm as _tqdm
@@ -142,12 +143,13 @@ class _Spec:
     label_key: bytes = b""  # CIFAR only
     names_key: bytes = b""  # CIFAR only
     classes: tuple[str, ...] = ()  # idx sets: class names are not in the files
+    summary: str = ""  # one line for listings
 
 
 _IDX_TRAIN = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 _IDX_TEST = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-_SPECS: dict[str, _Spec] = {
+_BUILT_IN: dict[str, _Spec] = {
     "cifar10": _Spec(
         folder="cifar-10-batches-py",
         train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
@@ -157,6 +159,7 @@ _SPECS: dict[str, _Spec] = {
         std=(0.2470, 0.2435, 0.2616),
         augment=True,
         num_classes=10,
+        summary="CIFAR-10: 32x32 colour images of 10 classes",
         meta_file="batches.meta",
         label_key=b"labels",
         names_key=b"label_names",
@@ -170,6 +173,7 @@ _SPECS: dict[str, _Spec] = {
         std=(0.2673, 0.2564, 0.2762),
         augment=True,
         num_classes=100,
+        summary="CIFAR-100: 32x32 colour images of 100 classes",
         meta_file="meta",
         label_key=b"fine_labels",
         names_key=b"fine_label_names",
@@ -183,6 +187,7 @@ _SPECS: dict[str, _Spec] = {
         std=(0.3530,),
         augment=False,
         num_classes=10,
+        summary="Fashion-MNIST: 28x28 greyscale images of 10 kinds of clothing",
         classes=(
             "T-shirt/top",
             "Trouser",
@@ -205,9 +210,15 @@ _SPECS: dict[str, _Spec] = {
         std=(0.3081,),
         augment=False,
         num_classes=10,
+        summary="MNIST: 28x28 greyscale handwritten digits",
         classes=tuple(str(d) for d in range(10)),
     ),
 }
+
+#: The built-in data sets by name; ``imagefolder:PATH`` names any folder of images.
+DATASETS: Registry[_Spec] = Registry("data set")
+for _name, _spec in _BUILT_IN.items():
+    DATASETS.register(_name, _spec, summary=_spec.summary)
 
 _IMAGEFOLDER = "imagefolder:"
 
@@ -255,21 +266,28 @@ class DataSet:
 
 def names() -> list[str]:
     """Names ``load`` accepts; ``imagefolder:PATH`` stands for any folder of images."""
-    return [*_SPECS, _IMAGEFOLDER + "PATH"]
+    return [*DATASETS, _IMAGEFOLDER + "PATH"]
+
+
+def canonical(name: str) -> str:
+    """The registered spelling of data set ``name`` (``imagefolder:PATH`` unchanged);
+    SigngradError listing the valid names if ``load`` does not know it. Reads nothing."""
+    if isinstance(name, str) and name.startswith(_IMAGEFOLDER):
+        return name
+    return DATASETS.canonical(name, also=[_IMAGEFOLDER + "PATH"])
 
 
 def check_name(name: str) -> None:
     """Raise SigngradError unless ``load`` knows ``name`` (without reading anything)."""
-    if not (name.startswith(_IMAGEFOLDER) or name in _SPECS):
-        raise SigngradError(f"unknown data set {name!r}; valid names: {', '.join(names())}")
+    canonical(name)
 
 
 def describe(name: str) -> tuple[int, tuple[int, int, int]]:
     """(number of classes, (C, H, W)) of a built-in data set, without reading it."""
-    check_name(name)
+    name = canonical(name)
     if name.startswith(_IMAGEFOLDER):
         raise SigngradError("the shape of an image folder is only known once it is read")
-    spec = _SPECS[name]
+    spec = DATASETS.get(name)
     return spec.num_classes, ((3, 32, 32) if spec.meta_file else (1, 28, 28))
 
 
@@ -294,8 +312,8 @@ def load(name: str, root: str | os.PathLike[str] | None = None, download: bool =
     """
     if name.startswith(_IMAGEFOLDER):
         return _load_imagefolder(name[len(_IMAGEFOLDER) :])
-    check_name(name)
-    spec = _SPECS[name]
+    name = canonical(name)
+    spec = DATASETS.get(name)
     base = data_root(root)
     folder = base / spec.folder
     _ensure_present(name, spec, base, download)
@@ -795,8 +813,9 @@ def _load_imagefolder(path_text: str) -> DataSet:
         if empty:
             log.warning(
                 "imagefolder: no test images of class %s (%s); its accuracy is not measured",
-                ", ".join(d.name for d in empty), base / split,
-            )  # fmt: skip
+                ", ".join(d.name for d in empty),
+                base / split,
+            )
         return out
 
     train_files, test_files = files("train"), files("test")

@@ -1,14 +1,18 @@
 """Export a trained network: the packed 1-bit file for :mod:`signgrad.runtime`, or ONNX.
 
-Both start from :func:`signgrad.graph.build`, so both refuse the same things (a soft
-quantizer before its exact-sign epochs, a layer the runtime has no operation for) with
-the same one-line errors.
+:func:`checked` is the way in: it builds the export in any format of :data:`FORMATS` and
+runs it against PyTorch before handing it back, so a Python caller gets the same check as
+``signgrad export``. Every format starts from :func:`signgrad.graph.build`, so all refuse
+the same things (a soft quantizer before its exact-sign epochs, a layer the runtime has
+no operation for) with the same one-line errors.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,11 @@ from torch import nn
 
 from signgrad import checkpoint, graph
 from signgrad.errors import SigngradError
+from signgrad.registry import Registry
 from signgrad.runtime import format as fmt
 
-FORMATS = ("packed", "onnx")
+#: How many random inputs :func:`checked` runs through the export and PyTorch.
+CHECK_INPUTS = 64
 
 
 @dataclass
@@ -48,13 +54,17 @@ def from_checkpoint(path: str | os.PathLike, data_root: str | None = None) -> So
     d = t.deploy
     cfg = t.config
     desc = {
-        "checkpoint": str(path), "epoch": int(t.checkpoint["epoch"]), "model": cfg.model,
-        "data": cfg.data, "quantizer": cfg.quantizer, "input_quantizer": cfg.input_quantizer,
-        "keep": cfg.keep, "scaling": cfg.scaling,
-    }  # fmt: skip
+        "checkpoint": str(path),
+        "epoch": int(t.checkpoint["epoch"]),
+        "model": cfg.model,
+        "data": cfg.data,
+        "quantizer": cfg.quantizer,
+        "input_quantizer": cfg.input_quantizer,
+        "keep": cfg.keep,
+        "scaling": cfg.scaling,
+    }
     shape = (d["in_channels"], d["height"], d["width"])
-    return Source(t.model.eval(), shape, list(d["classes"]), list(d["mean"]), list(d["std"]),
-                  desc)  # fmt: skip
+    return Source(t.model.eval(), shape, list(d["classes"]), list(d["mean"]), list(d["std"]), desc)
 
 
 def check_finite(model: nn.Module) -> None:
@@ -102,3 +112,77 @@ def float_size(model: nn.Module) -> int:
 def write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` atomically: a good file already there is never half-replaced."""
     checkpoint.atomic_write(Path(path), lambda f: f.write(data))
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a format's builder gives back: the file's bytes, its usual name in a run
+    directory, what ran it in the check, and how it compared with PyTorch on the check
+    inputs (largest |logit difference|, fraction of inputs whose class agrees)."""
+
+    data: bytes
+    filename: str
+    checker: str
+    max_diff: float
+    agree: float
+
+
+#: The export formats by name: builders of (source, graph, check inputs) -> :class:`Built`.
+FORMATS: Registry[Callable[..., Built]] = Registry("export format", inputs=("src", "g", "x"))
+
+
+@FORMATS.register("packed")
+def _packed_format(src: Source, g: graph.Graph, x: torch.Tensor) -> Built:
+    """The packed 1-bit file of signgrad's runtime (safetensors layout)."""
+    from signgrad.runtime import model as runtime
+
+    blob = packed(src, g)
+    pm = runtime.build(*fmt.read_bytes(blob, "the packed export"))
+    was_training = src.model.training
+    src.model.eval()
+    try:
+        with torch.no_grad():
+            ref = src.model(x).numpy()
+    finally:
+        src.model.train(was_training)  # leave the caller's model as it was
+    got = pm.run(x.numpy())
+    diff = float(np.abs(got - ref).max())
+    agree = float((got.argmax(1) == ref.argmax(1)).mean())
+    return Built(blob, "model-packed.safetensors", f"the runtime ({pm.backend})", diff, agree)
+
+
+@FORMATS.register("onnx")
+def _onnx_format(src: Source, g: graph.Graph, x: torch.Tensor) -> Built:
+    """ONNX with standard operators, for onnxruntime and other ONNX engines."""
+    from signgrad import onnx_export
+
+    meta = {"classes": ",".join(src.classes), "mean": str(src.mean), "std": str(src.std)}
+    proto = onnx_export.to_onnx(g, metadata=meta)
+    diff, agree = onnx_export.check_onnx(proto, src.model, x)
+    return Built(proto.SerializeToString(), "model.onnx", "onnxruntime", diff, agree)
+
+
+def checked(src: Source, format: str = "packed") -> Built:
+    """The export of ``src`` in ``format`` (see :data:`FORMATS`), run against PyTorch on
+    :data:`CHECK_INPUTS` seeded random inputs first: a network with non-finite weights or
+    outputs, or whose export changes the class of any check input, is a SigngradError
+    and nothing is returned."""
+    name = FORMATS.canonical(format)
+    check_finite(src.model)  # before anything is built
+    g = graph.build(src.model, src.input_shape)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((CHECK_INPUTS, *src.input_shape), generator=gen)
+    built = FORMATS.build(name, src, g, x)
+    if not math.isfinite(built.max_diff):
+        # Finite weights can still overflow; NaN logits would "agree" on every argmax.
+        raise SigngradError(
+            f"the network's outputs on the check inputs are not finite (largest logit "
+            f"difference {built.max_diff}); nothing written"
+        )
+    if built.agree < 1.0:
+        wrong = f"{100 * (1 - built.agree):.0f}%"
+        raise SigngradError(
+            f"the exported model disagrees with PyTorch on {wrong} of the check inputs; "
+            "nothing written"
+        )
+    return built

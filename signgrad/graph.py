@@ -82,8 +82,10 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 def _check_exact_sign(q: quantizers.Quantizer, what: str) -> None:
     """Raise unless ``q``'s forward, as the model stands, is sign() with sign(0) = +1."""
     if q.precision != 1:
-        raise SigngradError(f"{what}: quantizer '{q.name}' has {q.precision}-bit outputs; "
-                            "only 1-bit layers can be exported")  # fmt: skip
+        raise SigngradError(
+            f"{what}: quantizer '{q.name}' has {q.precision}-bit outputs; "
+            "only 1-bit layers can be exported"
+        )
     probe = torch.linspace(-3, 3, 601)
     with torch.no_grad():
         ok = torch.equal(q.forward_value(probe, q.sharpness), quantizers.sign(probe))
@@ -130,9 +132,11 @@ class _Builder:
                     w = latent
                 else:
                     if wq.precision != 1:
-                        raise SigngradError(f"layer '{name}': quantizer '{wq.name}' has "
-                                            f"{wq.precision}-bit weights; only 1-bit layers "
-                                            "can be exported")  # fmt: skip
+                        raise SigngradError(
+                            f"layer '{name}': quantizer '{wq.name}' has "
+                            f"{wq.precision}-bit weights; only 1-bit layers "
+                            "can be exported"
+                        )
                     w = wq.forward_value(latent, wq.sharpness) if self.strict else latent
                     if self.strict and not bool((w.abs() == 1).all()):
                         raise SigngradError(
@@ -152,13 +156,16 @@ class _Builder:
             if isinstance(m.padding, str) or getattr(m, "padding_mode", "zeros") != "zeros":
                 raise SigngradError(f"layer '{name}': only numeric zero padding can be exported")
             if m.groups != 1 or _pair(m.dilation) != (1, 1):
-                raise SigngradError(f"layer '{name}': grouped or dilated convolutions cannot "
-                                    "be exported")  # fmt: skip
+                raise SigngradError(
+                    f"layer '{name}': grouped or dilated convolutions cannot be exported"
+                )
             attrs.update(
-                in_channels=int(w.shape[1]), out_channels=int(w.shape[0]),
-                kernel=[int(w.shape[2]), int(w.shape[3])], stride=list(stride),
+                in_channels=int(w.shape[1]),
+                out_channels=int(w.shape[0]),
+                kernel=[int(w.shape[2]), int(w.shape[3])],
+                stride=list(stride),
                 padding=list(padding),
-            )  # fmt: skip
+            )
             op = "conv2d"
         else:
             attrs.update(in_features=int(w.shape[1]), out_features=int(w.shape[0]))
@@ -177,8 +184,14 @@ class _Builder:
         a = invstd * m.weight.float() if m.affine else invstd
         mean = m.running_mean.float()
         b = m.bias.float() - mean * a if m.affine else -mean * a
-        self.add("affine", name, [x], out, scale=self.tensor(f"{name}.scale", a),
-                 shift=self.tensor(f"{name}.shift", b))  # fmt: skip
+        self.add(
+            "affine",
+            name,
+            [x],
+            out,
+            scale=self.tensor(f"{name}.scale", a),
+            shift=self.tensor(f"{name}.shift", b),
+        )
 
     def module(self, name: str, m: nn.Module, args: list[str], out: str) -> None:
         x = args[0]
@@ -198,8 +211,15 @@ class _Builder:
             self.add("flatten", name, [x], out)
         elif isinstance(m, models.ShortcutA):
             extra = m.out_planes - m.in_planes
-            self.add("shortcut_a", name, [x], out, stride=m.stride, pad_before=extra // 2,
-                     pad_after=extra - extra // 2)  # fmt: skip
+            self.add(
+                "shortcut_a",
+                name,
+                [x],
+                out,
+                stride=m.stride,
+                pad_before=extra // 2,
+                pad_after=extra - extra // 2,
+            )
         elif isinstance(m, nn.MaxPool2d | nn.AvgPool2d) and not m.ceil_mode:
             if isinstance(m, nn.MaxPool2d) and (_pair(m.dilation) != (1, 1) or m.return_indices):
                 raise SigngradError(f"layer '{name}': dilated max-pool cannot be exported")
@@ -209,8 +229,15 @@ class _Builder:
                 raise SigngradError(f"layer '{name}': this avg-pool variant cannot be exported")
             op = "maxpool2d" if isinstance(m, nn.MaxPool2d) else "avgpool2d"
             stride = m.stride if m.stride is not None else m.kernel_size
-            self.add(op, name, [x], out, kernel=list(_pair(m.kernel_size)),
-                     stride=list(_pair(stride)), padding=list(_pair(m.padding)))  # fmt: skip
+            self.add(
+                op,
+                name,
+                [x],
+                out,
+                kernel=list(_pair(m.kernel_size)),
+                stride=list(_pair(stride)),
+                padding=list(_pair(m.padding)),
+            )
         elif isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1):
             self.add("global_avgpool", name, [x], out)
         else:
@@ -252,8 +279,10 @@ class _Builder:
             elif n.op == "call_function" and n.target in (torch.relu, nn.functional.relu):
                 self.add("relu", n.name, args[:1], n.name)
             else:
-                raise SigngradError(f"{what} ({n.op}) in the model's forward cannot be "
-                                    "exported: the runtime has no such operation")  # fmt: skip
+                raise SigngradError(
+                    f"{what} ({n.op}) in the model's forward cannot be "
+                    "exported: the runtime has no such operation"
+                )
         assert output is not None
         _fold_affine(self.nodes, self.tensors)
         return Graph(input_shape, input_name, self.nodes, output, self.tensors, shapes)

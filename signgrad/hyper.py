@@ -45,8 +45,8 @@ from torch.nn.utils import parametrizations
 
 from signgrad import layers
 from signgrad.errors import SigngradError
+from signgrad.registry import Registry
 
-GENERATORS = ("linear", "mlp-elu", "mlp-hardtanh")
 ELU_ALPHA = 10 / 9
 
 
@@ -57,16 +57,36 @@ class ClippedELU(nn.Module):
         return F.elu(x, alpha=ELU_ALPHA).clamp(-1.0, 1.0)
 
 
+#: The per-layer kernel generators by name: builders of a module mapping (m, z_dim) to
+#: (m, out_dim) (see :func:`make_generator`).
+GENERATORS: Registry[Any] = Registry("generator", inputs=("z_dim", "out_dim"))
+
+
+@GENERATORS.register("linear")
+def _linear(z_dim: int, out_dim: int) -> nn.Module:
+    """G(z) = g * V z / ||V||, weight-normalised per output row (the authors' default)."""
+    return parametrizations.weight_norm(nn.Linear(z_dim, out_dim, bias=False))
+
+
+@GENERATORS.register("mlp-elu")
+def _mlp_elu(z_dim: int, out_dim: int, hidden: int = 32) -> nn.Module:
+    """Linear(z_dim, hidden) -> clipped ELU -> Linear(hidden, out_dim)."""
+    return nn.Sequential(nn.Linear(z_dim, hidden), ClippedELU(), nn.Linear(hidden, out_dim))
+
+
+@GENERATORS.register("mlp-hardtanh")
+def _mlp_hardtanh(z_dim: int, out_dim: int, hidden: int = 32) -> nn.Module:
+    """Linear(z_dim, hidden) -> hardtanh -> Linear(hidden, out_dim)."""
+    return nn.Sequential(nn.Linear(z_dim, hidden), nn.Hardtanh(), nn.Linear(hidden, out_dim))
+
+
 def make_generator(kind: str, z_dim: int, out_dim: int, hidden: int = 32) -> nn.Module:
-    """The per-layer kernel generator: (m, z_dim) -> (m, out_dim)."""
-    if kind not in GENERATORS:
-        raise SigngradError(f"unknown generator '{kind}'; valid: {', '.join(GENERATORS)}")
+    """The per-layer kernel generator ``kind`` (see :data:`GENERATORS`): (m, z_dim) ->
+    (m, out_dim); ``hidden`` is the width of an MLP generator."""
     if z_dim < 1 or hidden < 1:
         raise SigngradError(f"z_dim and hidden must be >= 1, got {z_dim}, {hidden}")
-    if kind == "linear":
-        return parametrizations.weight_norm(nn.Linear(z_dim, out_dim, bias=False))
-    act = ClippedELU() if kind == "mlp-elu" else nn.Hardtanh()
-    return nn.Sequential(nn.Linear(z_dim, hidden), act, nn.Linear(hidden, out_dim))
+    takes_hidden = "hidden" in GENERATORS.parameters(kind)
+    return GENERATORS.build(kind, z_dim, out_dim, **({"hidden": hidden} if takes_hidden else {}))
 
 
 class HyperLayer(layers.BinaryLayer):
@@ -76,9 +96,13 @@ class HyperLayer(layers.BinaryLayer):
     generated_kernel = True
 
     def _setup_hyper(
-        self, kernel_shape: tuple[int, ...], z_dim: int, generator: str, hidden: int,
+        self,
+        kernel_shape: tuple[int, ...],
+        z_dim: int,
+        generator: str,
+        hidden: int,
         factory: dict[str, Any],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Embeddings and generator for latent weights of ``kernel_shape`` (out, in, kh, kw
         for a conv, out, in for a linear layer: one kh x kw kernel per (out, in) pair)."""
         if self.weight_quantizer.needs_post_step:
@@ -88,7 +112,7 @@ class HyperLayer(layers.BinaryLayer):
             raise SigngradError(f"{name} cannot drive a hyper layer (no latent weights)")
         self._kernel_shape = tuple(kernel_shape)
         kernels, kernel_size = kernel_shape[0] * kernel_shape[1], math.prod(kernel_shape[2:])
-        self.z_dim, self.generator_kind = z_dim, generator
+        self.z_dim, self.generator_kind = z_dim, GENERATORS.canonical(generator)
         self.generator = make_generator(generator, z_dim, kernel_size, hidden).to(**factory)
         self.embedding = nn.Parameter(torch.randn(kernels, z_dim, **factory) / z_dim**0.5)
 
@@ -177,9 +201,14 @@ class HyperConv2d(HyperLayer, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(
-            self.quantize_input(x), self.binary_weight(), self.bias, self.stride, self.padding,
-            self.dilation, self.groups,
-        )  # fmt: skip
+            self.quantize_input(x),
+            self.binary_weight(),
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+        )
 
     def extra_repr(self) -> str:
         o, i, kh, kw = self.kernel_shape

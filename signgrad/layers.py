@@ -30,9 +30,30 @@ from torch.nn import functional as F
 
 from signgrad import quantizers
 from signgrad.errors import SigngradError
+from signgrad.registry import Registry
 
-SCALINGS = ("none", "tensor", "channel")
-KEEP_POLICIES = ("first_last", "first", "last", "none")
+#: How a binary layer scales its 1-bit weights, by name: functions of |W| giving alpha
+#: (None: no scaling), so that the layer computes with alpha * F(W).
+SCALINGS: Registry[Callable[[Tensor], Tensor | None]] = Registry("scaling")
+
+
+@SCALINGS.register("none")
+def _no_scale(w: Tensor) -> Tensor | None:
+    """alpha = 1: the weights are +-1."""
+    return None
+
+
+@SCALINGS.register("tensor")
+def _tensor_scale(w: Tensor) -> Tensor | None:
+    """alpha = mean |W| over the whole layer."""
+    return w.mean()
+
+
+@SCALINGS.register("channel")
+def _channel_scale(w: Tensor) -> Tensor | None:
+    """alpha = mean |W| per output channel (XNOR-Net)."""
+    return w.mean(dim=tuple(range(1, w.dim())), keepdim=True)
+
 
 QuantizerSpec = str | quantizers.Quantizer | None
 
@@ -108,8 +129,7 @@ class BinaryLayer:
         input_params: dict[str, Any] | None,
     ) -> None:
         """Build the quantizers and check the scaling (for a subclass's ``__init__``)."""
-        if scaling not in SCALINGS:
-            raise SigngradError(f"unknown scaling '{scaling}'; valid: {', '.join(SCALINGS)}")
+        scaling = SCALINGS.canonical(scaling)
         self.weight_quantizer = make_weight_quantizer(weight_quantizer, weight_params)
         self.input_quantizer = make_input_quantizer(input_quantizer, input_params)
         self.scaling = scaling
@@ -153,9 +173,7 @@ class BinaryLayer:
         if self.scaling == "none" or self.weight_quantizer.precision == 32:
             return None
         w = (self.latent_weight() if latent is None else latent).detach().abs()
-        if self.scaling == "tensor":
-            return w.mean()
-        return w.mean(dim=tuple(range(1, w.dim())), keepdim=True)
+        return SCALINGS[self.scaling](w)
 
     def binary_weight(self) -> Tensor:
         """alpha * F(W): the weights the forward pass computes with."""
@@ -205,9 +223,18 @@ class BinaryConv2d(BinaryLayer, nn.Conv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-            padding_mode, device=device, dtype=dtype,
-        )  # fmt: skip
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self.setup_binary(weight_quantizer, input_quantizer, scaling, weight_params, input_params)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from signgrad.errors import SigngradError
+from signgrad.registry import Registry
 
 __all__ = [
     "ACTIVATIONS",
+    "MODELS",
     "BasicBlock",
     "CifarResNet",
     "ConvNet",
@@ -48,25 +50,39 @@ __all__ = [
     "vgg_small",
 ]
 
-ACTIVATIONS: tuple[str, ...] = ("relu", "hardtanh", "prelu", "identity")
+#: The nonlinearities a model can use, by name: builders of a fresh module for a layer of
+#: ``channels`` channels (see :func:`make_activation`).
+ACTIVATIONS: Registry[Callable[[int], nn.Module]] = Registry("activation", inputs=("channels",))
+
+
+@ACTIVATIONS.register("relu")
+def _relu(channels: int) -> nn.Module:
+    """max(x, 0)."""
+    return nn.ReLU()
+
+
+@ACTIVATIONS.register("hardtanh")
+def _hardtanh(channels: int) -> nn.Module:
+    """x clipped to [-1, 1]: the usual choice with 1-bit activations."""
+    return nn.Hardtanh()
+
+
+@ACTIVATIONS.register("prelu")
+def _prelu(channels: int) -> nn.Module:
+    """max(x, 0) + a * min(x, 0) with a learnable slope a per channel."""
+    return nn.PReLU(num_parameters=channels)
+
+
+@ACTIVATIONS.register("identity")
+def _identity(channels: int) -> nn.Module:
+    """x: no nonlinearity."""
+    return nn.Identity()
 
 
 def make_activation(name: str, channels: int) -> nn.Module:
-    """A fresh activation module by name.
-
-    ``"relu"``, ``"hardtanh"`` (clip to [-1, 1]), ``"prelu"`` (one learnable slope per
-    channel, so ``channels`` matters) or ``"identity"``. Unknown names raise
-    :class:`SigngradError`.
-    """
-    if name == "relu":
-        return nn.ReLU()
-    if name == "hardtanh":
-        return nn.Hardtanh()
-    if name == "prelu":
-        return nn.PReLU(num_parameters=channels)
-    if name == "identity":
-        return nn.Identity()
-    raise SigngradError(f"unknown activation {name!r}; valid activations: {', '.join(ACTIVATIONS)}")
+    """A fresh activation module by name (see :data:`ACTIVATIONS`); ``channels`` matters
+    for ``prelu``'s one slope per channel. Unknown names raise :class:`SigngradError`."""
+    return ACTIVATIONS.build(name, channels)
 
 
 def _check_int(what: str, value: object, minimum: int) -> None:
@@ -77,10 +93,7 @@ def _check_int(what: str, value: object, minimum: int) -> None:
 def _check_args(num_classes: object, in_channels: object, activation: object) -> None:
     _check_int("num_classes", num_classes, 2)
     _check_int("in_channels", in_channels, 1)
-    if activation not in ACTIVATIONS:
-        raise SigngradError(
-            f"unknown activation {activation!r}; valid activations: {', '.join(ACTIVATIONS)}"
-        )
+    ACTIVATIONS.canonical(activation)  # type: ignore[arg-type]  # an error listing them
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -402,24 +415,29 @@ def _sized(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _check_int("image_size", image_size, 1)
         return builder(num_classes=num_classes, in_channels=in_channels, activation=activation)
 
+    build.__doc__ = builder.__doc__  # the registry's summary
     return build
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "resnet20": _sized(resnet20),
-    "resnet32": _sized(resnet32),
-    "resnet44": _sized(resnet44),
-    "resnet56": _sized(resnet56),
-    "resnet110": _sized(resnet110),
-    "resnet18": _sized(resnet18),
-    "vgg-small": vgg_small,
-    "convnet": convnet,
-}
+#: Every architecture by name: builders taking ``num_classes``, ``in_channels``,
+#: ``image_size`` and ``activation`` (see :func:`get`).
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+for _name, _builder in [
+    ("resnet20", _sized(resnet20)),
+    ("resnet32", _sized(resnet32)),
+    ("resnet44", _sized(resnet44)),
+    ("resnet56", _sized(resnet56)),
+    ("resnet110", _sized(resnet110)),
+    ("resnet18", _sized(resnet18)),
+    ("vgg-small", vgg_small),
+    ("convnet", convnet),
+]:
+    MODELS.register(_name, _builder)
 
 
 def names() -> list[str]:
     """Names accepted by :func:`get`, in registry order."""
-    return list(_REGISTRY)
+    return MODELS.names()
 
 
 def get(
@@ -430,16 +448,15 @@ def get(
     image_size: int = 32,
     activation: str = "relu",
 ) -> nn.Module:
-    """Build a full-precision model by name (see :func:`names`).
+    """Build a full-precision model by name (see :func:`names`; any spelling, so
+    ``vgg_small`` is ``vgg-small``).
 
     ``image_size`` is the side of the (square) input; only ``vgg-small`` needs it to size
     its classifier (and requires a multiple of 8), the others are size-agnostic through
     global average pooling. Bad names or arguments raise :class:`SigngradError`.
     """
-    key = name.lower().replace("_", "-") if isinstance(name, str) else None
-    if key not in _REGISTRY:
-        raise SigngradError(f"unknown model {name!r}; valid models: {', '.join(_REGISTRY)}")
-    return _REGISTRY[key](
+    return MODELS.build(
+        name,
         num_classes=num_classes,
         in_channels=in_channels,
         image_size=image_size,

@@ -91,8 +91,9 @@ class _Emitter:
     def tensor(self, node: dict[str, Any], key: str) -> np.ndarray:
         name = node[key]
         if name not in self.g.tensors:
-            raise SigngradError(f"node '{node['name']}': tensor '{name}' ({key}) is missing "
-                                "from the graph")  # fmt: skip
+            raise SigngradError(
+                f"node '{node['name']}': tensor '{name}' ({key}) is missing from the graph"
+            )
         return np.asarray(self.g.tensors[name], dtype=np.float32)
 
     def rank(self, node: dict[str, Any], value: str) -> int:
@@ -103,8 +104,9 @@ class _Emitter:
             raise SigngradError(f"node '{node['name']}': the shape of '{value}' is unknown")
         return len(self.g.shapes[value]) + 1
 
-    def op(self, op_type: str, inputs: list[str], name: str, out: str | None = None,
-           **attrs: Any) -> str:  # fmt: skip
+    def op(
+        self, op_type: str, inputs: list[str], name: str, out: str | None = None, **attrs: Any
+    ) -> str:
         """Append one ONNX node; return its output name (``out``, or a fresh one)."""
         out = self.fresh(f"{name}/{op_type}") if out is None else out
         node_name = self.fresh(f"{name}/{op_type}", self.node_names)
@@ -138,9 +140,13 @@ class _Emitter:
         w = self.tensor(node, "weight")
         ph, pw = node["padding"]
         y = self.op(
-            "Conv", [x, self.const(node["weight"], w)], name, kernel_shape=list(w.shape[2:]),
-            strides=list(node["stride"]), pads=[ph, pw, ph, pw],
-        )  # fmt: skip
+            "Conv",
+            [x, self.const(node["weight"], w)],
+            name,
+            kernel_shape=list(w.shape[2:]),
+            strides=list(node["stride"]),
+            pads=[ph, pw, ph, pw],
+        )
         return self.scale_shift(node, y, [1, w.shape[0], 1, 1], out)
 
     def linear(self, node: dict[str, Any], x: str, out: str) -> str:
@@ -186,16 +192,21 @@ class _Emitter:
         name, s = node["name"], int(node["stride"])
         before, after = int(node["pad_before"]), int(node["pad_after"])
         if s != 1:
-            x = self.op("Slice", [
-                x, self.const("slice_starts", np.zeros(2, np.int64)),
-                self.const("slice_ends", np.full(2, _INT64_MAX, np.int64)),
-                self.const("slice_axes", np.array([2, 3], np.int64)),
-                self.const(f"{name}.steps", np.array([s, s], np.int64)),
-            ], name, out if before == after == 0 else None)  # fmt: skip
+            x = self.op(
+                "Slice",
+                [
+                    x,
+                    self.const("slice_starts", np.zeros(2, np.int64)),
+                    self.const("slice_ends", np.full(2, _INT64_MAX, np.int64)),
+                    self.const("slice_axes", np.array([2, 3], np.int64)),
+                    self.const(f"{name}.steps", np.array([s, s], np.int64)),
+                ],
+                name,
+                out if before == after == 0 else None,
+            )
         if before or after:
             pads = np.array([0, before, 0, 0, 0, after, 0, 0], np.int64)  # NCHW begins, ends
-            x = self.op("Pad", [x, self.const(f"{name}.pads", pads)], name, out,
-                        mode="constant")  # fmt: skip
+            x = self.op("Pad", [x, self.const(f"{name}.pads", pads)], name, out, mode="constant")
         elif s == 1:
             x = self.op("Identity", [x], name, out)
         return x
@@ -203,9 +214,16 @@ class _Emitter:
     def _pool(self, op_type: str, node: dict[str, Any], x: str, out: str, **attrs: Any) -> str:
         ph, pw = node["padding"]
         return self.op(
-            op_type, [x], node["name"], out, kernel_shape=list(node["kernel"]),
-            strides=list(node["stride"]), pads=[ph, pw, ph, pw], ceil_mode=0, **attrs,
-        )  # fmt: skip
+            op_type,
+            [x],
+            node["name"],
+            out,
+            kernel_shape=list(node["kernel"]),
+            strides=list(node["stride"]),
+            pads=[ph, pw, ph, pw],
+            ceil_mode=0,
+            **attrs,
+        )
 
     def maxpool2d(self, node: dict[str, Any], x: str, out: str) -> str:
         return self._pool("MaxPool", node, x, out)
@@ -221,19 +239,27 @@ class _Emitter:
 
     def emit(self, node: dict[str, Any]) -> None:
         emit: Callable[[dict[str, Any], str, str], str] | None = {
-            "conv2d": self.conv2d, "linear": self.linear, "affine": self.affine,
-            "relu": self.relu, "hardtanh": self.hardtanh, "prelu": self.prelu,
-            "add": self.add, "shortcut_a": self.shortcut_a, "maxpool2d": self.maxpool2d,
-            "avgpool2d": self.avgpool2d, "global_avgpool": self.global_avgpool,
+            "conv2d": self.conv2d,
+            "linear": self.linear,
+            "affine": self.affine,
+            "relu": self.relu,
+            "hardtanh": self.hardtanh,
+            "prelu": self.prelu,
+            "add": self.add,
+            "shortcut_a": self.shortcut_a,
+            "maxpool2d": self.maxpool2d,
+            "avgpool2d": self.avgpool2d,
+            "global_avgpool": self.global_avgpool,
             "flatten": self.flatten,
-        }.get(node["op"])  # fmt: skip
+        }.get(node["op"])
         if emit is None:
-            raise SigngradError(f"node '{node.get('name')}': op '{node['op']}' has no ONNX "
-                                f"mapping; known ops: {', '.join(graph.OPS)}")  # fmt: skip
+            raise SigngradError(
+                f"node '{node.get('name')}': op '{node['op']}' has no ONNX "
+                f"mapping; known ops: {', '.join(graph.OPS)}"
+            )
         for v in node["inputs"]:
             if v not in self.values:
-                raise SigngradError(f"node '{node['name']}': input '{v}' is not computed "
-                                    "before it")  # fmt: skip
+                raise SigngradError(f"node '{node['name']}': input '{v}' is not computed before it")
         v = node["output"]
         # The graph's output value becomes the model output directly (no extra Identity).
         out = OUTPUT_NAME if v == self.g.output else self.fresh(v)
@@ -254,8 +280,10 @@ def to_onnx(
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise SigngradError(f"ONNX opset must be an integer >= {MIN_OPSET}, got {opset!r}")
     if opset > onnx_mod.defs.onnx_opset_version():
-        raise SigngradError(f"ONNX opset {opset} is newer than the installed onnx supports "
-                            f"({onnx_mod.defs.onnx_opset_version()})")  # fmt: skip
+        raise SigngradError(
+            f"ONNX opset {opset} is newer than the installed onnx supports "
+            f"({onnx_mod.defs.onnx_opset_version()})"
+        )
     metadata = dict(metadata or {})
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
@@ -278,11 +306,13 @@ def to_onnx(
     onnx_graph = helper.make_graph(em.nodes, "signgrad", [inp], [outp], em.initializers)
     opset_ids = [helper.make_opsetid("", opset)]
     model = helper.make_model(
-        onnx_graph, opset_imports=opset_ids, producer_name="signgrad",
+        onnx_graph,
+        opset_imports=opset_ids,
+        producer_name="signgrad",
         producer_version=signgrad.__version__,
         # The oldest IR version that can hold this opset, so older runtimes load the file.
         ir_version=helper.find_min_ir_version_for(opset_ids),
-    )  # fmt: skip
+    )
     if metadata:
         helper.set_model_props(model, metadata)
     onnx_mod.checker.check_model(model, full_check=True)
@@ -309,8 +339,10 @@ def check_onnx(
     finally:
         torch_model.train(was_training)  # leave the caller's model as it was
     if got.shape != ref.shape:
-        raise SigngradError(f"ONNX output shape {list(got.shape)} differs from the "
-                            f"PyTorch model's {list(ref.shape)}")  # fmt: skip
+        raise SigngradError(
+            f"ONNX output shape {list(got.shape)} differs from the "
+            f"PyTorch model's {list(ref.shape)}"
+        )
     if ref.size == 0:
         return 0.0, 1.0
     diff = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64))))

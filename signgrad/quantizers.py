@@ -26,7 +26,6 @@ own, a quantizer sits at the start of its schedule.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 
 from signgrad import schedules
 from signgrad.errors import SigngradError
+from signgrad.registry import Registry
 
 # Soft forward maps switch to the exact sign for this last fraction of the epochs by
 # default, so that the checkpoint a run ends with is the network that gets deployed.
@@ -195,17 +195,18 @@ class Quantizer(nn.Module):
         return ", ".join(parts)
 
 
-_REGISTRY: dict[str, type[Quantizer]] = {}
+#: Every quantizer by name; :func:`get` builds one.
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer")
+_SCHEDULED = ("sharpness", "exact_sign_after")
 
 
 def register(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
     """Class decorator: make a quantizer available to :func:`get` under ``name``."""
 
     def add(cls: type[Quantizer]) -> type[Quantizer]:
-        if name in _REGISTRY:
-            raise ValueError(f"quantizer '{name}' registered twice")
         cls.name = name
-        _REGISTRY[name] = cls
+        # A quantizer without a sharpness takes no schedule of one.
+        QUANTIZERS.register(name, cls, exclude=() if cls.sharpness_name else _SCHEDULED)
         return cls
 
     return add
@@ -213,39 +214,26 @@ def register(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
 
 def names() -> list[str]:
     """Names accepted by :func:`get`, in registration order."""
-    return list(_REGISTRY)
+    return QUANTIZERS.names()
 
 
 def get(name: str | Quantizer, **params: Any) -> Quantizer:
-    """Build the quantizer registered as ``name`` with ``params`` (a Quantizer passes
-    through unchanged). Unknown names and parameters are errors that list the valid ones."""
+    """Build the quantizer registered as ``name`` (any spelling, see
+    :mod:`signgrad.registry`) with ``params``; a Quantizer passes through unchanged.
+    Unknown names and parameters are errors that list the valid ones."""
     if isinstance(name, Quantizer):
         if params:
             raise SigngradError("parameters given with an already built quantizer")
         return name
-    cls = _REGISTRY.get(name)
-    if cls is None:
-        raise SigngradError(f"unknown quantizer '{name}'; valid: {', '.join(_REGISTRY)}")
-    accepted = parameters(name)
-    unknown = sorted(set(params) - set(accepted))
-    if cls.sharpness_name is None and {"sharpness", "exact_sign_after"} & set(unknown):
-        raise SigngradError(f"quantizer '{name}' has no sharpness to schedule")
-    if unknown:
-        raise SigngradError(
-            f"quantizer '{name}' takes no parameter {', '.join(unknown)}; "
-            f"it takes: {', '.join(accepted) or 'nothing'}"
-        )
-    return cls(**params)
+    cls = QUANTIZERS.get(name)
+    if cls.sharpness_name is None and set(_SCHEDULED) & set(params):
+        raise SigngradError(f"quantizer '{cls.name}' has no sharpness to schedule")
+    return QUANTIZERS.build(name, **params)
 
 
 def parameters(name: str) -> list[str]:
     """The keyword parameters the quantizer ``name`` accepts."""
-    cls = _REGISTRY[name]
-    sig = inspect.signature(cls.__init__)
-    accepted = [p for p in sig.parameters if p != "self"]
-    if cls.sharpness_name is None:
-        accepted = [p for p in accepted if p not in ("sharpness", "exact_sign_after")]
-    return accepted
+    return list(QUANTIZERS.parameters(name))
 
 
 # -- the methods --------------------------------------------------------------------------

@@ -471,6 +471,12 @@ def _plot_compare(
         ax.grid(alpha=0.3)
     # Below both panels: group labels can be long, and inside a panel they hide the curves.
     handles, names = ax_acc.get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", fontsize="small",
-               title="mean, band = min–max", title_fontsize="small")  # fmt: skip
+    fig.legend(
+        handles,
+        names,
+        loc="outside lower center",
+        fontsize="small",
+        title="mean, band = min–max",
+        title_fontsize="small",
+    )
     return _save_atomic(fig, path)

@@ -37,8 +37,12 @@ LOCK_NAME = ".lock"
 
 #: The files ``train`` writes through :func:`checkpoint.atomic_write`; their temporary
 #: files (``.NAME.XXXX.tmp``) are left behind only by a killed run.
-WRITTEN = (checkpoint.CHECKPOINT_NAME, checkpoint.CONFIG_NAME, checkpoint.METRICS_NAME,
-           "curves.png")  # fmt: skip
+WRITTEN = (
+    checkpoint.CHECKPOINT_NAME,
+    checkpoint.CONFIG_NAME,
+    checkpoint.METRICS_NAME,
+    "curves.png",
+)
 
 
 class RunLock:

@@ -26,10 +26,12 @@ takes, over a run of any length, clears a bound (quantizers use it for their sha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from signgrad.errors import SigngradError
+from signgrad.registry import Registry
 
 
 class Schedule:
@@ -176,8 +178,7 @@ class StepDecay(Schedule):
     every: float
 
     def __post_init__(self) -> None:
-        _finite("stepdecay", start=self.start, gamma=self.gamma, delay=self.delay,
-                every=self.every)  # fmt: skip
+        _finite("stepdecay", start=self.start, gamma=self.gamma, delay=self.delay, every=self.every)
         if not 0 < self.gamma <= 1 or self.every <= 0 or self.delay < 0:
             raise SigngradError(
                 f"stepdecay schedule needs a factor in (0, 1], delay >= 0 and every > 0, got "
@@ -194,13 +195,22 @@ class StepDecay(Schedule):
         return f"stepdecay:{self.start:g}:{self.gamma:g}:{self.delay:g}:{self.every:g}"
 
 
-_KINDS: dict[str, tuple[type[Schedule], int]] = {
-    "const": (Constant, 1),
-    "linear": (Linear, 2),
-    "exp": (Exponential, 2),
-    "decay": (Decay, 2),
-    "stepdecay": (StepDecay, 4),
-}
+#: The kinds of schedule by name (the text before the first ``:``), each with the form of
+#: its text as summary.
+KINDS: Registry[type[Schedule]] = Registry("schedule")
+for _cls, _form in [
+    (Constant, "const:V"),
+    (Linear, "linear:A:B"),
+    (Exponential, "exp:A:B"),
+    (Decay, "decay:A:G"),
+    (StepDecay, "stepdecay:A:G:D:E"),
+]:
+    KINDS.register(_form.partition(":")[0], _cls, summary=_form)
+
+
+def forms() -> str:
+    """``"const:V, linear:A:B, ..."``: the text forms :func:`parse` reads."""
+    return ", ".join(form for _, form in KINDS.summaries())
 
 
 def parse(text: str | float | Schedule) -> Schedule:
@@ -210,10 +220,10 @@ def parse(text: str | float | Schedule) -> Schedule:
     if isinstance(text, int | float):
         return Constant(float(text))
     kind, _, rest = str(text).partition(":")
-    if kind not in _KINDS:
-        valid = ", ".join(f"{k}:..." for k in _KINDS)
-        raise SigngradError(f"unknown schedule '{text}'; valid forms: {valid}")
-    cls, arity = _KINDS[kind]
+    if kind not in KINDS:
+        raise SigngradError(f"unknown schedule '{text}'; valid forms: {forms()}")
+    cls = KINDS.get(kind)
+    arity = len(dataclasses.fields(cls))
     parts = rest.split(":") if rest else []
     try:
         values = [float(p) for p in parts]

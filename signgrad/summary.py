@@ -50,17 +50,45 @@ class Summary:
         return 4 * (self.total("params_1bit") + self.total("params_32bit"))
 
     def table(self) -> str:
-        head = ("layer", "op", "in bits", "w bits", "output", "1-bit params", "32-bit params",
-                "memory", "binary MACs", "float MACs")  # fmt: skip
+        head = (
+            "layer",
+            "op",
+            "in bits",
+            "w bits",
+            "output",
+            "1-bit params",
+            "32-bit params",
+            "memory",
+            "binary MACs",
+            "float MACs",
+        )
         body = [
-            (r.name, r.op, str(r.input_bits), str(r.weight_bits) if r.weight_bits else "-",
-             "x".join(map(str, r.output_shape)), f"{r.params_1bit:,}", f"{r.params_32bit:,}",
-             _size(r.memory), f"{r.macs_binary:,}", f"{r.macs_float:,}")
+            (
+                r.name,
+                r.op,
+                str(r.input_bits),
+                str(r.weight_bits) if r.weight_bits else "-",
+                "x".join(map(str, r.output_shape)),
+                f"{r.params_1bit:,}",
+                f"{r.params_32bit:,}",
+                _size(r.memory),
+                f"{r.macs_binary:,}",
+                f"{r.macs_float:,}",
+            )
             for r in self.rows
-        ]  # fmt: skip
-        total = ("total", "", "", "", "", f"{self.total('params_1bit'):,}",
-                 f"{self.total('params_32bit'):,}", _size(self.total("memory")),
-                 f"{self.total('macs_binary'):,}", f"{self.total('macs_float'):,}")  # fmt: skip
+        ]
+        total = (
+            "total",
+            "",
+            "",
+            "",
+            "",
+            f"{self.total('params_1bit'):,}",
+            f"{self.total('params_32bit'):,}",
+            _size(self.total("memory")),
+            f"{self.total('macs_binary'):,}",
+            f"{self.total('macs_float'):,}",
+        )
         widths = [max(len(x[i]) for x in [head, *body, total]) for i in range(len(head))]
 
         def line(cells: tuple[str, ...]) -> str:
@@ -111,8 +139,13 @@ def summarize(src: export.Source, strict: bool = False) -> Summary:
             w_bits = 1 if n["binary_weight"] else 32
             macs = int(w.size) * int(np.prod(out_shape[1:], dtype=np.int64))
             floats = _count(n["scale"], t) + _count(n["shift"], t)
-            row = Row(n["name"] + (f" (+{n['folded']})" if n.get("folded") else ""),
-                      op, in_bits, w_bits, out_shape)  # fmt: skip
+            row = Row(
+                n["name"] + (f" (+{n['folded']})" if n.get("folded") else ""),
+                op,
+                in_bits,
+                w_bits,
+                out_shape,
+            )
             if w_bits == 1:
                 row.params_1bit, row.params_32bit = int(w.size), floats
             else:

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from signgrad import checkpoint, data, estimators, hooks, layers, report, rundir
+from signgrad import checkpoint, data, estimators, hooks, layers, optim, report, rundir
 from signgrad.builders import (
     Trained,
     build_architecture,
@@ -125,8 +125,15 @@ def _train_locked(
     start_epoch = 0
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     if state is not None:
-        restore(state, run_dir / checkpoint.CHECKPOINT_NAME, model, optimizer, estimator,
-                generator, global_rng=True)  # fmt: skip
+        restore(
+            state,
+            run_dir / checkpoint.CHECKPOINT_NAME,
+            model,
+            optimizer,
+            estimator,
+            generator,
+            global_rng=True,
+        )
         history, start_epoch = list(state["history"]), state["epoch"]
         if start_epoch >= end_epoch:  # nothing to train: every file stays as it is
             log.info("%s has done %d epochs; nothing to train", run_dir, start_epoch)
@@ -151,10 +158,15 @@ def _train_locked(
             model, test_loader, bf16=cfg.bf16, channels_last=cfg.channels_last
         )
         record = {
-            "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-            "test_loss": test_loss, "test_acc": test_acc, "time_s": time.perf_counter() - t0,
-            "lr": lr, "sharpness": sharpness,
-        }  # fmt: skip
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "time_s": time.perf_counter() - t0,
+            "lr": lr,
+            "sharpness": sharpness,
+        }
         for hook in step_hooks:
             hook.end_epoch(record)  # e.g. the estimator's fallback_steps
         history.append(record)
@@ -192,9 +204,12 @@ def train_epoch(
     steps = len(loader)
     lr = float("nan")
     bar = tqdm(
-        loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress,
+        loader,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        leave=False,
+        disable=not progress,
         dynamic_ncols=True,
-    )  # fmt: skip
+    )
     for i, (x, y) in enumerate(bar):
         lr = learning_rate(cfg, epoch * steps + i, steps)
         for group in optimizer.param_groups:
@@ -228,13 +243,27 @@ def _loaders(
 ) -> tuple[data.Loader, data.Loader]:
     """The shuffled training batches (drawn with ``generator``) and the test batches."""
     train_loader = data.Loader(
-        ds.train_images, ds.train_labels, batch_size=cfg.batch_size, mean=ds.mean, std=ds.std,
-        train=True, augment=ds.augment, device=device, generator=generator, drop_last=True,
-    )  # fmt: skip
+        ds.train_images,
+        ds.train_labels,
+        batch_size=cfg.batch_size,
+        mean=ds.mean,
+        std=ds.std,
+        train=True,
+        augment=ds.augment,
+        device=device,
+        generator=generator,
+        drop_last=True,
+    )
     test_loader = data.Loader(
-        ds.test_images, ds.test_labels, batch_size=500, mean=ds.mean, std=ds.std,
-        train=False, augment=False, device=device,
-    )  # fmt: skip
+        ds.test_images,
+        ds.test_labels,
+        batch_size=500,
+        mean=ds.mean,
+        std=ds.std,
+        train=False,
+        augment=False,
+        device=device,
+    )
     if len(train_loader) == 0:
         raise SigngradError(
             f"batch size {cfg.batch_size} exceeds the {len(ds.train_labels)} training images"
@@ -304,14 +333,10 @@ def _log_epoch(cfg: Config, r: dict[str, Any]) -> None:
 
 def learning_rate(cfg: Config, step: int, steps_per_epoch: int) -> float:
     """The learning rate at a global step: a pure function, so resume needs no state."""
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "cosine":
-        total = cfg.epochs * steps_per_epoch
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * step / total))
-    milestones = cfg.milestones or [cfg.epochs // 2, (3 * cfg.epochs) // 4]
-    epoch = step // steps_per_epoch
-    return cfg.lr * cfg.gamma ** sum(epoch >= m for m in milestones)
+    settings = {k: getattr(cfg, k) for k in optim.LR_SCHEDULES.parameters(cfg.schedule)}
+    return optim.LR_SCHEDULES.build(
+        cfg.schedule, cfg.lr, step, steps_per_epoch, cfg.epochs, **settings
+    )
 
 
 def _autocast(device: torch.device, enabled: bool) -> torch.autocast:

@@ -32,8 +32,11 @@ def _run_child(*args: str, timeout: float = 300, **env: str) -> subprocess.Compl
     full_env = {**os.environ, "SIGNGRAD_DATA": DATA or "", **env}
     return subprocess.run(
         [sys.executable, "-m", "signgrad.cli", *[str(a) for a in args]],
-        capture_output=True, text=True, env=full_env, timeout=timeout,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")

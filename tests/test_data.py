@@ -612,9 +612,14 @@ def test_loader_same_batches_on_cuda() -> None:
 
 def test_loader_on_real_cifar(cifar: data.DataSet) -> None:
     loader = data.Loader(
-        cifar.test_images, cifar.test_labels, batch_size=500, mean=cifar.mean,
-        std=cifar.std, train=False, augment=cifar.augment,
-    )  # fmt: skip
+        cifar.test_images,
+        cifar.test_labels,
+        batch_size=500,
+        mean=cifar.mean,
+        std=cifar.std,
+        train=False,
+        augment=cifar.augment,
+    )
     batches = list(loader)
     assert [len(y) for _, y in batches] == [500, 500, 17]
     x = torch.cat([x for x, _ in batches])
@@ -631,7 +636,14 @@ def test_loader_rejects_bad_arguments() -> None:
     with pytest.raises(SigngradError, match=r"one value per channel \(3\), got 1 and 1"):
         _loader(images, mean=(0.5,), std=(0.5,))
     with pytest.raises(SigngradError, match="uint8 images"):
-        data.Loader(images.float(), torch.arange(10), batch_size=4, mean=MEAN, std=STD,
-                    train=True, augment=False)  # fmt: skip
+        data.Loader(
+            images.float(),
+            torch.arange(10),
+            batch_size=4,
+            mean=MEAN,
+            std=STD,
+            train=True,
+            augment=False,
+        )
     with pytest.raises(SigngradError, match="batch size must be at least 1"):
         _loader(images, batch_size=0)

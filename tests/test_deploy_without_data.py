@@ -174,8 +174,10 @@ def test_predict_and_the_runtime_need_no_torch(tiny_run, tmp_path, run_cli):
     Image.fromarray(pixels).save(image)
     proc = subprocess.run(
         [sys.executable, "-c", NO_TORCH, "predict", str(packed), str(image), "--top", "2"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = proc.stdout.strip()
     assert line.startswith(f"{image}: ") and line.count("%") == 2, proc.stdout

@@ -47,8 +47,9 @@ def _packed(model: Any, shape: tuple[int, int, int], classes: int = 10) -> bytes
     from signgrad import export
 
     c = shape[0]
-    src = export.Source(model.eval(), shape, [f"class{i}" for i in range(classes)],
-                        [0.5] * c, [0.25] * c, {})  # fmt: skip
+    src = export.Source(
+        model.eval(), shape, [f"class{i}" for i in range(classes)], [0.5] * c, [0.25] * c, {}
+    )
     return export.packed(src)
 
 
@@ -90,9 +91,7 @@ def mixed_bytes() -> bytes:
         nn.MaxPool2d(2),
         nn.BatchNorm2d(16),  # after a pool: stays an affine
         nn.PReLU(16),
-        layers.BinaryConv2d(
-            16, 24, 3, padding=1, weight_quantizer="bnn", input_quantizer="bnn"
-        ),  # fmt: skip
+        layers.BinaryConv2d(16, 24, 3, padding=1, weight_quantizer="bnn", input_quantizer="bnn"),
         nn.ReLU(),
         nn.AvgPool2d(3, stride=2, padding=1),
         nn.Flatten(),
@@ -114,8 +113,11 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     """The base files the crafted and fuzzed files start from."""
     d = tmp_path_factory.mktemp("bases")
     out = {}
-    for name, make in (("convnet", convnet_bytes), ("resnet20", resnet20_bytes),
-                       ("mixed", mixed_bytes)):  # fmt: skip
+    for name, make in (
+        ("convnet", convnet_bytes),
+        ("resnet20", resnet20_bytes),
+        ("mixed", mixed_bytes),
+    ):
         out[name] = d / f"{name}.safetensors"
         out[name].write_bytes(make())
     return out
@@ -155,9 +157,7 @@ def node(doc: Doc, name: str) -> Doc:
     return next(n for n in doc["nodes"] if n["name"] == name)
 
 
-def single_conv_doc(
-    c: int, o: int, k: int, pad: int, size: int = 8
-) -> tuple[Doc, Tensors]:  # fmt: skip
+def single_conv_doc(c: int, o: int, k: int, pad: int, size: int = 8) -> tuple[Doc, Tensors]:
     """A graph of one binary conv (c -> o, k x k, padding pad) on c x size x size, then a
     global average pool and a float linear classifier of 10 classes."""
     doc = {
@@ -195,7 +195,7 @@ def single_conv_doc(
                 "scale": None,
                 "shift": None,
             },
-        ],  # fmt: skip
+        ],
         "binary_tensors": {},
         "preprocess": {"mean": [0.5] * c, "std": [0.25] * c},
         "classes": [str(i) for i in range(10)],
@@ -215,8 +215,11 @@ def signed(tensors_with_graph: dict[str, np.ndarray]) -> bytes:
     (what :func:`fmt.to_bytes` writes, without compressing a graph of ours)."""
     from safetensors.numpy import save
 
-    meta = {"format": fmt.FORMAT, "version": str(fmt.VERSION),
-            "sha256": fmt._digest(tensors_with_graph)}  # fmt: skip
+    meta = {
+        "format": fmt.FORMAT,
+        "version": str(fmt.VERSION),
+        "sha256": fmt._digest(tensors_with_graph),
+    }
     return save(tensors_with_graph, metadata=meta)
 
 
@@ -385,8 +388,10 @@ def crafted_bytes(bases: dict[str, Path], case: str) -> bytes:
     blob = fmt.to_bytes(doc, tensors)
     if doc.get("source") == "__DEEP__":  # JSON nested deeper than Python's parser goes
         text = json.dumps(doc).replace('"__DEEP__"', "[" * 100_000 + "]" * 100_000)
-        tensors = {**tensors, fmt.GRAPH_TENSOR: np.frombuffer(zlib.compress(text.encode()),
-                                                              dtype=np.uint8)}  # fmt: skip
+        tensors = {
+            **tensors,
+            fmt.GRAPH_TENSOR: np.frombuffer(zlib.compress(text.encode()), dtype=np.uint8),
+        }
         blob = signed(tensors)
     return blob
 
@@ -399,21 +404,25 @@ def assert_refused_by_predict(run_child, one_line_error, path: Path, image: Path
 
 @needs_compiled
 @pytest.mark.parametrize("case", sorted(CRAFTED))
-def test_crafted_file_is_refused_by_predict(case, bases, image, tmp_path, run_child,
-                                            one_line_error):  # fmt: skip
+def test_crafted_file_is_refused_by_predict(
+    case, bases, image, tmp_path, run_child, one_line_error
+):
     path = tmp_path / f"{case}.safetensors"
     path.write_bytes(crafted_bytes(bases, case))
     # In this process too: a SigngradError at load, on both backends, nothing else.
     for backend in ("numpy", "compiled"):
-        with pytest.raises(SigngradError, match=CRAFTED[case][2].replace("(", r"\(")
-                           .replace(")", r"\)").replace("[", r"\[")):  # fmt: skip
+        with pytest.raises(
+            SigngradError,
+            match=CRAFTED[case][2].replace("(", r"\(").replace(")", r"\)").replace("[", r"\["),
+        ):
             runtime.load(path, backend=backend)
     assert_refused_by_predict(run_child, one_line_error, path, image, CRAFTED[case][2])
 
 
 @needs_compiled
-def test_zip_bomb_graph_is_refused_before_inflating(bases, image, tmp_path, run_child,
-                                                    one_line_error):  # fmt: skip
+def test_zip_bomb_graph_is_refused_before_inflating(
+    bases, image, tmp_path, run_child, one_line_error
+):
     _, tensors = decoded(bases["convnet"])
     path = tmp_path / "bomb.safetensors"
     path.write_bytes(zip_bomb(tensors, 256 << 20))
@@ -424,18 +433,25 @@ def test_zip_bomb_graph_is_refused_before_inflating(bases, image, tmp_path, run_
 
 
 @needs_compiled
-def test_foreign_dtypes_and_bogus_headers_are_refused(tmp_path, image, run_child,
-                                                      one_line_error):  # fmt: skip
+def test_foreign_dtypes_and_bogus_headers_are_refused(tmp_path, image, run_child, one_line_error):
     cases = {
-        "bf16": (raw_safetensors({"a": {"dtype": "BF16", "shape": [2],
-                                        "data_offsets": [0, 4]}}, bytes(4)),
-                 "tensor dtype 'BF16' is not supported"),
-        "huge-shape": (raw_safetensors({"a": {"dtype": "F32", "shape": [2**40, 2**40],
-                                              "data_offsets": [0, 4]}}, bytes(4)),
-                       "not a readable packed model"),
-        "deep-header": ((50_000).to_bytes(8, "little") + b"[" * 50_000,
-                        "not a readable packed model"),
-    }  # fmt: skip
+        "bf16": (
+            raw_safetensors(
+                {"a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}, bytes(4)
+            ),
+            "tensor dtype 'BF16' is not supported",
+        ),
+        "huge-shape": (
+            raw_safetensors(
+                {"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}, bytes(4)
+            ),
+            "not a readable packed model",
+        ),
+        "deep-header": (
+            (50_000).to_bytes(8, "little") + b"[" * 50_000,
+            "not a readable packed model",
+        ),
+    }
     for name, (blob, fragment) in cases.items():
         path = tmp_path / f"{name}.safetensors"
         path.write_bytes(blob)
@@ -489,8 +505,11 @@ def stack_guard(tmp_path_factory) -> Path:
         pytest.skip("no C compiler for the stack guard helper")
     d = tmp_path_factory.mktemp("guard")
     (d / "guard.c").write_text(STACK_GUARD_C)
-    subprocess.run([cc, "-O1", "-shared", "-fPIC", "-o", d / "guard.so", d / "guard.c"],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [cc, "-O1", "-shared", "-fPIC", "-o", d / "guard.so", d / "guard.c"],
+        check=True,
+        capture_output=True,
+    )
     return d / "guard.so"
 
 
@@ -519,18 +538,22 @@ def huge_kernel_and_outputs() -> list[str]:
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 4, 4, 1)).astype(np.float32)
     w = signs((8, 1, 600, 600), seed=6)
-    ones, zeros = np.ones(8, np.float32), np.zeros(8, np.float32)
-    y, _ = K.bconv2d(K.pack_words(x, 2), K.pack_weight_words(w), 1, (600, 600), (1, 1),
-                     (300, 300), ones, zeros, None, None, (0.0, 0.0, None), False, 2)  # fmt: skip
+    ones, zeros, act_args = np.ones(8, np.float32), np.zeros(8, np.float32), (0.0, 0.0, None)
+    xb, wb = K.pack_words(x, 2), K.pack_weight_words(w)
+    y, _ = K.bconv2d(
+        xb, wb, 1, (600, 600), (1, 1), (300, 300), ones, zeros, None, None, act_args, False, 2
+    )
     if not np.array_equal(y, reference_bconv(x, w, 300)):
         problems.append("600 x 600 kernel: wrong output")
     # 1,500,001 outputs (12 MB of accumulators per thread): the portable path.
     o = 1_500_001
     w = signs((o, 1, 1, 1), seed=7)
     x = np.full((1, 1, 1, 1), -0.5, np.float32)
-    y, bits = K.bconv2d(K.pack_words(x, 2), K.pack_weight_words(w), 1, (1, 1), (1, 1), (0, 0),
-                        np.ones(o, np.float32), np.zeros(o, np.float32), None, "relu",
-                        (0.0, 0.0, None), True, 2)  # fmt: skip
+    xb, wb = K.pack_words(x, 2), K.pack_weight_words(w)
+    ones, zeros = np.ones(o, np.float32), np.zeros(o, np.float32)
+    y, bits = K.bconv2d(
+        xb, wb, 1, (1, 1), (1, 1), (0, 0), ones, zeros, None, "relu", act_args, True, 2
+    )
     if not np.array_equal(y.ravel(), np.maximum(-w.ravel(), 0)):
         problems.append("1,500,001 outputs: wrong output")
     if bits.shape != (1, 1, 1, (o + 63) // 64):
@@ -587,8 +610,12 @@ def test_hostile_file_and_huge_kernels_in_a_worker_thread_leave_the_neighbour_in
     path = tmp_path / "k600.safetensors"
     path.write_bytes(crafted_bytes(bases, "kernel-600x600"))
     # In a child process: the stack overflow this guards against killed the process.
-    proc = subprocess.run([sys.executable, __file__, "threads", str(path), str(stack_guard)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, __file__, "threads", str(path), str(stack_guard)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode >= 0, f"the child died of signal {-proc.returncode}"
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -609,8 +636,10 @@ def test_the_kernel_glue_checks_sizes_and_threads_itself():
 
     def call(dims=(1, 1, 1, 1, 8), kernel=(1, 1, 1, 1), pad=(0, 0), threads=1, **bufs):
         b = {"x": x, "w": w, "out": out, **bufs}
-        K._kernels.bconv2d(b["x"], b["w"], dims, kernel, pad, v, v, None, 0, 0.0, 0.0, None,
-                           b["out"], None, threads)  # fmt: skip
+        act = (0, 0.0, 0.0, None)  # no activation: its code, lo, hi, slope
+        K._kernels.bconv2d(
+            b["x"], b["w"], dims, kernel, pad, v, v, None, *act, b["out"], None, threads
+        )
 
     call()  # the well-formed call
     for bad in (
@@ -672,8 +701,13 @@ def test_run_and_predict_check_their_input(bases):
     images = np.random.default_rng(1).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
     probs = pm.predict(images, batch_size=3)
     assert probs.shape == (4, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
-    for bad in (images / 255.0, images.astype(np.int16), images > 0,
-                images.astype(np.complex64), images.tolist()):  # fmt: skip
+    for bad in (
+        images / 255.0,
+        images.astype(np.int16),
+        images > 0,
+        images.astype(np.complex64),
+        images.tolist(),
+    ):
         with pytest.raises(SigngradError, match=r"takes uint8 images .* 0\.\.255.*run\(\)"):
             pm.predict(bad)
     with pytest.raises(SigngradError, match="this model takes N x 1 x 8 x 8"):
@@ -697,8 +731,9 @@ K_BACKENDS = ["numpy"] + (["compiled"] if K.COMPILED else [])
 
 # --------------------------------------------------------------------------- fuzzing
 
-INT_LIKE = [0, -1, -7, 1, 2, 3, 5, 64, 2**31 - 1, 2**31, 2**63, 10**12, 1.5, 2.0, float("nan"),
-            float("inf"), "3", True, False, None, [], {}, [1], [1, 1, 1]]  # fmt: skip
+_INTS = [0, -1, -7, 1, 2, 3, 5, 64, 2**31 - 1, 2**31, 2**63, 10**12]
+_NOT_INTS = [1.5, 2.0, float("nan"), float("inf"), "3", True, False, None, [], {}, [1], [1, 1, 1]]
+INT_LIKE = _INTS + _NOT_INTS
 
 
 def _mutate_value(rng: np.random.Generator, v: Any) -> Any:
@@ -727,9 +762,9 @@ def _pick(rng: np.random.Generator, seq: list[Any]) -> Any:
 def mutate(rng: np.random.Generator, doc: Doc, t: Tensors) -> str:
     """One random edit of the graph or its tensors; returns what it did."""
     nodes = doc["nodes"]
-    kind = _pick(rng, ["field", "field", "field", "drop", "nodes", "op", "rewire", "input",
-                       "binary", "tensor", "tensor", "classes", "preprocess", "channels",
-                       "benign", "benign"])  # fmt: skip
+    kinds = ["field", "field", "field", "drop", "nodes", "op", "rewire", "input", "binary"]
+    kinds += ["tensor", "tensor", "classes", "preprocess", "channels", "benign", "benign"]
+    kind = _pick(rng, kinds)
     if kind == "field" and nodes:
         n = _pick(rng, nodes)
         key = _pick(rng, sorted(n))
@@ -783,8 +818,9 @@ def mutate(rng: np.random.Generator, doc: Doc, t: Tensors) -> str:
         elif how == "flatten":
             t[name] = a.reshape(-1)
         elif how == "dtype":
-            t[name] = a.astype(_pick(rng, [np.float64, np.float16, np.int32, np.uint8,
-                                           np.float32, np.int8]))  # fmt: skip
+            t[name] = a.astype(
+                _pick(rng, [np.float64, np.float16, np.int32, np.uint8, np.float32, np.int8])
+            )
         elif how in ("nan", "inf") and a.dtype == np.float32 and a.size:
             a = a.copy()
             a.flat[int(rng.integers(a.size))] = np.nan if how == "nan" else -np.inf
@@ -819,8 +855,12 @@ def mutate(rng: np.random.Generator, doc: Doc, t: Tensors) -> str:
 def small_binary(shape: Any) -> bool:
     """A shape whose packed signs the mutator may write (an earlier edit may have made it
     huge or not a shape at all)."""
-    return (isinstance(shape, list) and len(shape) >= 2 and all(_is_plain_int(d) and d > 0
-            for d in shape) and math.prod(shape) <= 1 << 26)  # fmt: skip
+    return (
+        isinstance(shape, list)
+        and len(shape) >= 2
+        and all(_is_plain_int(d) and d > 0 for d in shape)
+        and math.prod(shape) <= 1 << 26
+    )
 
 
 def safe_mutate(rng: np.random.Generator, doc: Doc, t: Tensors) -> str:
@@ -860,8 +900,11 @@ def benign(rng: np.random.Generator, doc: Doc, t: Tensors) -> str:
         if pools:
             n = _pick(rng, pools)
             k = [int(v) for v in rng.integers(1, 4, size=2)]
-            n.update(kernel=k, stride=[int(v) for v in rng.integers(1, 3, size=2)],
-                     padding=[int(rng.integers(0, k[0] // 2 + 1)), 0])  # fmt: skip
+            n.update(
+                kernel=k,
+                stride=[int(v) for v in rng.integers(1, 3, size=2)],
+                padding=[int(rng.integers(0, k[0] // 2 + 1)), 0],
+            )
     elif how == "shortcut":
         for n in nodes:
             if n.get("op") == "shortcut_a":
@@ -904,14 +947,16 @@ def fuzz(bases: list[Path], seed: int, trials: int) -> dict[str, Any]:
                     raise AssertionError(f"{b}: output shape {z.shape}, {p.shape}")
                 outcome[b] = ("ran", z, p)
         except Exception:
-            stats["failures"].append({"trial": trial, "edits": what,
-                                      "error": traceback.format_exc()[-1500:]})  # fmt: skip
+            stats["failures"].append(
+                {"trial": trial, "edits": what, "error": traceback.format_exc()[-1500:]}
+            )
             continue
         kinds = {o[0] for o in outcome.values()}
         if len(kinds) > 1:
             seen = [o[:2] for o in outcome.values()]
-            stats["failures"].append({"trial": trial, "edits": what,
-                                      "error": f"backends disagree: {seen}"})  # fmt: skip
+            stats["failures"].append(
+                {"trial": trial, "edits": what, "error": f"backends disagree: {seen}"}
+            )
             continue
         kind = kinds.pop()
         stats[kind] += 1
@@ -922,17 +967,17 @@ def fuzz(bases: list[Path], seed: int, trials: int) -> dict[str, Any]:
                 p0, p1, rtol=1e-4, atol=1e-5, equal_nan=True
             )
             if not same:
-                stats["failures"].append({"trial": trial, "edits": what, "error":
-                                          "compiled and numpy logits differ"})  # fmt: skip
+                stats["failures"].append(
+                    {"trial": trial, "edits": what, "error": "compiled and numpy logits differ"}
+                )
     return stats
 
 
 def run_fuzz_child(bases: list[Path], seed: int, trials: int, timeout: float) -> dict[str, Any]:
+    argv = [sys.executable, __file__, "fuzz", "--seed", str(seed), "--trials", str(trials)]
     proc = subprocess.run(
-        [sys.executable, __file__, "fuzz", "--seed", str(seed), "--trials", str(trials),
-         *map(str, bases)],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        [*argv, *map(str, bases)], capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode >= 0, (
         f"the fuzz child died of signal {-proc.returncode}: " + (proc.stderr[-3000:])
     )

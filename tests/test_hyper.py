@@ -35,8 +35,17 @@ def identity_generator(layer):
 @pytest.mark.parametrize("scaling", ["none", "channel"])
 def test_identity_generator_on_one_hot_embeddings_is_the_binary_conv(input_quantizer, scaling):
     torch.manual_seed(0)
-    hc = HyperConv2d(3, 4, 3, padding=1, stride=2, z_dim=9, weight_quantizer="bnn",
-                     input_quantizer=input_quantizer, scaling=scaling)  # fmt: skip
+    hc = HyperConv2d(
+        3,
+        4,
+        3,
+        padding=1,
+        stride=2,
+        z_dim=9,
+        weight_quantizer="bnn",
+        input_quantizer=input_quantizer,
+        scaling=scaling,
+    )
     identity_generator(hc)
     # One-hot embeddings: kernel (o, i) has a single +-1 at position (o + i) mod 9.
     with torch.no_grad():
@@ -45,8 +54,16 @@ def test_identity_generator_on_one_hot_embeddings_is_the_binary_conv(input_quant
             hc.embedding[row, row % 9] = 1.0 if row % 2 else -0.5
     kernel = hc.latent_weight().detach()
     assert torch.equal(kernel.reshape(-1, 9), hc.embedding.detach())
-    bc = layers.BinaryConv2d(3, 4, 3, padding=1, stride=2, weight_quantizer="bnn",
-                             input_quantizer=input_quantizer, scaling=scaling)  # fmt: skip
+    bc = layers.BinaryConv2d(
+        3,
+        4,
+        3,
+        padding=1,
+        stride=2,
+        weight_quantizer="bnn",
+        input_quantizer=input_quantizer,
+        scaling=scaling,
+    )
     with torch.no_grad():
         bc.weight.copy_(kernel)
     x = torch.randn(2, 3, 8, 8)
@@ -103,9 +120,13 @@ def test_estimators_drive_hyper_layers_through_the_generator():
     # embeddings and the generator, replacing the straight-through gradients there.
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 16, 3),
-    )  # fmt: skip
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False),
+        nn.Flatten(),
+        nn.Linear(4 * 16, 3),
+    )
     convert.binarize(net, "dorefa", keep="first_last", hyper=True)
     hc = net[3]
     est = estimators.build("fsg", net)

@@ -79,9 +79,14 @@ def small_net():
 
 
 @pytest.mark.parametrize(
-    "keep,binary", [("first_last", [False, True, False]), ("none", [True, True, True]),
-                    ("first", [False, True, True]), ("last", [True, True, False])],
-)  # fmt: skip
+    "keep,binary",
+    [
+        ("first_last", [False, True, False]),
+        ("none", [True, True, True]),
+        ("first", [False, True, True]),
+        ("last", [True, True, False]),
+    ],
+)
 def test_binarize_keep_policies(keep, binary):
     net = small_net()
     w0 = net[0].weight

@@ -56,8 +56,7 @@ def test_resnet20_1w1a_matches_torch():
 
 def test_vgg_small_1w1a_channel_scaling_hyper_matches_torch():
     torch.manual_seed(1)
-    m = models.get("vgg-small", num_classes=10, in_channels=3, image_size=32,
-                   activation="hardtanh")  # fmt: skip
+    m = models.get("vgg-small", num_classes=10, in_channels=3, image_size=32, activation="hardtanh")
     m = calibrated(convert.binarize(m, "bnn", "bnn", scaling="channel", hyper=True), (3, 32, 32))
     g = graph.build(m, (3, 32, 32))
     # Batch norm after max-pool cannot be folded: the unfolded affine path is exercised.
@@ -95,11 +94,19 @@ def test_other_ops_match_torch():
     # PReLU, an unfolded 2-D batch norm, a binary-input linear layer.
     torch.manual_seed(4)
     m = nn.Sequential(
-        nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), models.ShortcutA(6, 9, 2),
-        nn.AvgPool2d(3, stride=2, padding=1), nn.MaxPool2d(2, padding=1), nn.PReLU(),
-        nn.Flatten(), nn.BatchNorm1d(9 * 2 * 2), nn.Linear(9 * 2 * 2, 8), nn.BatchNorm1d(8),
-        nn.Hardtanh(), nn.Linear(8, 5),
-    )  # fmt: skip
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        models.ShortcutA(6, 9, 2),
+        nn.AvgPool2d(3, stride=2, padding=1),
+        nn.MaxPool2d(2, padding=1),
+        nn.PReLU(),
+        nn.Flatten(),
+        nn.BatchNorm1d(9 * 2 * 2),
+        nn.Linear(9 * 2 * 2, 8),
+        nn.BatchNorm1d(8),
+        nn.Hardtanh(),
+        nn.Linear(8, 5),
+    )
     with torch.no_grad():
         m[5].weight.fill_(0.3)
     m = calibrated(convert.binarize(m, "bnn", "bnn", scaling="tensor"), (2, 11, 11))
@@ -107,9 +114,8 @@ def test_other_ops_match_torch():
     sc = g.nodes[2]
     assert (sc["op"], sc["pad_before"], sc["pad_after"]) == ("shortcut_a", 1, 2)
     assert g.shapes[sc["output"]] == [9, 6, 6]
-    assert [n["op"] for n in g.nodes if n["op"] in ("affine", "linear")] == [
-        "affine", "linear", "linear"
-    ]  # fmt: skip
+    ops = [n["op"] for n in g.nodes if n["op"] in ("affine", "linear")]
+    assert ops == ["affine", "linear", "linear"]
     om = to_onnx(g)
     assert {"AveragePool", "Gemm", "Where", "PRelu"} <= op_types(om)
     assert_matches(om, m, torch.randn(16, 2, 11, 11))

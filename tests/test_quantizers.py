@@ -62,8 +62,9 @@ def ref_approxsign_forward_surrogate(x):
 
 
 def test_registry_names_and_errors():
-    expected = {"none", "bc", "bnn", "bnn+", "bnn++", "pc", "rpc", "proxquant", "approxsign",
-                "ede", "dorefa", "ste-warmup"}  # fmt: skip
+    expected = set(
+        "none bc bnn bnn+ bnn++ pc rpc proxquant approxsign ede dorefa ste-warmup".split()
+    )
     assert set(quantizers.names()) == expected
     with pytest.raises(SigngradError, match=r"unknown quantizer 'sgn'; valid: none, bc, bnn"):
         quantizers.get("sgn")
@@ -122,14 +123,16 @@ def test_bnn_plus_plus_soft_forward_then_sign():
     q.set_epoch(0, 10)
     y, g = run(q, GRID)
     np.testing.assert_allclose(y, ref_sign_swish(GRID, 2.0), atol=1e-12)
-    np.testing.assert_allclose(g, numeric_derivative(lambda v: ref_sign_swish(v, 2.0), GRID),
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        g, numeric_derivative(lambda v: ref_sign_swish(v, 2.0), GRID), atol=1e-6
+    )
     q.set_epoch(9, 10)  # last 10%: exact sign forward, backward keeps SS'_mu at the end mu
     assert q.exact and q.sharpness == 8
     y, g = run(q, GRID)
     np.testing.assert_array_equal(y, ref_sign(GRID))
-    np.testing.assert_allclose(g, numeric_derivative(lambda v: ref_sign_swish(v, 8.0), GRID),
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        g, numeric_derivative(lambda v: ref_sign_swish(v, 8.0), GRID), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("mu", [0.0, 0.3, 1.0])

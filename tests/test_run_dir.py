@@ -41,8 +41,11 @@ def child_env() -> dict[str, str]:
 def start_training(out: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "signgrad.cli", "-q", "train", *TINY, "--out", str(out), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, limit: float = 600) -> None:
@@ -96,8 +99,10 @@ def test_second_writer_fails_at_once_and_a_killed_runs_lock_is_reused(
     lock_file = run / rundir.LOCK_NAME
     assert json.loads(lock_file.read_text())["pid"] == first.pid  # left by the crash
     # The kernel dropped the dead run's flock: resuming takes the leftover lock file over.
-    proc = run_child("-q", "train", "--resume", "--out", run, "--no-progress",
-                     "--stop-after", str(done + 1), timeout=300)  # fmt: skip
+    stop = str(done + 1)
+    proc = run_child(
+        "-q", "train", "--resume", "--out", run, "--no-progress", "--stop-after", stop, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert checkpoint.load(run)["epoch"] == done + 1
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -130,8 +135,9 @@ def test_a_held_lock_refuses_a_writer_and_leaves_the_run_untouched(
     shutil.copytree(tiny_run, run)
     before = files(run)
     with rundir.lock(run):  # this process is the writer now
-        proc = run_child("-q", "train", "--resume", "--out", run, "--epochs", "2",
-                         "--no-progress", timeout=300)  # fmt: skip
+        proc = run_child(
+            "-q", "train", "--resume", "--out", run, "--epochs", "2", "--no-progress", timeout=300
+        )
         one_line_error(proc, "in use", str(run), f"pid {os.getpid()}")
         with pytest.raises(Exception, match="in use"):
             rundir.lock(run)  # a second lock in the same process is refused as well
@@ -159,8 +165,12 @@ def test_resume_of_a_new_run_before_its_first_checkpoint_says_it_is_in_use(tmp_p
 def test_leftover_temporary_files_are_removed_when_a_run_is_opened(tmp_path, tiny_run, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    ours = [".checkpoint.pt.k2j4_x.tmp", ".config.json.abc.tmp", ".metrics.jsonl.q.tmp",
-            ".curves.png.zz9.tmp"]  # fmt: skip
+    ours = [
+        ".checkpoint.pt.k2j4_x.tmp",
+        ".config.json.abc.tmp",
+        ".metrics.jsonl.q.tmp",
+        ".curves.png.zz9.tmp",
+    ]
     for name in ours:
         (run / name).write_bytes(b"half a file")
     other = run / ".model-packed.safetensors.abc.tmp"  # an export's, which takes no lock
@@ -211,8 +221,9 @@ def test_stop_after_at_or_below_done_says_nothing_was_trained(
     run = tmp_path / "run"
     shutil.copytree(two_of_three, run)
     before = files(run)
-    code = cli.main(["-q", "train", "--resume", "--out", str(run), "--stop-after", stop_after,
-                     "--no-progress"])  # fmt: skip
+    code = cli.main(
+        ["-q", "train", "--resume", "--out", str(run), "--stop-after", stop_after, "--no-progress"]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert out.startswith("nothing trained") and "has done 2 of its 3 epochs" in out, out
@@ -262,15 +273,19 @@ def test_file_too_large_during_the_checkpoint_write(tmp_path, tiny_run, run_chil
     before = files(run)
     # Room for config.json and metrics.jsonl, not for a checkpoint (~320 kB).
     limit = len(before["checkpoint.pt"]) // 3
+    train = ["-q", "train", "--resume", "--out", str(run), "--epochs", "2", "--no-progress"]
     proc = subprocess.run(
-        [sys.executable, "-c", LIMITED, str(limit), "-q", "train", "--resume", "--out", str(run),
-         "--epochs", "2", "--no-progress"],
-        capture_output=True, text=True, env=child_env(), timeout=600,
-    )  # fmt: skip
+        [sys.executable, "-c", LIMITED, str(limit), *train],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=600,
+    )
     one_line_error(
-        proc, f"cannot write {run / 'checkpoint.pt'}: File too large",
+        proc,
+        f"cannot write {run / 'checkpoint.pt'}: File too large",
         "the previous checkpoint is kept",
-    )  # fmt: skip
+    )
     assert_previous_checkpoint_survives(run, before, run_child)
 
 
@@ -282,8 +297,9 @@ def test_no_space_left_during_the_checkpoint_write(tmp_path, tiny_run, run_child
         pytest.skip("no unshare(1)")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {mnt}"],
-                           capture_output=True, text=True)  # fmt: skip
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs tmpfs {mnt}"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
     before = files(tiny_run)
@@ -294,12 +310,18 @@ def test_no_space_left_during_the_checkpoint_write(tmp_path, tiny_run, run_child
         f"{sys.executable} -m signgrad.cli -q train --resume --out {mnt}/run --epochs 2 "
         f"--no-progress; rc=$?; cp -a {mnt}/run {back}; exit $rc"
     )
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True,
-                          text=True, env=child_env(), timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=600,
+    )
     one_line_error(
-        proc, f"cannot write {mnt}/run/checkpoint.pt: No space left on device",
+        proc,
+        f"cannot write {mnt}/run/checkpoint.pt: No space left on device",
         "the previous checkpoint is kept",
-    )  # fmt: skip
+    )
     assert_previous_checkpoint_survives(back, before, run_child)
 
 
@@ -428,9 +450,13 @@ def test_damaged_checkpoint(tmp_path, tiny_run, capsys, kind, command):
 
 @pytest.mark.parametrize(
     "kind,command",
-    [("model wrong shape", "eval"), ("optimizer group count", "resume"),
-     ("epoch a bool", "export"), ("config not a dict", "init")],
-)  # fmt: skip
+    [
+        ("model wrong shape", "eval"),
+        ("optimizer group count", "resume"),
+        ("epoch a bool", "export"),
+        ("config not a dict", "init"),
+    ],
+)
 @pytest.mark.slow
 def test_damaged_checkpoint_in_a_child_process(
     tmp_path, tiny_run, run_child, one_line_error, kind, command

@@ -53,13 +53,12 @@ def test_bconv2d_equals_conv_of_signs(c, o, size, stride, padding, kernel):
 
     x_bits = K.pack_words(x.permute(0, 2, 3, 1).numpy(), threads=2)
     args = ((kernel, kernel), (stride, stride), (padding, padding), scale.numpy(), shift.numpy())
-    y, bits = K.bconv2d(x_bits, K.pack_weight_words(w.numpy()), c, *args, None, None,
-                        (0.0, 0.0, None), False, 2)  # fmt: skip
+    w_words = K.pack_weight_words(w.numpy())
+    y, bits = K.bconv2d(x_bits, w_words, c, *args, None, None, (0.0, 0.0, None), False, 2)
     assert bits is None
     torch.testing.assert_close(torch.from_numpy(y).permute(0, 3, 1, 2), ref, rtol=1e-6, atol=1e-5)
     res = np.ascontiguousarray(residual.permute(0, 2, 3, 1).numpy())
-    y, bits = K.bconv2d(x_bits, K.pack_weight_words(w.numpy()), c, *args, res, "hardtanh",
-                        (-1.0, 1.0, None), True, 1)  # fmt: skip
+    y, bits = K.bconv2d(x_bits, w_words, c, *args, res, "hardtanh", (-1.0, 1.0, None), True, 1)
     torch.testing.assert_close(
         torch.from_numpy(y).permute(0, 3, 1, 2), ref_act, rtol=1e-6, atol=1e-5
     )
@@ -167,8 +166,7 @@ def test_resnet20_1w1a_matches_pytorch_on_every_cifar_test_image(cifar, cifar_re
 @needs_compiled
 def test_hyper_vgg_small_with_channel_scaling_matches_pytorch(cifar):
     torch.manual_seed(1)
-    m = models.get("vgg-small", num_classes=10, in_channels=3, image_size=32,
-                   activation="hardtanh")  # fmt: skip
+    m = models.get("vgg-small", num_classes=10, in_channels=3, image_size=32, activation="hardtanh")
     convert.binarize(m, "bnn", "bnn", scaling="channel", hyper=True)
     m = calibrated(m, normalised(cifar, cifar.train_images[:512]))
     assert_same_predictions(m, packed_of(m, cifar, "compiled"), cifar)
@@ -184,8 +182,13 @@ def test_resnet18_prelu_binary_shortcuts_match_pytorch(cifar):
         if isinstance(mod, nn.PReLU):
             nn.init.uniform_(mod.weight, -0.5, 0.5)
     m = calibrated(m, normalised(cifar, cifar.train_images[:256]))
-    sub = data.DataSet(**{**vars(cifar), "test_images": cifar.test_images[:200],
-                          "test_labels": cifar.test_labels[:200]})  # fmt: skip
+    sub = data.DataSet(
+        **{
+            **vars(cifar),
+            "test_images": cifar.test_images[:200],
+            "test_labels": cifar.test_labels[:200],
+        }
+    )
     pm = packed_of(m, cifar, "compiled")
     assert sum(s.binary for s in pm.steps) == 19  # 16 convs + 3 binarized 1x1 projections
     assert_same_predictions(m, pm, sub)

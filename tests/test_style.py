@@ -14,8 +14,11 @@ needs_ruff = pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason
 def ruff(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ruff", *args, *PATHS],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @needs_ruff

@@ -9,7 +9,6 @@ ones. The contract every estimator follows is in :mod:`signgrad.estimators.base`
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
@@ -18,8 +17,10 @@ from signgrad.errors import SigngradError
 from signgrad.estimators.base import GradientHistory, LearnedEstimator, weight_count
 from signgrad.estimators.fsg import FSG, PAPER
 from signgrad.estimators.metaquant import LSTMFC, FCGrad, MultiFC
+from signgrad.registry import Registry
 
 __all__ = [
+    "ESTIMATORS",
     "FSG",
     "LSTMFC",
     "PAPER",
@@ -34,49 +35,30 @@ __all__ = [
     "parse_params",
 ]
 
-# name -> (class, preset settings that override the class defaults)
-_BUILDERS: dict[str, tuple[type[LearnedEstimator], dict[str, Any]]] = {
-    "fsg": (FSG, {}),
-    "fsg-paper": (FSG, PAPER),
-    "metaquant-fc": (FCGrad, {}),
-    "metaquant-multifc": (MultiFC, {}),
-    "metaquant-lstm": (LSTMFC, {}),
-}
+#: Every learned estimator by name; a preset is a class with other default settings.
+ESTIMATORS: Registry[type[LearnedEstimator]] = Registry("estimator", inputs=("model",))
+ESTIMATORS.register("fsg", FSG, summary="FSG: fast-net + Mamba slow-net over the gradient history")
+ESTIMATORS.register(
+    "fsg-paper", FSG, defaults=PAPER, summary="FSG with the settings of its paper's code"
+)
+ESTIMATORS.register("metaquant-fc", FCGrad)
+ESTIMATORS.register("metaquant-multifc", MultiFC)
+ESTIMATORS.register("metaquant-lstm", LSTMFC)
 
 
 def names() -> list[str]:
     """Names accepted by :func:`build`."""
-    return list(_BUILDERS)
-
-
-def _lookup(name: str) -> tuple[type[LearnedEstimator], dict[str, Any]]:
-    if name not in _BUILDERS:
-        raise SigngradError(f"unknown estimator '{name}'; valid: {', '.join(_BUILDERS)}")
-    return _BUILDERS[name]
+    return ESTIMATORS.names()
 
 
 def parameters(name: str) -> dict[str, Any]:
     """The settings estimator ``name`` accepts, with their defaults (preset applied)."""
-    cls, preset = _lookup(name)
-    sig = inspect.signature(cls.__init__)
-    defaults = {
-        p.name: p.default
-        for p in sig.parameters.values()
-        if p.name not in ("self", "model") and p.default is not inspect.Parameter.empty
-    }
-    return {**defaults, **preset}
+    return ESTIMATORS.parameters(name)
 
 
 def build(name: str, model: nn.Module, **params: Any) -> LearnedEstimator:
     """The estimator ``name`` for the binarized layers of ``model``."""
-    cls, preset = _lookup(name)
-    accepted = parameters(name)
-    for key in params:
-        if key not in accepted:
-            raise SigngradError(
-                f"estimator '{name}' takes no parameter {key}; valid: {', '.join(accepted)}"
-            )
-    return cls(model, **{**preset, **params})
+    return ESTIMATORS.build(name, model, **params)
 
 
 def _convert(key: str, text: str, default: Any) -> Any:
@@ -111,11 +93,11 @@ def parse_params(items: list[str], name: str) -> dict[str, Any]:
             raise SigngradError(f"--estimator-param '{item}': expected KEY=VALUE")
         if key not in accepted:
             raise SigngradError(
-                f"estimator '{name}' takes no parameter {key}; valid: {', '.join(accepted)}"
+                f"estimator '{name}' takes no parameter {key}; it takes: {', '.join(accepted)}"
             )
         params[key] = _convert(key, text.strip(), accepted[key])
     # Ranges too, so that a bad value fails before any data or model is read.
-    _lookup(name)[0].validate({**accepted, **params})
+    ESTIMATORS.get(name).validate({**accepted, **params})
     return params
 
 
@@ -123,7 +105,7 @@ def check(name: str, model: nn.Module, params: dict[str, Any], device: Any = "cp
     """Refuse settings of estimator ``name`` that are out of range or whose memory for the
     binarized layers of ``model`` (which may be a stand-in built only to count them)
     cannot fit on ``device``, without building the estimator."""
-    cls, _ = _lookup(name)
+    cls = ESTIMATORS.get(name)
     settings = {**parameters(name), **params}
     cls.validate(settings)
     cls.check_fits(weight_count(model), settings, device, name)

@@ -33,17 +33,18 @@ from torch import Tensor, nn
 
 from signgrad import layers, memory
 from signgrad.errors import SigngradError
+from signgrad.registry import Registry
 
 FLOAT_BYTES = 4  # the meta-networks and their inputs are float32
 # Each meta-parameter has itself, its gradient and Adam's two moments.
 PARAM_COPIES = 4
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "tanh": nn.Tanh,
-    "silu": nn.SiLU,
-    "none": nn.Identity,
-}
+#: The nonlinearities of the meta-networks' MLPs, by name.
+ACTIVATIONS: Registry[type[nn.Module]] = Registry("activation")
+ACTIVATIONS.register("relu", nn.ReLU, summary="max(x, 0)")
+ACTIVATIONS.register("tanh", nn.Tanh, summary="tanh(x)")
+ACTIVATIONS.register("silu", nn.SiLU, summary="x * sigmoid(x)")
+ACTIVATIONS.register("none", nn.Identity, summary="x: stacked linear maps, one affine map")
 
 
 def check_int(owner: str, key: str, value: object, minimum: int = 1) -> None:
@@ -53,9 +54,14 @@ def check_int(owner: str, key: str, value: object, minimum: int = 1) -> None:
 
 
 def check_number(
-    owner: str, key: str, value: object, low: float, high: float = math.inf, *,
+    owner: str,
+    key: str,
+    value: object,
+    low: float,
+    high: float = math.inf,
+    *,
     low_open: bool = False,
-) -> None:  # fmt: skip
+) -> None:
     """Refuse ``value`` unless it is a finite number in [low, high] ((low, high] with
     ``low_open``)."""
     ok = (
@@ -91,8 +97,7 @@ def coordinate_mlp(hidden: int, activation: str = "relu", depth: int = 3) -> nn.
     ``activation="none"`` reproduces FSG's reference fast-net, whose stacked linear maps
     collapse to one affine map of the input.
     """
-    if activation not in ACTIVATIONS:
-        raise SigngradError(f"unknown activation '{activation}'; valid: {', '.join(ACTIVATIONS)}")
+    make = ACTIVATIONS.get(activation)
     if hidden < 1 or depth < 2:
         raise SigngradError(f"an MLP needs hidden >= 1 and depth >= 2, got {hidden}, {depth}")
     sizes = [1] + [hidden] * (depth - 1) + [1]
@@ -100,7 +105,7 @@ def coordinate_mlp(hidden: int, activation: str = "relu", depth: int = 3) -> nn.
     for i in range(depth):
         mods.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < depth - 1:
-            mods.append(ACTIVATIONS[activation]())
+            mods.append(make())
     return nn.Sequential(*mods)
 
 

@@ -139,9 +139,13 @@ class FSG(LearnedEstimator):
         if parts != "fast":
             if slow == "mamba":
                 self.slow = Mamba(
-                    d_model=1, d_inner=d_inner, d_state=d_state, d_conv=d_conv,
-                    dt_rank=dt_rank, chunk_size=chunk_size,
-                )  # fmt: skip
+                    d_model=1,
+                    d_inner=d_inner,
+                    d_state=d_state,
+                    d_conv=d_conv,
+                    dt_rank=dt_rank,
+                    chunk_size=chunk_size,
+                )
             else:
                 self.slow = _RecurrentSlowNet(slow, slow_hidden)
             if lre:
@@ -153,13 +157,15 @@ class FSG(LearnedEstimator):
     def validate(cls, settings: dict[str, Any]) -> None:
         name = cls.name
         for key, label, valid in (
-            ("slow", "slow-net", SLOW_NETS), ("parts", "parts", PARTS),
-            ("update", "update", UPDATES), ("mode", "mode", MODES),
+            ("slow", "slow-net", SLOW_NETS),
+            ("parts", "parts", PARTS),
+            ("update", "update", UPDATES),
+            ("mode", "mode", MODES),
             ("fast_activation", "fast_activation", ACTIVATIONS),
-        ):  # fmt: skip
+        ):
             check_choice(name, label, settings[key], valid)
-        for key in ("history", "d_inner", "d_state", "d_conv", "dt_rank", "slow_hidden",
-                    "fast_hidden"):  # fmt: skip
+        ints = ("history", "d_inner", "d_state", "d_conv", "dt_rank", "slow_hidden", "fast_hidden")
+        for key in ints:
             check_int(name, key, settings[key])
         if settings["chunk_size"] is not None:
             check_int(name, "chunk_size", settings["chunk_size"])

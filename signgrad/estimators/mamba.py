@@ -108,9 +108,16 @@ class _SelectiveScan(torch.autograd.Function):
         for s in range(0, batch, rows):
             m, sl = min(rows, batch - s), slice(s, s + rows)
             _recur(
-                du[:, sl], delta[:, sl], A2, B[:, sl], C[:, sl],
-                [h[:m]] * length, [decay[:m]] * length, y[:, sl], tmp[:m],
-            )  # fmt: skip
+                du[:, sl],
+                delta[:, sl],
+                A2,
+                B[:, sl],
+                C[:, sl],
+                [h[:m]] * length,
+                [decay[:m]] * length,
+                y[:, sl],
+                tmp[:m],
+            )
         ctx.save_for_backward(du, delta, A, B, C)
         return y
 

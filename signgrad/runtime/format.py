@@ -39,9 +39,19 @@ FORMAT = "signgrad-packed"
 VERSION = 1
 #: the operations of version 1 (their meaning: :mod:`signgrad.graph`)
 OPS = (
-    "conv2d", "linear", "affine", "relu", "hardtanh", "prelu", "add", "shortcut_a",
-    "maxpool2d", "avgpool2d", "global_avgpool", "flatten",
-)  # fmt: skip
+    "conv2d",
+    "linear",
+    "affine",
+    "relu",
+    "hardtanh",
+    "prelu",
+    "add",
+    "shortcut_a",
+    "maxpool2d",
+    "avgpool2d",
+    "global_avgpool",
+    "flatten",
+)
 
 
 def pack_signs(signs: np.ndarray) -> np.ndarray:
@@ -115,8 +125,9 @@ def _inflate(blob: bytes, where: str) -> bytes:
         raise SigngradError(f"{where} has no readable graph: {e}") from None
     if more:
         if d.unconsumed_tail or d.decompress(b"", 1):
-            raise SigngradError(f"{where}: its graph inflates to more than "
-                                f"{MAX_GRAPH_BYTES >> 20} MiB; refused")  # fmt: skip
+            raise SigngradError(
+                f"{where}: its graph inflates to more than {MAX_GRAPH_BYTES >> 20} MiB; refused"
+            )
         raise SigngradError(f"{where} has no readable graph: the compressed graph is truncated")
     return text
 
@@ -135,18 +146,24 @@ def read_bytes(
         if not isinstance(meta, dict):
             raise ValueError("its metadata is not an object")
     except KeyError as e:  # a dtype safetensors knows and numpy does not (BF16, F8...)
-        raise SigngradError(f"{where} is not a readable packed model: tensor dtype {e} is "
-                            "not supported") from None  # fmt: skip
+        raise SigngradError(
+            f"{where} is not a readable packed model: tensor dtype {e} is not supported"
+        ) from None
     except (SafetensorError, ValueError, AttributeError, TypeError, RecursionError) as e:
         # RecursionError: JSON nested deeper than the parser goes.
-        raise SigngradError(f"{where} is not a readable packed model (truncated or "
-                            f"damaged?): {type(e).__name__}: {e}"[:300]) from None  # fmt: skip
+        raise SigngradError(
+            f"{where} is not a readable packed model (truncated or "
+            f"damaged?): {type(e).__name__}: {e}"[:300]
+        ) from None
     if meta.get("format") != FORMAT:
-        raise SigngradError(f"{where} is not a signgrad packed model (format "
-                            f"{meta.get('format')!r:.60})")  # fmt: skip
+        raise SigngradError(
+            f"{where} is not a signgrad packed model (format {meta.get('format')!r:.60})"
+        )
     if meta.get("version") != str(VERSION):
-        raise SigngradError(f"{where} has packed format version {str(meta.get('version'))[:20]}; "
-                            f"this signgrad reads version {VERSION}")  # fmt: skip
+        raise SigngradError(
+            f"{where} has packed format version {str(meta.get('version'))[:20]}; "
+            f"this signgrad reads version {VERSION}"
+        )
     if meta.get("sha256") != _digest(tensors):
         raise SigngradError(f"{where} is damaged: its tensors do not match their checksum")
     blob = tensors.pop(GRAPH_TENSOR, None)
@@ -155,9 +172,11 @@ def read_bytes(
     try:
         graph = json.loads(_inflate(blob.tobytes(), where))
     except (ValueError, RecursionError) as e:
-        raise SigngradError(f"{where} has no readable graph: {type(e).__name__}: "
-                            f"{e}"[:300]) from None  # fmt: skip
+        raise SigngradError(
+            f"{where} has no readable graph: {type(e).__name__}: {e}"[:300]
+        ) from None
     if not isinstance(graph, dict):
-        raise SigngradError(f"{where} has no readable graph: a {type(graph).__name__}, not a "
-                            "JSON object")  # fmt: skip
+        raise SigngradError(
+            f"{where} has no readable graph: a {type(graph).__name__}, not a JSON object"
+        )
     return graph, tensors

@@ -98,14 +98,29 @@ def bconv2d(
     new = buffers.get if buffers else lambda _, shape, dtype: np.empty(shape, dtype)
     out = new("out", (n, ho, wo, o), np.float32)
     if residual is not None and residual.shape != out.shape:
-        raise SigngradError(f"residual of shape {residual.shape} added to an output of shape "
-                            f"{out.shape}: the runtime does not broadcast")  # fmt: skip
+        raise SigngradError(
+            f"residual of shape {residual.shape} added to an output of shape "
+            f"{out.shape}: the runtime does not broadcast"
+        )
     bits = new("out_bits", (n, ho, wo, words(o)), np.uint64) if want_bits else None
     lo, hi, slope = act_args
     _kernels.bconv2d(
-        x_bits, w_words, (n, h, w, c, o), (kh, kw, sh, sw), (ph, pw), scale, shift,
-        residual, ACT_CODES[act], lo, hi, slope, out, bits, threads,
-    )  # fmt: skip
+        x_bits,
+        w_words,
+        (n, h, w, c, o),
+        (kh, kw, sh, sw),
+        (ph, pw),
+        scale,
+        shift,
+        residual,
+        ACT_CODES[act],
+        lo,
+        hi,
+        slope,
+        out,
+        bits,
+        threads,
+    )
     return out, bits
 
 
@@ -127,9 +142,12 @@ def conv_matrix(weight: np.ndarray) -> np.ndarray:
 
 
 def pool(
-    x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+    x: np.ndarray,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
     op: str,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """Max or average (padded zeros counted) pooling of NHWC ``x``."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, h, w, c = x.shape

@@ -95,21 +95,26 @@ class PackedModel:
         """Logits (N x classes) of normalised inputs x (N x C x H x W real numbers, run as
         float32); an empty batch gives an empty 0 x classes result."""
         if not isinstance(x, np.ndarray):
-            raise SigngradError(f"run() takes a numpy array ({self._takes()} float32), got a "
-                                f"{type(x).__name__}")  # fmt: skip
+            raise SigngradError(
+                f"run() takes a numpy array ({self._takes()} float32), got a {type(x).__name__}"
+            )
         if x.dtype.kind not in "iuf":
-            raise SigngradError(f"run() takes real numbers ({self._takes()} float32), got "
-                                f"dtype {x.dtype}")  # fmt: skip
+            raise SigngradError(
+                f"run() takes real numbers ({self._takes()} float32), got dtype {x.dtype}"
+            )
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
-            raise SigngradError(f"input of shape {tuple(x.shape)}; this model takes "
-                                f"{self._takes()}")  # fmt: skip
+            raise SigngradError(
+                f"input of shape {tuple(x.shape)}; this model takes {self._takes()}"
+            )
         if len(x) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         with np.errstate(over="ignore"):  # float64 beyond float32: inf, refused just below
             x = np.asarray(x, dtype=np.float32)
         if not np.isfinite(x).all():
-            raise SigngradError("the input holds NaN or infinite values (or values beyond "
-                                "float32); run() needs finite normalised inputs")  # fmt: skip
+            raise SigngradError(
+                "the input holds NaN or infinite values (or values beyond "
+                "float32); run() needs finite normalised inputs"
+            )
         values: dict[str, Any] = {self.graph["input"]["name"]: np.transpose(x, (0, 2, 3, 1))}
         for step in self.steps:
             values[step.output] = step.fn(values)
@@ -129,8 +134,9 @@ class PackedModel:
                 "call run() on inputs normalised with the model's mean and std"
             )
         if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
-            raise SigngradError(f"images of shape {tuple(images.shape)}; this model takes "
-                                f"{self._takes()}")  # fmt: skip
+            raise SigngradError(
+                f"images of shape {tuple(images.shape)}; this model takes {self._takes()}"
+            )
         # Batches whose activations fit in memory, however large one image's are.
         step = max(1, min(batch_size, PREDICT_BATCH_BYTES // max(self.image_bytes, 1)))
         probs = []
@@ -271,8 +277,9 @@ class _Planner:
         o, c = w.shape[:2]
         for what, t in (("scale", scale), ("shift", shift)):
             if t is not None and t.shape != (o,):
-                raise SigngradError(f"packed model: {what} of layer {n['name']!r} has shape "
-                                    f"{t.shape}, not ({o},)")  # fmt: skip
+                raise SigngradError(
+                    f"packed model: {what} of layer {n['name']!r} has shape {t.shape}, not ({o},)"
+                )
         if n["binary_input"] and n["binary_weight"] and self.m.backend == "compiled":
             return self._binary_step(n, w, c, kernel, stride, padding, scale, shift, linear)
         wmat = K.conv_matrix(w)
@@ -293,10 +300,17 @@ class _Planner:
         return _Step(n["name"], n["output"], run)
 
     def _binary_step(
-        self, n: dict[str, Any], w: np.ndarray, c: int, kernel: tuple[int, int],
-        stride: tuple[int, int], padding: tuple[int, int], scale: np.ndarray | None,
-        shift: np.ndarray | None, linear: bool,
-    ) -> _Step:  # fmt: skip
+        self,
+        n: dict[str, Any],
+        w: np.ndarray,
+        c: int,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        scale: np.ndarray | None,
+        shift: np.ndarray | None,
+        linear: bool,
+    ) -> _Step:
         w_words = K.pack_weight_words(w)
         o = w.shape[0]
         scale = np.ones(o, np.float32) if scale is None else np.ascontiguousarray(scale)
@@ -342,9 +356,21 @@ class _Planner:
             if residual is not None:
                 residual = np.ascontiguousarray(residual, dtype=np.float32)
             y, bits = K.bconv2d(
-                x_bits, w_words, c, kernel, stride, padding, scale, shift, residual, act,
-                act_args, want_bits, threads, buffers,
-            )  # fmt: skip
+                x_bits,
+                w_words,
+                c,
+                kernel,
+                stride,
+                padding,
+                scale,
+                shift,
+                residual,
+                act,
+                act_args,
+                want_bits,
+                threads,
+                buffers,
+            )
             if bits is not None:
                 values[_bits_key(out_name)] = bits
             return y.reshape(y.shape[0], -1) if linear else y

@@ -131,16 +131,20 @@ class _Checker:
         if declared is None:
             raise _fail(f"{label}: binary weight {name!r} is not listed in binary_tensors")
         if declared != list(shape):
-            raise _fail(f"{label}: binary weight {name!r} is declared {declared}, but the "
-                        f"layer needs {list(shape)}")  # fmt: skip
+            raise _fail(
+                f"{label}: binary weight {name!r} is declared {declared}, but the "
+                f"layer needs {list(shape)}"
+            )
         k = math.prod(shape[1:])
         rows = (shape[0], (k + 7) // 8)
         t = self.tensors.get(name)
         if t is None:
             raise _fail(f"{label}: binary weight {name!r} is missing from the file")
         if t.dtype != np.uint8 or t.shape != rows:
-            raise _fail(f"{label}: binary weight {name!r} is stored as {t.dtype} {t.shape}; "
-                        f"{list(shape)} packs into uint8 {rows}")  # fmt: skip
+            raise _fail(
+                f"{label}: binary weight {name!r} is stored as {t.dtype} {t.shape}; "
+                f"{list(shape)} packs into uint8 {rows}"
+            )
         if k % 8 and (t[:, -1] >> (k % 8)).any():
             raise _fail(f"{label}: binary weight {name!r} has bits set past its {k} elements")
         self.used_binary.add(name)
@@ -158,8 +162,10 @@ class _Checker:
             raise _fail("malformed graph: binary_tensors must be an object {name: shape}")
         for name, shape in binary.items():
             if not isinstance(shape, list) or len(shape) < 2:
-                raise _fail(f"binary_tensors: the shape of {name!r} must be a list of at "
-                            f"least 2 integers, got {shape!r:.60}")  # fmt: skip
+                raise _fail(
+                    f"binary_tensors: the shape of {name!r} must be a list of at "
+                    f"least 2 integers, got {shape!r:.60}"
+                )
             for d in shape:
                 _int(d, f"binary_tensors: a dimension of {name!r}", 1)
         self.graph_binary: dict[str, list[int]] = binary
@@ -191,8 +197,9 @@ class _Checker:
             ins = self.field(n, "inputs", label)
             arity = 2 if op == "add" else 1
             if not isinstance(ins, list) or len(ins) != arity:
-                raise _fail(f"{label}: inputs must be a list of {arity} value names, got "
-                            f"{ins!r:.60}")  # fmt: skip
+                raise _fail(
+                    f"{label}: inputs must be a list of {arity} value names, got {ins!r:.60}"
+                )
             for v in ins:
                 _name(v, f"{label}: an input")
             missing = [v for v in ins if v not in shapes]
@@ -200,8 +207,9 @@ class _Checker:
                 raise _fail(f"node {name!r} reads {missing} before they are computed")
             out = _name(self.field(n, "output", label), f"{label}: its output")
             if out in shapes:
-                raise _fail(f"{label}: its output {out!r} is already computed (each value is "
-                            "written once)")  # fmt: skip
+                raise _fail(
+                    f"{label}: its output {out!r} is already computed (each value is written once)"
+                )
             y, t = self.node(n, op, label, [shapes[v] for v in ins], ins)
             if t > temp:
                 temp, temp_label = t, label
@@ -217,8 +225,10 @@ class _Checker:
         if len(y) == 3 and y[1:] == (1, 1):
             y = y[:1]
         if len(y) != 1 or y[0] != len(classes):
-            raise _fail(f"the graph's output {output!r} is N x {_shape_text(shapes[output])}, "
-                        f"not N x {len(classes)} for its {len(classes)} classes")  # fmt: skip
+            raise _fail(
+                f"the graph's output {output!r} is N x {_shape_text(shapes[output])}, "
+                f"not N x {len(classes)} for its {len(classes)} classes"
+            )
         unused = sorted(set(binary) - self.used_binary)
         if unused:
             raise _fail(f"binary_tensors lists {unused[0]!r}, which no binary layer uses")
@@ -227,9 +237,11 @@ class _Checker:
         need = values + temp
         if need > MAX_IMAGE_BYTES:
             largest = f"; the largest temporary: {temp_label}, {size_text(temp)}" if temp else ""
-            raise _fail(f"running this graph needs {size_text(need)} of activations per image "
-                        f"({size_text(values)} of values{largest}), more than this runtime's "
-                        f"limit of {size_text(MAX_IMAGE_BYTES)}")  # fmt: skip
+            raise _fail(
+                f"running this graph needs {size_text(need)} of activations per image "
+                f"({size_text(values)} of values{largest}), more than this runtime's "
+                f"limit of {size_text(MAX_IMAGE_BYTES)}"
+            )
         return Checked(shapes, need)
 
     def preprocess(self, c: int) -> None:
@@ -240,8 +252,10 @@ class _Checker:
         for key in ("mean", "std"):
             v = self.field(pre, key, "preprocess")
             if not isinstance(v, list) or len(v) != c:
-                raise _fail(f"preprocess {key} must be a list of {c} numbers (one per input "
-                            f"channel), got {v!r:.60}")  # fmt: skip
+                raise _fail(
+                    f"preprocess {key} must be a list of {c} numbers (one per input "
+                    f"channel), got {v!r:.60}"
+                )
             stats[key] = [_number(x, f"preprocess {key}") for x in v]
         mean = np.float32(stats["mean"])
         std = np.float32(stats["std"])
@@ -259,20 +273,22 @@ class _Checker:
         """The output shape of node ``n`` and the temporary bytes it needs per image."""
         x = xs[0]
         if op in _SHAPED_OPS and len(x) != 3:
-            raise _fail(f"{label} takes N x C x H x W input; {ins[0]!r} is N x "
-                        f"{_shape_text(x)}")  # fmt: skip
+            raise _fail(f"{label} takes N x C x H x W input; {ins[0]!r} is N x {_shape_text(x)}")
         if op == "conv2d":
             return self.conv(n, label, x, ins[0])
         if op == "linear":
             if len(x) != 1:
-                raise _fail(f"{label} takes N x features input; {ins[0]!r} is N x "
-                            f"{_shape_text(x)} (flatten it first)")  # fmt: skip
+                raise _fail(
+                    f"{label} takes N x features input; {ins[0]!r} is N x "
+                    f"{_shape_text(x)} (flatten it first)"
+                )
             self.bools(n, label)
             f = _int(self.field(n, "in_features", label), f"{label}: in_features", 1)
             o = _int(self.field(n, "out_features", label), f"{label}: out_features", 1)
             if f != x[0]:
-                raise _fail(f"{label}: in_features is {f}, but its input {ins[0]!r} has "
-                            f"{x[0]} features")  # fmt: skip
+                raise _fail(
+                    f"{label}: in_features is {f}, but its input {ins[0]!r} has {x[0]} features"
+                )
             self.weight(n, label, (o, f))
             self.optional_vector(n, "scale", o, label)
             self.optional_vector(n, "shift", o, label)
@@ -292,8 +308,7 @@ class _Checker:
         if op == "prelu":
             t = self.float_tensor(self.field(n, "weight", label), None, label, "weight")
             if t.shape[0] not in (1, x[0]):
-                raise _fail(f"{label}: {t.shape[0]} slopes for {x[0]} channels (1 or "
-                            f"{x[0]})")  # fmt: skip
+                raise _fail(f"{label}: {t.shape[0]} slopes for {x[0]} channels (1 or {x[0]})")
             return x, 0
         if op == "add":
             if xs[0] != xs[1]:
@@ -310,8 +325,10 @@ class _Checker:
         if op in ("maxpool2d", "avgpool2d"):
             (kh, kw), (sh, sw), (ph, pw) = self.window(n, label)
             if ph > kh // 2 or pw > kw // 2:
-                raise _fail(f"{label}: padding {[ph, pw]} is more than half the kernel "
-                            f"{[kh, kw]} (PyTorch refuses it too)")  # fmt: skip
+                raise _fail(
+                    f"{label}: padding {[ph, pw]} is more than half the kernel "
+                    f"{[kh, kw]} (PyTorch refuses it too)"
+                )
             y = self.spatial(label, x, (kh, kw), (sh, sw), (ph, pw))
             return y, 4 * x[0] * (x[1] + 2 * ph) * (x[2] + 2 * pw)
         if op == "global_avgpool":
@@ -335,13 +352,18 @@ class _Checker:
         return out
 
     def spatial(
-        self, label: str, x: tuple[int, ...], k: tuple[int, int], s: tuple[int, int],
+        self,
+        label: str,
+        x: tuple[int, ...],
+        k: tuple[int, int],
+        s: tuple[int, int],
         p: tuple[int, int],
-    ) -> tuple[int, int, int]:  # fmt: skip
+    ) -> tuple[int, int, int]:
         hp, wp = x[1] + 2 * p[0], x[2] + 2 * p[1]
         if k[0] > hp or k[1] > wp:
-            raise _fail(f"{label}: kernel {k[0]} x {k[1]} is larger than its padded input "
-                        f"{hp} x {wp}")  # fmt: skip
+            raise _fail(
+                f"{label}: kernel {k[0]} x {k[1]} is larger than its padded input {hp} x {wp}"
+            )
         return x[0], (hp - k[0]) // s[0] + 1, (wp - k[1]) // s[1] + 1
 
     def conv(
@@ -351,8 +373,9 @@ class _Checker:
         cin = _int(self.field(n, "in_channels", label), f"{label}: in_channels", 1)
         cout = _int(self.field(n, "out_channels", label), f"{label}: out_channels", 1)
         if cin != x[0]:
-            raise _fail(f"{label}: in_channels is {cin}, but its input {x_name!r} has {x[0]} "
-                        "channels")  # fmt: skip
+            raise _fail(
+                f"{label}: in_channels is {cin}, but its input {x_name!r} has {x[0]} channels"
+            )
         (kh, kw), s, (ph, pw) = self.window(n, label)
         _, ho, wo = self.spatial(label, x, (kh, kw), s, (ph, pw))
         self.weight(n, label, (cout, cin, kh, kw))
