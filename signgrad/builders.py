@@ -21,6 +21,7 @@ from torch import nn
 from signgrad import checkpoint, convert, data, estimators, hyper, layers, memory, models, optim
 from signgrad.config import Config
 from signgrad.errors import SigngradError, first_line
+from signgrad.estimators.base import saved_settings
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,20 @@ def _check_init(
     restore(state, cfg.init, model, make_optimizer(own, model))
 
 
-def build_estimator(cfg: Config, model: nn.Module) -> estimators.LearnedEstimator | None:
-    """The learned gradient estimator of ``cfg`` for ``model``'s binarized layers."""
+def build_estimator(
+    cfg: Config, model: nn.Module, state: dict[str, Any] | None = None
+) -> estimators.LearnedEstimator | None:
+    """The learned gradient estimator of ``cfg`` for ``model``'s binarized layers; with
+    the checkpoint ``state`` of a resumed run, built with the settings it was saved with
+    (which a later signgrad's defaults may no longer give)."""
     if cfg.estimator is None:
         return None
     params = estimators.parse_params(cfg.estimator_params, cfg.estimator)
+    saved = None if state is None else state.get("estimator")
+    if isinstance(saved, dict):
+        cls = estimators.ESTIMATORS.get(cfg.estimator)
+        full = {**estimators.parameters(cfg.estimator), **params}
+        params = saved_settings(saved, full, cls)
     return estimators.build(cfg.estimator, model, **params)
 
 

@@ -139,6 +139,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (0)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--diagnostics", action="store_true", help="record per step and layer how "
+                   "the applied gradient compares with STE's (RUN/diagnostics.jsonl)")  # fmt: skip
     p.add_argument("--init", help="start from this full-precision checkpoint or run directory")
     p.add_argument("--data-root", help="data root (default: $SIGNGRAD_DATA, else "
                    "~/.cache/signgrad/data)")  # fmt: skip
@@ -214,19 +216,38 @@ def _eval(args: argparse.Namespace) -> None:
     )
 
 
-def _compare(args: argparse.Namespace) -> None:
-    from signgrad import report
-
-    png = Path(args.png)
-    # Writing the curves must not create folders the user did not ask for (a typo).
+def _png_path(text: str) -> Path:
+    """Where to write a figure: writing it must not create folders the user did not ask
+    for (a typo)."""
+    png = Path(text)
     if not png.parent.is_dir():
         raise SigngradError(
             f"--png {png}: the folder {png.parent} does not exist (create it first)"
         )
     if png.is_dir():
         raise SigngradError(f"--png {png} is a folder; give a file name such as curves.png")
+    return png
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from signgrad import diagnostics, report
+
+    png = _png_path(args.png)
     print(report.compare(args.runs, png), end="")
     print(f"\ncurves: {png}")
+    if all((Path(run) / diagnostics.DIAGNOSTICS_NAME).is_file() for run in args.runs):
+        # Runs trained with --diagnostics: their gradients side by side too.
+        diag = png.with_name(f"{png.stem}-diagnostics{png.suffix}")
+        print("\n" + report.diagnose(args.runs, diag), end="")
+        print(f"\ndiagnostics: {diag}")
+
+
+def _diagnose(args: argparse.Namespace) -> None:
+    from signgrad import report
+
+    png = _png_path(args.png)
+    print(report.diagnose(args.runs, png, early=args.early), end="")
+    print(f"\nplots: {png}")
 
 
 def _check_data_root(root: str | None) -> None:
@@ -419,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("runs", nargs="+", help="run directories")
     c.add_argument("--png", default="comparison.png", help="where to write the curves")
     c.set_defaults(func=_compare)
+    d = sub.add_parser("diagnose", help="gradient-fidelity diagnostics of runs trained with "
+                       "--diagnostics: table and plots")  # fmt: skip
+    d.add_argument("runs", nargs="+", help="run directories")
+    d.add_argument("--png", default="diagnostics.png", help="where to write the plots")
+    d.add_argument("--early", type=int, default=10, help="steps in the 'first' columns (10)")
+    d.set_defaults(func=_diagnose)
     li = sub.add_parser("list", help="the names signgrad knows: quantizers, estimators, "
                         "models, data sets, ...; with a KIND, each with its summary")  # fmt: skip
     li.add_argument("kind", nargs="?", metavar="KIND", help="one kind, e.g. quantizers")

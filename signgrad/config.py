@@ -79,6 +79,7 @@ class Config:
     seed: int = 0
     bf16: bool = False
     channels_last: bool = False
+    diagnostics: bool = False  # record gradient-fidelity diagnostics (signgrad.diagnostics)
     init: str | None = None
     data_root: str | None = None
     download: bool = True
@@ -312,16 +313,17 @@ def with_recipe(values: dict[str, Any]) -> dict[str, Any]:
 
 
 #: What ``--resume`` may change: the rest of the saved configuration is the run.
-RESUME_CHANGEABLE = ("epochs", "device", "data_root", "download", "out")
+RESUME_CHANGEABLE = ("epochs", "device", "data_root", "download", "out", "diagnostics")
 
 
 def resumed_config(
     run_dir: str | os.PathLike, saved: dict[str, Any], done: int, overrides: dict[str, Any]
 ) -> Config:
     """The saved configuration of the run in ``run_dir`` (``done`` epochs finished) with
-    ``overrides`` applied; only the number of epochs, the device and the data root may
-    change on resume. :func:`signgrad.rundir.resume_config` reads them from the checkpoint."""
-    flags = "--epochs, --device, --data-root and --no-download"
+    ``overrides`` applied; only the number of epochs, the device, the data root and the
+    diagnostics switch may change on resume. :func:`signgrad.rundir.resume_config` reads
+    them from the checkpoint."""
+    flags = "--epochs, --device, --data-root, --no-download and --diagnostics"
     overrides = {**overrides, **canonical_names(overrides)}  # any spelling of a name
     clash = sorted(
         k for k, v in overrides.items() if k not in RESUME_CHANGEABLE and saved.get(k) != v

@@ -31,14 +31,18 @@ gradients overflowed would need one more field of :class:`Step` for the loop to 
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from signgrad import estimators, layers
+from signgrad import diagnostics, estimators, layers
 from signgrad.config import Config
+from signgrad.errors import SigngradError
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Step:
     y: torch.Tensor
     logits: torch.Tensor | None = None  # set after the forward pass
     loss: torch.Tensor | None = None  # what backward runs on; before_backward may replace it
+    train_loss: torch.Tensor | None = None  # the cross-entropy itself, whatever loss becomes
 
 
 class StepHook:
@@ -145,10 +150,93 @@ class QuantizerPostStep(StepHook):
         layers.post_step(self.model, step.lr)
 
 
+class GradientDiagnostics(StepHook):
+    """Record, every step and for every binarized layer, how the applied gradient compares
+    with the straight-through one (``diagnostics``; what is recorded:
+    :mod:`signgrad.diagnostics`). Last in the list: it reads the gradient the optimizer
+    will apply, after the estimator and clipping, and the weights after every update.
+    It changes nothing: a run with it computes exactly what a run without it does."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        estimator: estimators.LearnedEstimator | None,
+        run_dir: str | os.PathLike,
+        first_step: int,
+    ) -> None:
+        self.estimator = estimator
+        if estimator is not None:
+            named = list(zip(estimator.layer_names, estimator.layers, strict=True))
+        else:
+            named = [(n, m) for n, m in layers.binary_layers(model)
+                     if m.weight_quantizer.precision < 32]  # fmt: skip
+        if any(m.generated_kernel for _, m in named):
+            raise SigngradError("--diagnostics does not support hyper layers yet")
+        self.layers = [m for _, m in named]
+        self.writer = diagnostics.Writer(run_dir, [n for n, _ in named], first_step)
+        self._signs: list[torch.Tensor] = []
+        self._values: torch.Tensor | None = None
+
+    def after_backward(self, step: Step) -> None:
+        est = self.estimator
+        rows = []
+        for i, layer in enumerate(self.layers):
+            w = layer.weight
+            applied = w.grad
+            if applied is None:
+                rows.append(torch.full((4,), math.nan, device=w.device))
+                continue
+            applied = applied.detach().flatten().float()
+            if est is None:
+                ste = applied
+            else:  # the natural gradient of this batch, as plain STE would apply it
+                ste = est.calibrate(i, est.histories[i].latest()).flatten().float()
+            rms = applied.pow(2).mean().sqrt()
+            rows.append(
+                torch.stack(
+                    [
+                        F.cosine_similarity(applied, ste, dim=0),
+                        applied.norm() / ste.norm(),
+                        applied.mean().abs() / rms,
+                        torch.zeros((), device=w.device),  # flips, after the step
+                    ]
+                )
+            )
+        self._values = torch.stack(rows)
+        self._signs = [layer.weight.detach() >= 0 for layer in self.layers]
+
+    def after_step(self, step: Step) -> None:
+        assert self._values is not None
+        flips = [
+            ((layer.weight.detach() >= 0) != before).float().mean()
+            for layer, before in zip(self.layers, self._signs, strict=True)
+        ]
+        values = self._values
+        values[:, 3] = torch.where(torch.isnan(values[:, 0]), math.nan, torch.stack(flips))
+        table = values.cpu().tolist()  # one device synchronisation per step
+        record: dict[str, Any] = {
+            "step": step.epoch * step.steps + step.index,
+            "loss": float(step.train_loss) if step.train_loss is not None else None,
+            "fallbacks": 0 if self.estimator is None else self.estimator.last_fallbacks,
+        }
+        for k, key in enumerate(diagnostics.SERIES):
+            record[key] = [None if math.isnan(row[k]) else row[k] for row in table]
+        self.writer.add(record)
+        self._signs, self._values = [], None
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        self.writer.flush()
+
+
 def for_config(
-    cfg: Config, model: nn.Module, estimator: estimators.LearnedEstimator | None
+    cfg: Config,
+    model: nn.Module,
+    estimator: estimators.LearnedEstimator | None,
+    run_dir: str | os.PathLike | None = None,
+    first_step: int = 0,
 ) -> list[StepHook]:
-    """The hooks of a run of ``cfg``, in the order they are called."""
+    """The hooks of a run of ``cfg``, in the order they are called (``run_dir`` and the
+    run's ``first_step``: where and from when ``diagnostics`` records)."""
     hooks: list[StepHook] = []
     if cfg.sharpness_per_step:
         hooks.append(PerStepSharpness(model, cfg.epochs))
@@ -159,4 +247,8 @@ def for_config(
     if cfg.grad_clip is not None:
         hooks.append(GradClip(model, cfg.grad_clip))
     hooks.append(QuantizerPostStep(model))
+    if cfg.diagnostics:
+        if run_dir is None:
+            raise SigngradError("diagnostics need the run directory to write to")
+        hooks.append(GradientDiagnostics(model, estimator, run_dir, first_step))
     return hooks

@@ -26,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
+from signgrad import diagnostics
 from signgrad.checkpoint import CONFIG_NAME, METRICS_NAME, atomic_write
 from signgrad.errors import SigngradError
 
@@ -38,6 +39,7 @@ __all__ = [
     "plot_run",
     "group_runs",
     "compare",
+    "diagnose",
 ]
 
 
@@ -52,6 +54,7 @@ GROUP_IGNORE = (
     "version",
     "channels_last",
     "download",
+    "diagnostics",
 )
 
 #: Metric fields that must be numbers (or null) when present.
@@ -479,4 +482,104 @@ def _plot_compare(
         title="mean, band = min–max",
         title_fontsize="small",
     )
+    return _save_atomic(fig, path)
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+#: What :func:`diagnose` tabulates and plots: (series, label, scale).
+_DIAG_PANELS = (
+    ("loss", "training loss (batch)", 1.0),
+    ("cos", "cosine with STE's gradient", 1.0),
+    ("norm_ratio", "norm ratio to STE's gradient", 1.0),
+    ("drift", "drift |mean| / rms", 1.0),
+    ("flips", "weights changing sign (%)", 100.0),
+)
+
+
+#: The table's cells: (summary key, scale, decimals).
+_DIAG_CELLS = (
+    ("cos_early", 1.0, 3),
+    ("cos", 1.0, 3),
+    ("norm_ratio", 1.0, 3),
+    ("drift_early", 1.0, 3),
+    ("drift", 1.0, 3),
+    ("flips", 100.0, 2),
+)
+
+
+def _diag_series(records: list[dict[str, Any]], key: str) -> np.ndarray:
+    if key == "loss":
+        return np.array([np.nan if r.get("loss") is None else r["loss"] for r in records])
+    return np.array(diagnostics.layer_means(records, key), dtype=float)
+
+
+def diagnose(
+    run_dirs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+    png_path: str | os.PathLike[str],
+    early: int = 10,
+) -> str:
+    """Gradient-fidelity diagnostics of runs trained with ``--diagnostics``, group by group
+    (as :func:`compare` groups them): a markdown table and one PNG of the series against
+    the step (layer means; per group the mean over runs and a min-max band).
+
+    The table gives, per group, the means over steps of the layer means: the cosine and
+    norm ratio of the applied gradient to the straight-through one, the drift and the
+    percentage of weights changing sign per step, each over the first ``early`` steps
+    with a learned gradient and over the whole run; and the fallback count (summed over
+    runs). Runs of one group use the steps all of them recorded."""
+    runs = _as_run_list(run_dirs)
+    rows, panels = [], []
+    for label, members in _group(runs).items():
+        recs = [diagnostics.read(run)[1] for run in members]
+        common = set.intersection(*({r["step"] for r in rs} for rs in recs))
+        if not common:
+            raise SigngradError(f"runs in group {label!r} share no recorded step")
+        recs = [[r for r in rs if r["step"] in common] for rs in recs]
+        sums = [diagnostics.summary(rs, early) for rs in recs]
+        cells = [
+            _mean_only([scale * s[key] for s in sums if math.isfinite(s[key])], digits)
+            for key, scale, digits in _DIAG_CELLS
+        ]
+        fallbacks = int(sum(s["fallbacks"] for s in sums))
+        rows.append(
+            f"| {_md_cell(label)} | {len(members)} | {len(common)} | "
+            + " | ".join(cells)
+            + f" | {fallbacks} |"
+        )
+        xs = np.array(sorted(common), dtype=float)
+        series = {k: np.stack([_diag_series(rs, k) for rs in recs]) for k, _, _ in _DIAG_PANELS}
+        panels.append((label, len(members), xs, series))
+    _plot_diagnostics(panels, Path(png_path))
+    header = [
+        f"| config | runs | steps | cos (first {early}) | cos | norm ratio | "
+        f"drift (first {early}) | drift | sign flips per step (%) | fallbacks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    return "\n".join(header + rows) + "\n"
+
+
+def _plot_diagnostics(
+    panels: list[tuple[str, int, np.ndarray, dict[str, np.ndarray]]], path: Path
+) -> Path:
+    fig = Figure(figsize=(15.0, 7.5), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    for i, (label, n, xs, series) in enumerate(panels):
+        color = f"C{i % 10}"
+        for ax, (key, title, scale) in zip(axes, _DIAG_PANELS, strict=False):
+            mean, lo, hi = _nan_stats(scale * series[key])
+            ax.plot(xs, mean, color=color, linewidth=1, label=f"{label} (n={n})")
+            if n > 1:
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
+            ax.set_title(title)
+    for ax in axes[: len(_DIAG_PANELS)]:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axes[0].yaxis.set_major_formatter(plain)
+    axes[0].yaxis.set_minor_formatter(plain)
+    axes[-1].axis("off")
+    handles, names = axes[0].get_legend_handles_labels()
+    axes[-1].legend(handles, names, loc="center", fontsize="small", title="mean, band = min–max")
     return _save_atomic(fig, path)

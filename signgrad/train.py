@@ -116,10 +116,9 @@ def _train_locked(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
-    estimator = build_estimator(cfg, model)
+    estimator = build_estimator(cfg, model, state)  # a resumed run: its saved settings
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader, test_loader = _loaders(cfg, ds, device, generator)
-    step_hooks = hooks.for_config(cfg, model, estimator)
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -139,6 +138,8 @@ def _train_locked(
             log.info("%s has done %d epochs; nothing to train", run_dir, start_epoch)
             return history
         _continue_metrics(cfg, run_dir, history)
+    first_step = start_epoch * len(train_loader)
+    step_hooks = hooks.for_config(cfg, model, estimator, run_dir, first_step)
     config_dict = dataclasses.asdict(cfg)
     deploy = checkpoint.deploy_entry(ds.classes, (ds.in_channels, *ds.image_size), ds.mean, ds.std)
     checkpoint.write_json(run_dir / checkpoint.CONFIG_NAME, config_dict)
@@ -220,7 +221,7 @@ def train_epoch(
         with _autocast(device, cfg.bf16):
             logits = model(step.x)
         loss = F.cross_entropy(logits.float(), y)
-        step.logits, step.loss = logits, loss
+        step.logits, step.loss, step.train_loss = logits, loss, loss.detach()
         optimizer.zero_grad(set_to_none=True)
         for hook in step_hooks:
             hook.before_backward(step)

@@ -188,3 +188,33 @@ def test_predict_and_the_runtime_need_no_torch(tiny_run, tmp_path, run_cli):
         [sys.executable, "-c", NO_TORCH, "list"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode != 0 and "PyTorch is not installed here" in proc.stderr
+
+
+@pytest.mark.slow
+def test_an_image_folder_run_exports_after_its_images_are_deleted(cifar_root, tmp_path, run_cli):
+    from signgrad import data
+
+    cifar = data.load("cifar10", root=cifar_root, download=False)
+    folder = tmp_path / "pictures"
+    for split, images, labels in (
+        ("train", cifar.train_images, cifar.train_labels),
+        ("test", cifar.test_images, cifar.test_labels),
+    ):
+        for cls in range(3):
+            picked = (labels == cls).nonzero().flatten()[: 24 if split == "train" else 6]
+            (folder / split / cifar.classes[cls]).mkdir(parents=True)
+            for i in picked.tolist():
+                pixels = images[i].permute(1, 2, 0).numpy()
+                Image.fromarray(pixels).save(folder / split / cifar.classes[cls] / f"{i}.png")
+    run = tmp_path / "run"
+    assert run_cli("train", "--model", "convnet", "--data", f"imagefolder:{folder}",
+                   "--quantizer", "bnn", "--input-quantizer", "bnn", "--epochs", "1",
+                   "--batch-size", "16", "--out", run, "--no-progress") == 0  # fmt: skip
+    before = tmp_path / "before.safetensors"
+    assert run_cli("export", run, "--out", before) == 0
+    shutil.rmtree(folder)
+    after = tmp_path / "after.safetensors"
+    assert run_cli("export", run, "--out", after) == 0
+    assert after.read_bytes() == before.read_bytes()
+    src = export.from_checkpoint(run)
+    assert src.classes == list(cifar.classes[:3]) and src.input_shape == (3, 32, 32)

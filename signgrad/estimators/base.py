@@ -109,6 +109,25 @@ def coordinate_mlp(hidden: int, activation: str = "relu", depth: int = 3) -> nn.
     return nn.Sequential(*mods)
 
 
+#: How a learned estimator's meta-networks start: ``identity`` makes g^ at the first step
+#: exactly the (calibrated) straight-through gradient, ``random`` is PyTorch's default init.
+STARTS = ("identity", "random")
+
+
+@torch.no_grad()
+def start_constant(net: nn.Module, value: float) -> None:
+    """Make ``net`` (a coordinate MLP or a read-out ending in a Linear layer) output
+    ``value`` everywhere: its last Linear layer gets zero weights and bias ``value``.
+    The layers before it keep their random init, so the meta-gradient reaches them from
+    the second step on (as a zero-initialised residual branch does)."""
+    last = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+    last.weight.zero_()
+    if last.bias is not None:
+        last.bias.fill_(value)
+    elif value != 0:
+        raise ValueError("a Linear layer without bias cannot output a non-zero constant")
+
+
 def _weight_count(layer: layers.BinaryLayer) -> int:
     """Latent weights of a binarized layer (generated ones too: its kernel shape)."""
     return math.prod(layer.kernel_shape)
@@ -171,6 +190,9 @@ class LearnedEstimator(nn.Module):
 
     name = ""
     history_length = 1
+    #: Settings added after checkpoints first held estimator states, with the values the
+    #: estimators of those checkpoints had: a resumed run continues with what it started.
+    legacy_settings: dict[str, Any] = {}
 
     # -- settings and their cost, checked before anything is allocated ---------------------
     @classmethod
@@ -224,9 +246,11 @@ class LearnedEstimator(nn.Module):
         self._fallback = [False] * len(self.layers)
         self.steps = 0
         self.nonfinite_steps = 0
+        self.last_fallbacks = 0  # layers that fell back in the latest step
         for i, layer in enumerate(self.layers):
             layer.set_natural_grad_hook(self._capture(i))
         self.meta_optimizer: torch.optim.Optimizer | None = None
+        self.settings: dict[str, Any] = {}  # every constructor keyword; set by subclasses
 
     def _capture(self, i: int):
         def hook(grad: Tensor) -> None:
@@ -321,6 +345,7 @@ class LearnedEstimator(nn.Module):
                 self._natural[i] = None
         self.steps += 1
         self.nonfinite_steps += fallbacks > 0
+        self.last_fallbacks = fallbacks
         return fallbacks
 
     def update_gradient(self, i: int, ghat: Tensor) -> Tensor:
@@ -349,9 +374,18 @@ class LearnedEstimator(nn.Module):
             "steps": self.steps,
             "nonfinite_steps": self.nonfinite_steps,
             "extra": self.extra_state(),
+            "settings": dict(self.settings),
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> Any:  # type: ignore[override]
+        saved = saved_settings(state, self.settings, type(self))
+        if saved != self.settings:
+            diff = ", ".join(
+                f"{k}={saved.get(k)!r} (here {self.settings.get(k)!r})"
+                for k in sorted(set(saved) | set(self.settings))
+                if saved.get(k) != self.settings.get(k)
+            )
+            raise ValueError(f"it was saved by an estimator with other settings: {diff}")
         super().load_state_dict(state["meta"], strict=strict)
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         for h, s in zip(self.histories, state["histories"], strict=True):
@@ -359,3 +393,13 @@ class LearnedEstimator(nn.Module):
         self.steps = int(state["steps"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.load_extra_state(state["extra"])
+
+
+def saved_settings(
+    state: dict[str, Any], settings: dict[str, Any], cls: type[LearnedEstimator]
+) -> dict[str, Any]:
+    """The settings an estimator ``state`` was saved with; a state from before they were
+    recorded had ``settings`` (those of its configuration) with ``cls.legacy_settings``."""
+    if isinstance(state.get("settings"), dict):
+        return state["settings"]
+    return {**settings, **cls.legacy_settings}

@@ -49,12 +49,14 @@ from signgrad.estimators.base import (
     ACTIVATIONS,
     FLOAT_BYTES,
     PARAM_COPIES,
+    STARTS,
     LearnedEstimator,
     check_choice,
     check_int,
     check_number,
     coordinate_mlp,
     mlp_parameters,
+    start_constant,
 )
 from signgrad.estimators.mamba import Mamba, MambaState
 
@@ -62,6 +64,8 @@ SLOW_NETS = ("mamba", "lstm", "gru")
 MODES = ("window", "stream")
 PARTS = ("both", "fast", "slow")
 UPDATES = ("combined", "fast")
+SLOW_FORMS = ("gate", "direct")
+LRE_FEEDS = ("input", "front")
 
 
 class _RecurrentSlowNet(nn.Module):
@@ -94,6 +98,7 @@ class FSG(LearnedEstimator):
     """
 
     name = "fsg"
+    legacy_settings = {"start": "random", "slow_form": "direct", "lre_feed": "front"}
     size_keys = ("mode", "slow", "history", "d_inner", "d_state", "slow_hidden", "fast_hidden")
 
     def __init__(
@@ -118,6 +123,9 @@ class FSG(LearnedEstimator):
         slow_lr: float = 1e-3,
         chunk_size: int | None = 16384,
         mode: str = "stream",
+        start: str = "identity",
+        slow_form: str = "gate",
+        lre_feed: str = "input",
     ) -> None:
         # Every keyword but the model, as one dict (the first statement: nothing else yet).
         settings = {k: v for k, v in locals().items() if k not in ("self", "model", "__class__")}
@@ -125,6 +133,8 @@ class FSG(LearnedEstimator):
         self.history_length = history
         super().__init__(model)
         self._check_settings(settings)  # memory, before any meta-network is allocated
+        self.settings = settings
+        self.start, self.slow_form, self.lre_feed = start, slow_form, lre_feed
         # fast-only and slow-only are the ablations beta = 0 and beta = 1 without the
         # unused network.
         self.beta = {"both": beta, "fast": 0.0, "slow": 1.0}[parts]
@@ -150,6 +160,13 @@ class FSG(LearnedEstimator):
                 self.slow = _RecurrentSlowNet(slow, slow_hidden)
             if lre:
                 self.lre = nn.Parameter(torch.randn(len(self.layers), 1))
+        if start == "identity":
+            # g^ = g at the first step: the fast factor starts at 1, the slow-net's
+            # read-out at 0 (its out-projection zero, as a residual branch starts).
+            if self.fast is not None:
+                start_constant(self.fast, 1.0)
+            if self.slow is not None:
+                start_constant(self.slow.out_proj if slow == "mamba" else self.slow.out, 0.0)
         self._fast_out: list[Tensor | None] = [None] * len(self.layers)
         self.finish_init()
 
@@ -162,6 +179,9 @@ class FSG(LearnedEstimator):
             ("update", "update", UPDATES),
             ("mode", "mode", MODES),
             ("fast_activation", "fast_activation", ACTIVATIONS),
+            ("start", "start", STARTS),
+            ("slow_form", "slow_form", SLOW_FORMS),
+            ("lre_feed", "lre_feed", LRE_FEEDS),
         ):
             check_choice(name, label, settings[key], valid)
         ints = ("history", "d_inner", "d_state", "d_conv", "dt_rank", "slow_hidden", "fast_hidden")
@@ -226,18 +246,37 @@ class FSG(LearnedEstimator):
         # each, so per-layer calls would be dominated by per-operation overhead.
         sizes = [w.numel() for w in w_tildes]
         g = torch.cat([self.histories[i].latest() for i in ready])
-        ghat = torch.zeros_like(g)
+        fast = None  # the fast factor: f = g * fast
         if self.fast is not None:
-            f = g * self.fast(torch.cat(w_tildes).unsqueeze(1)).squeeze(1)
-            for i, part in zip(ready, f.detach().split(sizes), strict=True):
+            fast = self.fast(torch.cat(w_tildes).unsqueeze(1)).squeeze(1)
+            for i, part in zip(ready, (g * fast).detach().split(sizes), strict=True):
                 self._fast_out[i] = part
-            ghat = ghat + (1 - self.beta) * f
-        if self.slow is not None:
-            ghat = ghat + self.beta * self.slow_gradient(ready, sizes)
+        slow = None if self.slow is None else self.slow_output(ready, sizes)
+        beta = self.beta
+        if self.slow_form == "gate":
+            # s = g * (1 + slow), f = g * fast, g^ = beta s + (1 - beta) f, written so that
+            # it is exactly g when slow = 0 and fast = 1 (the identity start).
+            factor = torch.ones_like(g)
+            if slow is not None:
+                factor = factor + beta * slow
+            if fast is not None:
+                factor = factor + (1 - beta) * (fast - 1)
+            ghat = g * factor
+        else:
+            # The paper's form: the slow-net's output is the slow gradient itself (rescaled
+            # to the gradients' size); the identity start adds it to g, as a residual.
+            ghat = torch.zeros_like(g)
+            if slow is not None:
+                s_grad = slow + g if self.start == "identity" else slow
+                ghat = ghat + beta * s_grad
+            if fast is not None:
+                ghat = ghat + (1 - beta) * g * fast
         return list(ghat.split(sizes))
 
-    def slow_gradient(self, ready: list[int], sizes: list[int]) -> Tensor:
-        """s for every weight of the layers ``ready``, each from its own history (concatenated)."""
+    def slow_output(self, ready: list[int], sizes: list[int]) -> Tensor:
+        """The slow-net's output for every weight of the layers ``ready``, each from its
+        own history (concatenated): the gate of the gradient (``slow_form="gate"``, read
+        from normalised histories) or the slow gradient itself (``"direct"``)."""
         if self.mode == "stream":
             tokens = torch.cat([self.histories[i].latest() for i in ready]).unsqueeze(-1)
         else:
@@ -249,24 +288,29 @@ class FSG(LearnedEstimator):
             rms = [t.pow(2).mean().sqrt() for t in tokens.split(sizes)]
             scale = torch.stack(rms).clamp_min(1e-12).repeat_interleave(repeats)
             tokens = tokens / scale.view(-1, *[1] * (tokens.dim() - 1))
-        front = None if self.lre is None else self.lre[ready].repeat_interleave(repeats, dim=0)
+        lre = None if self.lre is None else self.lre[ready].repeat_interleave(repeats, dim=0)
+        if lre is not None and self.lre_feed == "input":
+            # A per-layer input added to every token: learned at every step in both modes.
+            tokens = tokens + lre.view(-1, *[1] * (tokens.dim() - 1))
+            lre = None
         if self.mode == "stream":
-            s = self._stream(tokens, front)
+            s = self._stream(tokens, lre)
         else:
-            if front is not None:
-                tokens = torch.cat([front.unsqueeze(1), tokens], dim=1)
+            if lre is not None:
+                tokens = torch.cat([lre.unsqueeze(1), tokens], dim=1)
             s = self.slow.last(tokens).squeeze(-1)
-        return s * scale if scale is not None else s
+        # A gate multiplies g, so it is scale-free; a slow gradient takes the layer's scale.
+        return s * scale if scale is not None and self.slow_form == "direct" else s
 
     def _stream(self, token: Tensor, front: Tensor | None) -> Tensor:
-        """The recurrent form: one token per step, the state carried from step to step."""
+        """The recurrent form: one token per step, the state carried from step to step;
+        ``front`` (``lre_feed="front"``) opens every coordinate's sequence."""
         state = None
         if self.state is not None and self.state_rows == token.shape[0]:
             # (otherwise the set of layers changed: start new sequences)
             is_mamba = isinstance(self.slow, Mamba)
             state = MambaState(*self.state) if is_mamba else tuple(self.state)
         if state is None and front is not None:
-            # The layer's embedding opens every coordinate's sequence, as in the window.
             _, state = self.slow.step(front, None)
         s, state = self.slow.step(token, state)
         # Truncated back-propagation through time: the meta-gradient of this step flows
@@ -296,7 +340,9 @@ class FSG(LearnedEstimator):
         self.state_rows = int(state["state_rows"])
 
 
-#: The sizes and rates of the FSG authors' reference code; chunking bounds the slow-net's memory.
+#: The paper's FSG: the sizes and rates of the authors' reference code, the slow-net's
+#: output as the slow gradient, the LRE as the first token, PyTorch's default init;
+#: chunking bounds the slow-net's memory.
 PAPER = {
     "history": 5,
     "d_inner": 100,
@@ -309,4 +355,7 @@ PAPER = {
     "slow_lr": 1e-3,
     "chunk_size": 16384,
     "mode": "window",
+    "start": "random",
+    "slow_form": "direct",
+    "lre_feed": "front",
 }
