@@ -136,6 +136,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, help="factor of the step schedule (0.1)")
     p.add_argument("--epochs", type=int, help="number of epochs (30)")
     p.add_argument("--batch-size", type=int, help="batch size (128)")
+    p.add_argument("--accumulate", type=int, help="optimizer step every N batches, on the sum "
+                   "of their gradients (1)")  # fmt: skip
     p.add_argument("--seed", type=int, help="random seed (0)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")

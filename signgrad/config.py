@@ -76,6 +76,7 @@ class Config:
     gamma: float = 0.1
     epochs: int = 30
     batch_size: int = 128
+    accumulate: int = 1  # optimizer step every N batches, on the sum of their gradients
     seed: int = 0
     bf16: bool = False
     channels_last: bool = False
@@ -127,9 +128,13 @@ class Config:
             c.lr = DEFAULT_LR[c.optimizer]
         if c.activation is None:
             c.activation = "hardtanh" if c.input_quantizer else "relu"
-        for name, value in [("epochs", c.epochs), ("batch_size", c.batch_size)]:
+        sizes = [("epochs", c.epochs), ("batch_size", c.batch_size), ("accumulate", c.accumulate)]
+        for name, value in sizes:
             if value < 1:
                 raise SigngradError(f"{name} must be at least 1, got {value}")
+        if c.accumulate > 1 and c.estimator is not None:
+            # A learned estimator's meta step and late update belong to every batch.
+            raise SigngradError("--accumulate does not combine with a learned --estimator")
         if not (c.lr > 0 and math.isfinite(c.lr)):
             raise SigngradError(f"lr must be a positive number, got {c.lr}")
         if not (c.weight_decay >= 0 and math.isfinite(c.weight_decay)):
@@ -287,7 +292,8 @@ RECIPES: Registry[dict[str, Any]] = Registry("recipe")
 RECIPES.register(
     "hyper-binarynet",
     # The authors' code: Adam 1e-2 with betas (0.5, 0.99), no weight decay, lr x0.5 every
-    # 60 epochs, gradient norm clipped at 5, BN momentum 0.5.
+    # 60 epochs, gradient norm clipped at 5 after every backward pass, BN momentum 0.5, an
+    # optimizer step every second batch on the sum of the two batches' gradients.
     summary="Hyper-BinaryNet's CIFAR optimizer settings",
     obj={
         "optimizer": "adam",
@@ -299,6 +305,7 @@ RECIPES.register(
         "gamma": 0.5,
         "grad_clip": 5.0,
         "bn_momentum": 0.5,
+        "accumulate": 2,
     },
 )
 

@@ -7,12 +7,12 @@ points. One training step, in this order::
     lr = learning_rate(...); every param group's "lr" = lr
     hook.before_forward(step)       # each hook, in list order; may replace step.x
     logits = model(step.x); loss = cross_entropy(logits, y)
-    optimizer.zero_grad()
+    optimizer.zero_grad()           # at the first batch of each accumulated step
     hook.before_backward(step)      # may replace step.loss (what backward runs on)
     step.loss.backward()
     hook.after_backward(step)       # gradients are in .grad; may change them
-    optimizer.step()
-    hook.after_step(step)           # the weights are updated
+    optimizer.step()                # if step.update: the last batch of an accumulated step
+    hook.after_step(step)           # the weights are updated (if step.update)
 
 and per epoch ``hook.begin_epoch(epoch)`` before its first step and
 ``hook.end_epoch(record)`` on its metrics record (a hook may add fields to it). The
@@ -58,6 +58,7 @@ class Step:
     logits: torch.Tensor | None = None  # set after the forward pass
     loss: torch.Tensor | None = None  # what backward runs on; before_backward may replace it
     train_loss: torch.Tensor | None = None  # the cross-entropy itself, whatever loss becomes
+    update: bool = True  # whether the optimizer steps after this batch (see ``accumulate``)
 
 
 class StepHook:
@@ -147,7 +148,8 @@ class QuantizerPostStep(StepHook):
         self.model = model
 
     def after_step(self, step: Step) -> None:
-        layers.post_step(self.model, step.lr)
+        if step.update:  # (not between the batches of an accumulated step)
+            layers.post_step(self.model, step.lr)
 
 
 class GradientDiagnostics(StepHook):

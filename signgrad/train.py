@@ -215,20 +215,24 @@ def train_epoch(
         lr = learning_rate(cfg, epoch * steps + i, steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step = hooks.Step(epoch, i, steps, lr, x, y)
+        # With accumulate N: the gradients of N batches add up, then one optimizer step.
+        first, update = i % cfg.accumulate == 0, (i + 1) % cfg.accumulate == 0 or i == steps - 1
+        step = hooks.Step(epoch, i, steps, lr, x, y, update=update)
         for hook in step_hooks:
             hook.before_forward(step)
         with _autocast(device, cfg.bf16):
             logits = model(step.x)
         loss = F.cross_entropy(logits.float(), y)
         step.logits, step.loss, step.train_loss = logits, loss, loss.detach()
-        optimizer.zero_grad(set_to_none=True)
+        if first:
+            optimizer.zero_grad(set_to_none=True)
         for hook in step_hooks:
             hook.before_backward(step)
         step.loss.backward()
         for hook in step_hooks:
             hook.after_backward(step)
-        optimizer.step()
+        if update:
+            optimizer.step()
         for hook in step_hooks:
             hook.after_step(step)
         loss_sum += loss.detach() * len(y)

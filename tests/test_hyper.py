@@ -172,6 +172,7 @@ def test_recipe_and_flags():
     cfg = train.Config(**train.with_recipe({"recipe": "hyper-binarynet", "lr": 5e-3}))
     assert cfg.lr == 5e-3 and cfg.betas == [0.5, 0.99] and cfg.grad_clip == 5.0
     assert cfg.schedule == "step" and cfg.gamma == 0.5 and cfg.milestones[:2] == [60, 120]
+    assert cfg.accumulate == 2  # the reference steps every second batch
     resolved = train.Config(model="hyper-vgg-small").resolved()
     assert resolved.model == "vgg-small" and resolved.hyper
 

@@ -215,3 +215,36 @@ def test_1w1a_with_proxquant_trains(tmp_path, cifar_root, run_cli):
         assert layer.input_quantizer is not None
         # The prox step clips the latent weights to [-1, 1].
         assert layer.weight.abs().max() <= 1
+
+
+def test_accumulate_steps_on_the_sum_of_the_batches_gradients():
+    from signgrad import convert, hooks, models
+    from signgrad import train as train_mod
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (16,))
+    cfg = train_mod.Config(model="convnet", optimizer="sgd", momentum=0.0, lr=0.1,
+                           schedule="constant", accumulate=2, epochs=1).resolved()  # fmt: skip
+
+    def fresh():
+        torch.manual_seed(1)
+        m = models.get("convnet", num_classes=10, in_channels=3, image_size=8)
+        return convert.binarize(m, "bnn")
+
+    loader = data.Loader(images, labels, batch_size=8, mean=(0.5,) * 3, std=(0.25,) * 3,
+                         train=False, augment=False)  # fmt: skip
+    model = fresh()
+    opt = train_mod.make_optimizer(cfg, model)
+    train_mod.train_epoch(cfg, model, opt, loader, hooks.for_config(cfg, model, None), 0,
+                          progress=False)  # fmt: skip
+    # By hand: both batches' gradients at the starting weights, summed, one SGD step.
+    ref = fresh()
+    for x, y in loader:
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.1 * p.grad
+    pairs = zip(model.state_dict().items(), ref.state_dict().values(), strict=True)
+    for (name, got), want in pairs:
+        torch.testing.assert_close(got, want, msg=name)

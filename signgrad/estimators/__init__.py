@@ -16,7 +16,9 @@ from torch import nn
 from signgrad.errors import SigngradError
 from signgrad.estimators.base import GradientHistory, LearnedEstimator, weight_count
 from signgrad.estimators.fsg import FSG, PAPER
+from signgrad.estimators.fsg import REFERENCE as FSG_REFERENCE
 from signgrad.estimators.metaquant import LSTMFC, FCGrad, MultiFC
+from signgrad.estimators.metaquant import REFERENCE as MQ_REFERENCE
 from signgrad.registry import Registry
 
 __all__ = [
@@ -39,11 +41,24 @@ __all__ = [
 ESTIMATORS: Registry[type[LearnedEstimator]] = Registry("estimator", inputs=("model",))
 ESTIMATORS.register("fsg", FSG, summary="FSG: fast-net + Mamba slow-net over the gradient history")
 ESTIMATORS.register(
-    "fsg-paper", FSG, defaults=PAPER, summary="FSG with the settings of its paper's code"
+    "fsg-paper",
+    FSG,
+    defaults=PAPER,
+    summary="FSG as its paper describes it, with the sizes of the authors' code",
 )
 ESTIMATORS.register("metaquant-fc", FCGrad)
 ESTIMATORS.register("metaquant-multifc", MultiFC)
 ESTIMATORS.register("metaquant-lstm", LSTMFC)
+# The authors' code, as closely as it can run here (docs/estimators.md: what departs).
+ESTIMATORS.register(
+    "fsg-ref", FSG, defaults=FSG_REFERENCE, summary="FSG as the authors' code computes it"
+)
+for _name, _cls in (("metaquant-fc", FCGrad), ("metaquant-multifc", MultiFC),
+                    ("metaquant-lstm", LSTMFC)):  # fmt: skip
+    ESTIMATORS.register(
+        f"{_name}-ref", _cls, defaults=MQ_REFERENCE[_name],
+        summary=f"{_cls.__doc__.splitlines()[0].split(':')[0]} as the authors' code computes it",
+    )  # fmt: skip
 
 
 def names() -> list[str]:

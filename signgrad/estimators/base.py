@@ -86,28 +86,43 @@ def check_choice(owner: str, key: str, value: object, valid: Any) -> None:
         raise SigngradError(f"{owner}: unknown {key} '{value}'; valid: {', '.join(valid)}")
 
 
-def mlp_parameters(hidden: int, depth: int = 3, inputs: int = 1) -> int:
-    """Parameters of :func:`coordinate_mlp` (``inputs`` -> hidden -> ... -> 1)."""
-    return inputs * hidden + hidden + (depth - 2) * (hidden * hidden + hidden) + hidden + 1
+def mlp_parameters(hidden: int, depth: int = 3, inputs: int = 1, bias: bool = True) -> int:
+    """Parameters of :func:`mlp` ``inputs`` -> hidden -> ... -> 1 with ``depth`` layers."""
+    sizes = [inputs] + [hidden] * (depth - 1) + [1]
+    return sum(a * b + (b if bias else 0) for a, b in zip(sizes, sizes[1:], strict=False))
 
 
-def coordinate_mlp(hidden: int, activation: str = "relu", depth: int = 3) -> nn.Sequential:
-    """An MLP 1 -> hidden -> ... -> 1 applied to every coordinate (input shape (n, 1)).
+def mlp(
+    inputs: int, hidden: int, activation: str = "relu", depth: int = 3, bias: bool = True
+) -> nn.Sequential:
+    """``depth`` Linear layers ``inputs`` -> hidden -> ... -> 1, the activation between
+    them, applied to every row (input shape (n, inputs)).
 
-    ``activation="none"`` reproduces FSG's reference fast-net, whose stacked linear maps
-    collapse to one affine map of the input.
+    ``activation="none"`` and ``bias=False`` are the reference codes' meta-nets: stacked
+    bias-free linear maps, which collapse to one learned scale of the input.
     """
     make = ACTIVATIONS.get(activation)
-    if hidden < 1 or depth < 2:
-        raise SigngradError(f"an MLP needs hidden >= 1 and depth >= 2, got {hidden}, {depth}")
-    sizes = [1] + [hidden] * (depth - 1) + [1]
+    if hidden < 1 or depth < 1:
+        raise SigngradError(f"an MLP needs hidden >= 1 and depth >= 1, got {hidden}, {depth}")
+    sizes = [inputs] + [hidden] * (depth - 1) + [1]
     mods: list[nn.Module] = []
     for i in range(depth):
-        mods.append(nn.Linear(sizes[i], sizes[i + 1]))
+        mods.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
         if i < depth - 1:
             mods.append(make())
     return nn.Sequential(*mods)
 
+
+def coordinate_mlp(
+    hidden: int, activation: str = "relu", depth: int = 3, bias: bool = True
+) -> nn.Sequential:
+    """:func:`mlp` 1 -> hidden -> ... -> 1 applied to every coordinate (input (n, 1))."""
+    return mlp(1, hidden, activation, depth, bias)
+
+
+#: Which weights a meta-net's input W~ is of: the latent weights now, or (the authors'
+#: codes) those the previous forward pass computed with, look-ahead included.
+W_TILDES = ("current", "previous")
 
 #: How a learned estimator's meta-networks start: ``identity`` makes g^ at the first step
 #: exactly the (calibrated) straight-through gradient, ``random`` is PyTorch's default init.
@@ -251,6 +266,10 @@ class LearnedEstimator(nn.Module):
             layer.set_natural_grad_hook(self._capture(i))
         self.meta_optimizer: torch.optim.Optimizer | None = None
         self.settings: dict[str, Any] = {}  # every constructor keyword; set by subclasses
+        # Which weights the meta-nets' W~ is of: "current" (the latent weights now) or
+        # "previous" (those the last forward pass computed with); set by subclasses.
+        self.w_tilde = "current"
+        self._forward: list[Tensor | None] = [None] * len(self.layers)
 
     def _capture(self, i: int):
         def hook(grad: Tensor) -> None:
@@ -295,7 +314,11 @@ class LearnedEstimator(nn.Module):
             return out
         quants = [self.layers[i].weight_quantizer for i in ready]
         weights = [self.layers[i].latent_weight().detach() for i in ready]
-        w_tildes = [q.preprocess(w).reshape(-1) for q, w in zip(quants, weights, strict=True)]
+        seen = weights
+        if self.w_tilde == "previous":  # the authors' codes: W~ of the last forward pass
+            seen = [w if self._forward[i] is None else self._forward[i]
+                    for i, w in zip(ready, weights, strict=True)]  # fmt: skip
+        w_tildes = [q.preprocess(w).reshape(-1) for q, w in zip(quants, seen, strict=True)]
         raw = self.gradients(ready, w_tildes)
         for i, w, g in zip(ready, weights, raw, strict=True):
             out[i] = self.calibrate(i, g, w)
@@ -315,7 +338,16 @@ class LearnedEstimator(nn.Module):
         for i, (layer, ghat) in enumerate(zip(self.layers, ghats, strict=True)):
             self._fallback[i] = ghat is not None and not next(flags)
             self._ghat[i] = None if self._fallback[i] else ghat
-            layer.set_lookahead(None if self._ghat[i] is None else lr * self._ghat[i])
+            ahead = None if self._ghat[i] is None else self.lookahead(i, lr, self._ghat[i])
+            layer.set_lookahead(ahead)
+            if self.w_tilde == "previous":
+                w = layer.latent_weight().detach()
+                self._forward[i] = w.clone() if ahead is None else (w - ahead).detach()
+
+    def lookahead(self, i: int, lr: float, ghat: Tensor) -> Tensor:
+        """What the forward pass subtracts from layer ``i``'s latent weights, W' = W - this;
+        differentiable in the meta-parameters (default: lr * g^, the paper's W')."""
+        return lr * ghat
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
         if self.meta_optimizer is not None:
@@ -375,6 +407,7 @@ class LearnedEstimator(nn.Module):
             "nonfinite_steps": self.nonfinite_steps,
             "extra": self.extra_state(),
             "settings": dict(self.settings),
+            "forward_weights": list(self._forward),
         }
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> Any:  # type: ignore[override]
@@ -393,6 +426,7 @@ class LearnedEstimator(nn.Module):
         self.steps = int(state["steps"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.load_extra_state(state["extra"])
+        self._forward = list(state.get("forward_weights", [None] * len(self.layers)))
 
 
 def saved_settings(
