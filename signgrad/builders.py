@@ -47,6 +47,14 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def normalised(cfg: Config, ds: data.DataSet) -> data.DataSet:
+    """``ds`` with the normalisation ``cfg`` asks for (``mean``/``std``, e.g. that of a
+    pretrained model given to ``--init``), else its own."""
+    if cfg.mean is None:
+        return ds
+    return dataclasses.replace(ds, mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
 def build_model(cfg: Config, ds: data.DataSet) -> nn.Module:
     """The architecture of ``cfg`` sized for ``ds``, binarized as ``cfg`` says."""
     return build_architecture(cfg, ds.num_classes, ds.in_channels, ds.image_size[0])
@@ -65,15 +73,14 @@ def build_architecture(
     )
     if cfg.init:
         with torch.random.fork_rng(devices=[]):  # checking it leaves the run's stream alone
-            state = checkpoint.load(cfg.init)
-            _check_init(state, cfg, num_classes, in_channels, image_size)
-        try:
-            model.load_state_dict(state["model"])
-        except (RuntimeError, ValueError, TypeError, KeyError) as e:
-            raise SigngradError(
-                f"--init {cfg.init} ({state['config'].get('model')}) does not fit "
-                f"{cfg.model}: {first_line(e)}"
-            ) from None
+            state, weights = checkpoint.read_init(cfg.init)
+            if state is not None:
+                _check_init(state, cfg, num_classes, in_channels, image_size)
+        source = f"--init {cfg.init}"
+        if state is not None:
+            source += f" ({state['config'].get('model')})"
+        _check_fits(model, weights, f"{source} does not fit {cfg.model}")
+        model.load_state_dict(weights)
     if cfg.quantizer != "none" or cfg.input_quantizer or cfg.hyper:
         convert.binarize(
             model,
@@ -91,6 +98,26 @@ def build_architecture(
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = cfg.bn_momentum
     return model
+
+
+def _check_fits(model: nn.Module, weights: dict[str, Any], where: str) -> None:
+    """Refuse ``weights`` that are not exactly ``model``'s: a one-line error naming the
+    first missing, unexpected or differently shaped tensors."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}")
+        raise SigngradError(f"{where}: tensors {'; '.join(parts)}")
+    for k, v in own.items():
+        w = weights[k]
+        if not isinstance(w, torch.Tensor) or w.shape != v.shape:
+            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise SigngradError(f"{where}: {k} is {got}, the model's {tuple(v.shape)}")
 
 
 def _check_init(
@@ -317,7 +344,7 @@ def load_trained(
         )  # fmt: skip
     if with_data or deploy is None:
         ds = data.load(cfg.data, root=cfg.data_root, download=cfg.download)
-        own = _deploy_of_data(ds)
+        own = _deploy_of_data(normalised(cfg, ds))
         if deploy is None:
             deploy = own
         elif any(own[k] != deploy[k] for k in ("classes", "in_channels", "height", "width")):

@@ -110,11 +110,57 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint file or the checkpoint of a run directory, checked as a whole
     (:func:`validate`): what it returns has every field a reader needs, of the right kind.
     Whether the tensors fit the model is checked where the model is built."""
+    path = _checkpoint_path(path)
+    state = _torch_load(path)
+    validate(state, path)
+    return state
+
+
+#: Key renamings that let a plain state_dict of another code base load into signgrad's
+#: models: the MetaQuant/FSG authors' ResNets call the option-B shortcut ``downsample``.
+WEIGHT_ALIASES = (("downsample.", "shortcut."),)
+
+
+def read_init(path: str | os.PathLike) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """What ``--init`` names: (the checkpoint, its model's weights) for a signgrad
+    checkpoint (checked as :func:`load` checks it), or (None, the weights) for a plain
+    state_dict of tensors saved by other code (a model's ``torch.save(state_dict())``,
+    from any device), its keys renamed by :data:`WEIGHT_ALIASES`. Never unpickles code."""
+    path = _checkpoint_path(path)
+    state = _torch_load(path)
+    if isinstance(state, dict) and "format" in state:
+        validate(state, path)
+        return state, state["model"]
+    if not (
+        isinstance(state, dict)
+        and state
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise SigngradError(
+            f"{path} is neither a signgrad checkpoint nor a state_dict of named tensors"
+        )
+    weights = {}
+    for key, value in state.items():
+        for old, new in WEIGHT_ALIASES:
+            key = key.replace(old, new)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise SigngradError(f"{path}: its {key} holds NaN or infinite values")
+        weights[key] = value
+    return None, weights
+
+
+def _checkpoint_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise SigngradError(f"no checkpoint at {path}")
+    return path
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` of tensors and plain values only, onto the CPU (a file saved from
+    CUDA loads too); a one-line error for anything else."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -128,7 +174,6 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise SigngradError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - damaged bytes can break the reader in any way
         raise SigngradError(f"{path} is not a readable checkpoint: {first_line(e)}") from None
-    validate(state, path)
     return state
 
 

@@ -143,7 +143,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--diagnostics", action="store_true", help="record per step and layer how "
                    "the applied gradient compares with STE's (RUN/diagnostics.jsonl)")  # fmt: skip
-    p.add_argument("--init", help="start from this full-precision checkpoint or run directory")
+    p.add_argument("--init", help="start from this full-precision checkpoint or run "
+                   "directory, or a plain PyTorch state_dict of the same architecture")  # fmt: skip
+    p.add_argument("--mean", type=float, nargs="+", help="input normalisation per channel, "
+                   "e.g. that of an --init model (default: the data set's)")  # fmt: skip
+    p.add_argument("--std", type=float, nargs="+", help="with --mean: its standard deviations")
     p.add_argument("--data-root", help="data root (default: $SIGNGRAD_DATA, else "
                    "~/.cache/signgrad/data)")  # fmt: skip
     p.add_argument("--no-download", dest="download", action="store_false",

@@ -82,6 +82,8 @@ class Config:
     channels_last: bool = False
     diagnostics: bool = False  # record gradient-fidelity diagnostics (signgrad.diagnostics)
     init: str | None = None
+    mean: list[float] | None = None  # input normalisation; None: the data set's own
+    std: list[float] | None = None
     data_root: str | None = None
     download: bool = True
     device: str = "auto"
@@ -120,6 +122,16 @@ class Config:
         # torch's generators take seeds in [-2**63, 2**64); a negative seed is just a typo.
         if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2**64:
             raise SigngradError(f"seed must be an integer in [0, 2**64), got {c.seed!r}")
+        if (c.mean is None) != (c.std is None):
+            raise SigngradError("--mean and --std go together: give both or neither")
+        if c.mean is not None and (
+            len(c.mean) != len(c.std)
+            or not all(math.isfinite(m) for m in c.mean)
+            or not all(s > 0 and math.isfinite(s) for s in c.std)
+        ):
+            raise SigngradError(
+                f"mean and std must be finite, one per channel, std > 0; got {c.mean}, {c.std}"
+            )
         if c.bn_momentum is not None and not 0 < c.bn_momentum <= 1:
             raise SigngradError(f"bn_momentum must be in (0, 1], got {c.bn_momentum}")
         if c.input_quantizer == "none":

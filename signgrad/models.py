@@ -181,16 +181,25 @@ class CifarResNet(nn.Module):
     """CIFAR ResNet of He et al. (2016), Sec. 4.2: depth = 6n + 2.
 
     conv3x3(16)-BN-act stem, three stages of ``n`` :class:`BasicBlock` with 16/32/64
-    channels (stride 2 at the start of stages 2 and 3, option-A shortcuts), global
-    average pool, linear classifier. Convs and the linear layer use Kaiming-normal
-    initialization, as in the common reference implementations.
+    channels (stride 2 at the start of stages 2 and 3), global average pool, linear
+    classifier. Convs and the linear layer use Kaiming-normal initialization, as in the
+    common reference implementations. ``shortcut="A"`` (He et al.'s CIFAR option, the
+    default) or ``"B"`` (a 1x1 convolution + BN where the shape changes, as the
+    MetaQuant/FSG authors' pretrained models have; registered as ``resnet20-b`` etc.).
     """
 
     def __init__(
-        self, depth: int, *, num_classes: int, in_channels: int, activation: str = "relu"
+        self,
+        depth: int,
+        *,
+        num_classes: int,
+        in_channels: int,
+        activation: str = "relu",
+        shortcut: str = "A",
     ) -> None:
         super().__init__()
         _check_args(num_classes, in_channels, activation)
+        self.shortcut_kind = shortcut
         if depth < 8 or (depth - 2) % 6:
             raise SigngradError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
         n = (depth - 2) // 6
@@ -212,7 +221,9 @@ class CifarResNet(nn.Module):
         blocks = []
         for s in [stride] + [1] * (n - 1):
             blocks.append(
-                BasicBlock(self.in_planes, planes, s, activation=activation, shortcut="A")
+                BasicBlock(
+                    self.in_planes, planes, s, activation=activation, shortcut=self.shortcut_kind
+                )
             )
             self.in_planes = planes
         return nn.Sequential(*blocks)
@@ -221,6 +232,23 @@ class CifarResNet(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _option_b(depth: int) -> Callable[..., nn.Module]:
+    def build(*, num_classes: int, in_channels: int, activation: str = "relu") -> CifarResNet:
+        return CifarResNet(
+            depth,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            activation=activation,
+            shortcut="B",
+        )
+
+    build.__doc__ = (
+        f"ResNet-{depth} for CIFAR with option-B (1x1 convolution) shortcuts, the layout "
+        "of the MetaQuant/FSG authors' pretrained models."
+    )
+    return build
 
 
 def resnet20(*, num_classes: int, in_channels: int, activation: str = "relu") -> CifarResNet:
@@ -428,6 +456,7 @@ for _name, _builder in [
     ("resnet44", _sized(resnet44)),
     ("resnet56", _sized(resnet56)),
     ("resnet110", _sized(resnet110)),
+    *[(f"resnet{d}-b", _sized(_option_b(d))) for d in (20, 32, 44, 56, 110)],
     ("resnet18", _sized(resnet18)),
     ("vgg-small", vgg_small),
     ("convnet", convnet),

@@ -49,6 +49,7 @@ from signgrad.builders import (
     cpu_has_fast_bf16,
     load_trained,
     make_optimizer,
+    normalised,
     pick_device,
     restore,
 )
@@ -109,7 +110,7 @@ def _train_locked(
         check_resume_epochs(run_dir, state["epoch"], cfg.epochs)
     device = pick_device(cfg.device)
     _warn_if_slow_bf16(cfg, device)
-    ds = data.load(cfg.data, root=cfg.data_root, download=cfg.download)
+    ds = normalised(cfg, data.load(cfg.data, root=cfg.data_root, download=cfg.download))
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ds).to(device)
