@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from signgrad import diagnostics
 from signgrad.checkpoint import CONFIG_NAME, METRICS_NAME, atomic_write
@@ -576,9 +576,8 @@ def _plot_diagnostics(
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
-    axes[0].yaxis.set_major_formatter(plain)
-    axes[0].yaxis.set_minor_formatter(plain)
+    axes[0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[0].yaxis.set_minor_formatter(NullFormatter())  # 2, 3, ... 9 crowd a wide range
     axes[-1].axis("off")
     handles, names = axes[0].get_legend_handles_labels()
     axes[-1].legend(handles, names, loc="center", fontsize="small", title="mean, band = min–max")

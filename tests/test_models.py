@@ -8,7 +8,8 @@ from signgrad import models
 from signgrad.errors import SigngradError
 
 CIFAR_RESNETS = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"]
-ALL = [*CIFAR_RESNETS, "resnet18", "vgg-small", "convnet"]
+OPTION_B = [f"{n}-b" for n in CIFAR_RESNETS]
+ALL = [*CIFAR_RESNETS, *OPTION_B, "resnet18", "vgg-small", "convnet"]
 
 
 def n_params(model: nn.Module) -> int:
@@ -26,6 +27,21 @@ def _seed():
 
 def test_names():
     assert models.names() == ALL
+
+
+@pytest.mark.parametrize(("name", "classes", "params"), [
+    # The parameter counts of the MetaQuant/FSG authors' pretrained files (their state_dicts
+    # without the BN running statistics): option A plus the two 1x1 projections and BNs.
+    ("resnet20-b", 10, 272_474), ("resnet32-b", 10, 466_906), ("resnet44-b", 10, 661_338),
+    ("resnet56-b", 100, 861_620),
+])  # fmt: skip
+def test_option_b_resnets_have_the_pretrained_files_parameter_counts(name, classes, params):
+    model = build(name, num_classes=classes)
+    assert n_params(model) == params
+    projections = [
+        m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+    ]
+    assert len(projections) == 2
 
 
 # ----------------------------------------------------------------------------- shapes
