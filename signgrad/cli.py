@@ -245,7 +245,8 @@ def _compare(args: argparse.Namespace) -> None:
         # Runs trained with --diagnostics: their gradients side by side too.
         diag = png.with_name(f"{png.stem}-diagnostics{png.suffix}")
         print("\n" + report.diagnose(args.runs, diag), end="")
-        print(f"\ndiagnostics: {diag}")
+        print(f"\ndiagnostics: {diag}\n")
+        print(report.step_losses(args.runs), end="")
 
 
 def _diagnose(args: argparse.Namespace) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "group_runs",
     "compare",
     "diagnose",
+    "step_losses",
 ]
 
 
@@ -582,3 +583,80 @@ def _plot_diagnostics(
     handles, names = axes[0].get_legend_handles_labels()
     axes[-1].legend(handles, names, loc="center", fontsize="small", title="mean, band = min–max")
     return _save_atomic(fig, path)
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average over ``window`` steps (fewer at the start)."""
+    csum = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(0, idx - window)
+    return (csum[idx] - csum[lo]) / (idx - lo)
+
+
+def step_losses(
+    run_dirs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str], window: int = 40
+) -> str:
+    """Training loss per step of runs trained with ``--diagnostics``, group by group (as
+    :func:`compare` groups them): a markdown table of the loss (a trailing mean over
+    ``window`` steps) at a quarter, half and all of the steps every run has, as the mean
+    over the group's runs and a 95% interval (1.96 standard errors); the first step at
+    which the group's mean reaches the first group's final value (the baseline, e.g.
+    STE); the final test accuracy (mean ± standard error); and seconds per step
+    (evaluation included)."""
+    runs = _as_run_list(run_dirs)
+    groups = _group(runs)
+    curves: dict[str, np.ndarray] = {}
+    recorded: dict[str, int] = {}  # steps recorded, over the group's runs
+    rows = []
+    for label, members in groups.items():
+        recs = [diagnostics.read(run)[1] for run in members]
+        n = min(len(r) for r in recs)
+        curves[label] = np.stack([_smooth(_diag_series(r[:n], "loss"), window) for r in recs])
+        recorded[label] = sum(len(r) for r in recs)
+    target = float(next(iter(curves.values())).mean(axis=0)[-1])
+    first_label = next(iter(curves))
+    for label, members in groups.items():
+        losses = curves[label]
+        n = losses.shape[1]
+        mean = losses.mean(axis=0)
+        half = (
+            1.96 * losses.std(axis=0, ddof=1) / math.sqrt(len(members))
+            if len(members) > 1
+            else np.full(n, np.nan)
+        )
+        cells = []
+        for k in (n // 4, n // 2, n):
+            spread = "" if math.isnan(half[k - 1]) else f" ± {half[k - 1]:.3f}"
+            cells.append(f"{mean[k - 1]:.3f}{spread}")
+        reached = np.nonzero(mean <= target)[0]
+        reach = str(int(reached[0]) + 1) if len(reached) else f"not in {n}"
+        metrics = [read_metrics(run) for run in members]
+        accs = [_final(m, "test_acc", 100.0) for m in metrics]
+        acc = _mean_se([a for a in accs if a is not None])
+        seconds = sum(r.get("time_s") or 0.0 for m in metrics for r in m)
+        per_step = seconds / max(1, recorded[label])
+        rows.append(
+            f"| {_md_cell(label)} | {len(members)} | {n} | "
+            + " | ".join(cells)
+            + f" | {reach} | {acc} | {per_step:.3f} |"
+        )
+    header = [
+        f"| config | runs | steps | loss at 1/4 | loss at 1/2 | final loss | steps to "
+        f"{_md_cell(first_label)}'s final loss | final test acc (%) | s / step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    note = (
+        f"\nLoss: mean over runs of the training loss averaged over the last {window} steps, "
+        "± 1.96 standard errors; test accuracy ± one standard error.\n"
+    )
+    return "\n".join(header + rows) + "\n" + note
+
+
+def _mean_se(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    mean = float(np.mean(values))
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    se = float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    return f"{mean:.2f} ± {se:.2f}"

@@ -121,3 +121,33 @@ def test_diagnostics_change_nothing_and_a_resumed_run_keeps_one_record_per_step(
     assert run_cli("diagnose", tmp_path / "plain", "--png", png) == 2
     err = capsys.readouterr().err
     assert "train the run with --diagnostics" in err and len(err.strip().splitlines()) == 1
+
+
+def _fake_run(path, estimator, losses, test_acc, seed):
+    """A run directory as training writes it, with a per-step loss of ``losses``."""
+    path.mkdir()
+    cfg = {**vars(config.Config(estimator=estimator, seed=seed)), "out": str(path)}
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 1.0,
+        "test_acc": test_acc, "test_loss": 1.0, "time_s": len(losses) * 0.5}) + "\n")  # fmt: skip
+    w = diagnostics.Writer(path, ["conv"], 0)
+    for step, loss in enumerate(losses):
+        w.add({"step": step, "loss": loss, "fallbacks": 0, "cos": [1.0], "norm_ratio": [1.0],
+               "drift": [0.0], "flips": [0.0]})  # fmt: skip
+    w.flush()
+
+
+def test_step_losses_table(tmp_path):
+    from signgrad import report
+
+    steps = 8
+    _fake_run(tmp_path / "ste0", None, [2.0] * 4 + [1.0] * 4, 0.5, 0)
+    _fake_run(tmp_path / "ste1", None, [2.0] * 4 + [1.0] * 4, 0.7, 1)
+    # Reaches STE's final loss (1.0, averaged over 2 steps) at step 6.
+    _fake_run(tmp_path / "fsg0", "fsg", [3.0] * 4 + [1.0] * 4, 0.4, 0)
+    table = report.step_losses(sorted(tmp_path.iterdir(), key=lambda p: p.name)[::-1], window=2)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines()[2:4]}
+    ste, fsg = rows["estimator=none"], rows["estimator=fsg"]
+    assert ste[2] == str(steps) and ste[5] == "1.000 ± 0.000" and ste[6] == "6"
+    assert ste[7] == "60.00 ± 10.00" and fsg[7] == "40.00" and fsg[6] == "6"
+    assert fsg[3] == "3.000" and ste[8].startswith("0.500")
