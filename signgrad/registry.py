@@ -1,8 +1,8 @@
 """Names to components: the one registry idiom behind everything signgrad builds by name.
 
 Quantizers, learned estimators (and their presets), models, data sets, activations,
-hyper-layer generators, optimizers, learning-rate and sharpness schedules and recipes
-each have one :class:`Registry`::
+hyper-layer generators, optimizers, learning-rate and sharpness schedules, recipes,
+weight scalings, keep policies and export formats each have one :class:`Registry`::
 
     ACTIVATIONS = Registry("activation")
 
@@ -21,7 +21,8 @@ what signgrad stores (``config.json``, checkpoints) is always the registered spe
 An unknown name, or a keyword parameter its builder does not take, is a
 :class:`~signgrad.errors.SigngradError` that lists the valid ones.
 
-This module imports nothing heavy: the packed runtime's command line uses it too.
+This module imports nothing heavy (no PyTorch), so the command line can use it while it
+reads its flags.
 """
 
 from __future__ import annotations

@@ -358,6 +358,12 @@ def test_a_resumed_estimator_keeps_the_settings_it_was_saved_with():
     saved = estimators.build("fsg", small_model(), start="random").state_dict()
     with pytest.raises(ValueError, match=r"start='random' \(here 'identity'\)"):
         fresh.load_state_dict(saved)
+    # A crafted checkpoint: settings that are not named values, or a value out of range.
+    with pytest.raises(SigngradError, match="estimator settings are damaged"):
+        builders.build_estimator(cfg, small_model(), {"estimator": {"settings": {1: 2}}})
+    bad = {"estimator": {"settings": {**estimators.parameters("fsg"), "history": -1}}}
+    with pytest.raises(SigngradError, match="history must be an integer"):
+        builders.build_estimator(cfg, small_model(), bad)
 
 
 def test_reference_update_uses_the_fast_gradient_only():

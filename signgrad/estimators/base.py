@@ -434,6 +434,9 @@ def saved_settings(
 ) -> dict[str, Any]:
     """The settings an estimator ``state`` was saved with; a state from before they were
     recorded had ``settings`` (those of its configuration) with ``cls.legacy_settings``."""
-    if isinstance(state.get("settings"), dict):
-        return state["settings"]
-    return {**settings, **cls.legacy_settings}
+    saved = state.get("settings")
+    if saved is None:
+        return {**settings, **cls.legacy_settings}
+    if not isinstance(saved, dict) or not all(isinstance(k, str) for k in saved):
+        raise SigngradError("the checkpoint's estimator settings are damaged (not named values)")
+    return saved

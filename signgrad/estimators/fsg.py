@@ -7,19 +7,25 @@ For every binarized layer:
 * the fast-net scales the current gradient by an MLP of the pre-quantized weight:
   f = g * MLP_fast(W~) (1 -> h -> h -> 1, applied per coordinate);
 * the slow-net reads each weight's *own* gradient history, with the layer's learned
-  Layer Recognition Embedding (LRE) as the first token. It is a Mamba block (or an
-  LSTM/GRU), evaluated in one of two ways (``mode``):
+  Layer Recognition Embedding (LRE) added to every token (``lre_feed="input"``) or as
+  the first token (``"front"``, the paper's). It is a Mamba block (or an LSTM/GRU),
+  evaluated in one of two ways (``mode``):
 
-  - ``"window"``: every step, s = SlowNet([LRE, g_{t-L+1}, ..., g_t]) at the last
-    position: L + 1 tokens per weight per step (the paper's HGS of length L);
+  - ``"window"``: every step, the slow-net reads [g_{t-L+1}, ..., g_t] (L + 1 tokens with
+    the LRE in front) at the last position (the paper's HGS of length L);
   - ``"stream"`` (default): the recurrent form of the same block, its state per weight
     carried from step to step like an optimizer state; every step feeds one token, g_t,
-    so s reads the whole history [LRE, g_1, ..., g_t]. The meta-gradient flows through
-    the current token (truncated back-propagation through time, like LSTMFC); the LRE
-    opens each sequence, so it is learned from the first step with a history;
+    so the slow-net reads the whole history. The meta-gradient flows through the current
+    token (truncated back-propagation through time, like LSTMFC), which is why the LRE
+    is an input of every token there: as the first token it would be learned once;
 
-* the gradient is g^ = beta * s + (1 - beta) * f, calibrated to W, and is used both in
-  the look-ahead forward pass and in the real update (:mod:`signgrad.estimators.base`).
+* the gradient combines them (``slow_form``): ``"gate"`` (default) s = g * (1 + S), S the
+  slow-net's output, g^ = beta * s + (1 - beta) * f, so the slow gradient changes sign
+  with g; ``"direct"`` (the paper's) s = S itself. g^ is calibrated to W and used both in
+  the look-ahead forward pass and in the real update (:mod:`signgrad.estimators.base`);
+* ``start="identity"`` (default) starts the fast-net at 1 and the slow-net's read-out at
+  0, so the first g^ is exactly the straight-through gradient; ``"random"`` is PyTorch's
+  init.
 
 Where signgrad departs from the authors' reference code (docs/methods.md says why):
 
@@ -32,9 +38,12 @@ Where signgrad departs from the authors' reference code (docs/methods.md says wh
 * all layers are batched into one call of each meta-network (ResNet-20's layers are too
   small for one call per layer to be efficient);
 * ``normalize=True`` (default) feeds the slow-net each layer's history divided by its
-  root mean square and multiplies the output back: natural gradients are ~1e-3 and a
-  Mamba block's gated output is quadratic in small inputs, so without it the slow
-  gradient vanishes.
+  root mean square (and multiplies a direct slow gradient back; a gate is scale-free):
+  natural gradients are ~1e-3 and a Mamba block's gated output is quadratic in small
+  inputs, so without it the slow gradient vanishes.
+
+:data:`REFERENCE` (the ``fsg-ref`` preset) switches all of these back to the authors'
+code but the first, and :data:`PAPER` (``fsg-paper``) is the paper's form and sizes.
 """
 
 from __future__ import annotations
