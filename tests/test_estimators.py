@@ -366,6 +366,22 @@ def test_a_resumed_estimator_keeps_the_settings_it_was_saved_with():
         builders.build_estimator(cfg, small_model(), bad)
 
 
+@pytest.mark.parametrize("name", ["fsg", "metaquant-multifc"])
+def test_step_norm_ste_keeps_the_straight_through_size(name):
+    model = small_model()
+    torch.manual_seed(3)
+    est = build(name, model, start="random", step_norm="ste")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for seed in range(3):
+        train_step(model, est, opt, 0.1, seed)
+    est.begin_step(0.1)
+    for i, ghat in enumerate(est._ghat):
+        ste = est.calibrate(i, est.histories[i].latest())
+        assert ghat.norm().item() == pytest.approx(ste.norm().item(), rel=1e-5)
+        assert not torch.allclose(ghat, ste)  # the direction is still the meta-nets'
+    est.detach_layers()
+
+
 def test_reference_update_uses_the_fast_gradient_only():
     model = small_model()
     est = build("fsg", model, update="fast", start="random")  # identity: both are g at first

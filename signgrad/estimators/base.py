@@ -124,6 +124,9 @@ def coordinate_mlp(
 #: codes) those the previous forward pass computed with, look-ahead included.
 W_TILDES = ("current", "previous")
 
+#: What sets the size of g^: the meta-networks, or the straight-through gradient's norm.
+STEP_NORMS = ("learned", "ste")
+
 #: How a learned estimator's meta-networks start: ``identity`` makes g^ at the first step
 #: exactly the (calibrated) straight-through gradient, ``random`` is PyTorch's default init.
 STARTS = ("identity", "random")
@@ -270,6 +273,9 @@ class LearnedEstimator(nn.Module):
         # "previous" (those the last forward pass computed with); set by subclasses.
         self.w_tilde = "current"
         self._forward: list[Tensor | None] = [None] * len(self.layers)
+        # "learned": g^ as the meta-networks make it; "ste": rescaled per layer to the norm
+        # of the straight-through gradient (the meta-networks choose the direction only).
+        self.step_norm = "learned"
 
     def _capture(self, i: int):
         def hook(grad: Tensor) -> None:
@@ -331,6 +337,8 @@ class LearnedEstimator(nn.Module):
         loss and every gradient); it trains this step with the straight-through gradient.
         """
         ghats = self.calibrated()
+        if self.step_norm == "ste":
+            ghats = [None if g is None else self._ste_norm(i, g) for i, g in enumerate(ghats)]
         present = [g for g in ghats if g is not None]
         # One device synchronisation for all layers, not one per layer.
         finite = torch.stack([torch.isfinite(g).all() for g in present]).tolist() if present else []
@@ -343,6 +351,12 @@ class LearnedEstimator(nn.Module):
             if self.w_tilde == "previous":
                 w = layer.latent_weight().detach()
                 self._forward[i] = w.clone() if ahead is None else (w - ahead).detach()
+
+    def _ste_norm(self, i: int, ghat: Tensor) -> Tensor:
+        """``ghat`` rescaled to the norm of the straight-through gradient it is built from
+        (``step_norm="ste"``): the meta-networks choose the direction only."""
+        ste = self.calibrate(i, self.histories[i].latest())
+        return ghat * (ste.norm() / ghat.norm().clamp_min(torch.finfo(ghat.dtype).tiny))
 
     def lookahead(self, i: int, lr: float, ghat: Tensor) -> Tensor:
         """What the forward pass subtracts from layer ``i``'s latent weights, W' = W - this;

@@ -59,6 +59,7 @@ from signgrad.estimators.base import (
     FLOAT_BYTES,
     PARAM_COPIES,
     STARTS,
+    STEP_NORMS,
     W_TILDES,
     LearnedEstimator,
     check_choice,
@@ -139,6 +140,7 @@ class FSG(LearnedEstimator):
         fast_bias: bool = True,
         calibrate_slow: bool = True,
         w_tilde: str = "current",
+        step_norm: str = "learned",
     ) -> None:
         # Every keyword but the model, as one dict (the first statement: nothing else yet).
         settings = {k: v for k, v in locals().items() if k not in ("self", "model", "__class__")}
@@ -157,6 +159,7 @@ class FSG(LearnedEstimator):
         self.state_rows = 0
         self.fast_lr, self.slow_lr = fast_lr, slow_lr
         self.calibrate_slow, self.w_tilde = calibrate_slow, w_tilde
+        self.step_norm = step_norm
         self._uncalibrated: list[Tensor | None] = [None] * len(self.layers)
         self.fast = None
         if parts != "slow":
@@ -200,6 +203,7 @@ class FSG(LearnedEstimator):
             ("slow_form", "slow_form", SLOW_FORMS),
             ("lre_feed", "lre_feed", LRE_FEEDS),
             ("w_tilde", "w_tilde", W_TILDES),
+            ("step_norm", "step_norm", STEP_NORMS),
         ):
             check_choice(name, label, settings[key], valid)
         ints = ("history", "d_inner", "d_state", "d_conv", "dt_rank", "slow_hidden", "fast_hidden")

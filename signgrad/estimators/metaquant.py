@@ -39,6 +39,7 @@ from signgrad.estimators.base import (
     FLOAT_BYTES,
     PARAM_COPIES,
     STARTS,
+    STEP_NORMS,
     W_TILDES,
     LearnedEstimator,
     check_choice,
@@ -74,6 +75,7 @@ class _MetaQuant(LearnedEstimator):
         bias: bool = True,
         lookahead: str = "current",
         w_tilde: str = "current",
+        step_norm: str = "learned",
     ) -> None:
         settings = {k: v for k, v in locals().items() if k not in ("self", "model", "__class__")}
         self.validate(settings)  # before the model's layers are touched
@@ -82,6 +84,7 @@ class _MetaQuant(LearnedEstimator):
         self.settings = settings
         self.meta_lr, self.start, self.lagged = meta_lr, start, lookahead == "lagged"
         self.w_tilde = w_tilde
+        self.step_norm = step_norm
         # lookahead="lagged": the latent weights and the learning rate of the last step
         self._prev_weights: list[Tensor | None] = [None] * len(self.layers)
         self._prev_lr: float | None = None
@@ -101,6 +104,7 @@ class _MetaQuant(LearnedEstimator):
         check_choice(cls.name, "start", settings["start"], STARTS)
         check_choice(cls.name, "lookahead", settings["lookahead"], LOOKAHEADS)
         check_choice(cls.name, "w_tilde", settings["w_tilde"], W_TILDES)
+        check_choice(cls.name, "step_norm", settings["step_norm"], STEP_NORMS)
         if not isinstance(settings["bias"], bool):
             raise SigngradError(f"{cls.name}: bias must be true or false, got {settings['bias']!r}")
         if settings["start"] == "identity" and not settings["bias"] and cls.identity_output:
