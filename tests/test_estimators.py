@@ -364,6 +364,16 @@ def test_a_resumed_estimator_keeps_the_settings_it_was_saved_with():
     bad = {"estimator": {"settings": {**estimators.parameters("fsg"), "history": -1}}}
     with pytest.raises(SigngradError, match="history must be an integer"):
         builders.build_estimator(cfg, small_model(), bad)
+    # Tensors of the wrong shape are refused as a whole, before a step could index them.
+    ref = estimators.build("metaquant-multifc-ref", small_model())
+    state = ref.state_dict()
+    state["forward_weights"] = [torch.zeros(1)] * len(ref.layers)
+    with pytest.raises(ValueError, match="forward_weights do not match"):
+        ref.load_state_dict(state)
+    state = ref.state_dict()
+    state["extra"]["prev_weights"] = [torch.zeros(2)]
+    with pytest.raises(ValueError, match="prev_weights do not match"):
+        ref.load_state_dict(state)
 
 
 @pytest.mark.parametrize("name", ["fsg", "metaquant-multifc"])

@@ -440,7 +440,18 @@ class LearnedEstimator(nn.Module):
         self.steps = int(state["steps"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.load_extra_state(state["extra"])
-        self._forward = list(state.get("forward_weights", [None] * len(self.layers)))
+        forward = state.get("forward_weights", [None] * len(self.layers))
+        shapes = [lay.kernel_shape for lay in self.layers]
+        if (
+            not isinstance(forward, list)
+            or len(forward) != len(shapes)
+            or any(
+                f is not None and (not isinstance(f, Tensor) or tuple(f.shape) != tuple(s))
+                for f, s in zip(forward, shapes, strict=False)
+            )
+        ):
+            raise ValueError("its forward_weights do not match the binarized layers")
+        self._forward = list(forward)
 
 
 def saved_settings(
