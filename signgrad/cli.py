@@ -91,8 +91,8 @@ def _model_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     _name_flag(p, "--scaling", f"{prefix}binary weight scaling", layers.SCALINGS.help("none"))
     _name_flag(p, "--keep", f"{prefix}layers kept full precision",
                convert.KEEP_POLICIES.help("first_last"))  # fmt: skip
-    also = [data.names()[-1]]
-    _name_flag(p, "--data", f"{prefix}data set", data.DATASETS.help("cifar10", also=also))
+    folders = ["imagefolder:PATH"]  # any folder of images, beside the built-in sets
+    _name_flag(p, "--data", f"{prefix}data set", data.DATASETS.help("cifar10", also=folders))
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
