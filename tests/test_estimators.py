@@ -433,14 +433,13 @@ COMMON = ["--model", "convnet", "--data", "cifar10", "--quantizer", "dorefa", "-
           "--batch-size", "64", "--lr", "3e-3", "--no-progress"]  # fmt: skip
 
 
-# fsg-paper is the fsg code with bigger sizes (covered by the unit tests above); three
-# epochs of it take minutes on two cores.
-@pytest.mark.slow
-# The paper-sized FSG presets take minutes per epoch here, LSTMFC-ref half a minute;
+# fsg-paper and fsg-ref are the fsg code with bigger sizes (covered by the unit tests
+# above): three epochs of them take minutes on two cores, of LSTMFC-ref half a minute;
 # tests/test_reference_estimators.py checks the reference presets' formulas instead.
 TRAINED = [n for n in estimators.names() if n not in ("fsg-paper", "fsg-ref", "metaquant-lstm-ref")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINED)
 def test_training_with_each_estimator_lowers_the_loss(tmp_path, cifar_root, run_cli, name):
     out = tmp_path / name
