@@ -441,17 +441,22 @@ class LearnedEstimator(nn.Module):
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.load_extra_state(state["extra"])
         forward = state.get("forward_weights", [None] * len(self.layers))
-        shapes = [lay.kernel_shape for lay in self.layers]
+        self._forward = self.per_layer(forward, "forward_weights")
+
+    def per_layer(self, tensors: Any, what: str) -> list[Tensor | None]:
+        """``tensors`` read from a state: a list of one tensor (or None) per binarized
+        layer, each of the layer's weight shape, else a ValueError naming ``what``."""
+        shapes = [tuple(lay.kernel_shape) for lay in self.layers]
         if (
-            not isinstance(forward, list)
-            or len(forward) != len(shapes)
+            not isinstance(tensors, list)
+            or len(tensors) != len(shapes)
             or any(
-                f is not None and (not isinstance(f, Tensor) or tuple(f.shape) != tuple(s))
-                for f, s in zip(forward, shapes, strict=False)
+                t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != s)
+                for t, s in zip(tensors, shapes, strict=False)
             )
         ):
-            raise ValueError("its forward_weights do not match the binarized layers")
-        self._forward = list(forward)
+            raise ValueError(f"its {what} do not match the binarized layers")
+        return list(tensors)
 
 
 def saved_settings(

@@ -145,17 +145,7 @@ class _MetaQuant(LearnedEstimator):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self.lagged and "prev_weights" in state:
-            prev, shapes = state["prev_weights"], [lay.kernel_shape for lay in self.layers]
-            if (
-                not isinstance(prev, list)
-                or len(prev) != len(shapes)
-                or any(
-                    p is not None and (not isinstance(p, Tensor) or tuple(p.shape) != tuple(s))
-                    for p, s in zip(prev, shapes, strict=False)
-                )
-            ):
-                raise ValueError("its prev_weights do not match the binarized layers")
-            self._prev_weights = list(prev)
+            self._prev_weights = self.per_layer(state["prev_weights"], "prev_weights")
             self._prev_lr = None if state["prev_lr"] is None else float(state["prev_lr"])
 
 
