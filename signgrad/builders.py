@@ -47,6 +47,25 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def load_data(cfg: Config) -> Any:
+    """The data set of ``cfg`` (a :class:`signgrad.data.DataSet`, or a streamed
+    :class:`signgrad.folders.StreamSet` for an image folder), with the augmentation and
+    normalisation ``cfg`` asks for."""
+    folder: dict[str, Any] = {}
+    if cfg.data.startswith("imagefolder:"):
+        folder = {
+            "mode": cfg.data_mode,
+            "image_size": cfg.image_size,
+            "workers": cfg.workers,
+            "skip_bad": cfg.skip_bad_images,
+            "augment": cfg.augment is not False,
+        }
+    ds = data.load(cfg.data, root=cfg.data_root, download=cfg.download, **folder)
+    if cfg.augment is not None:
+        ds = dataclasses.replace(ds, augment=cfg.augment)
+    return normalised(cfg, ds)
+
+
 def normalised(cfg: Config, ds: data.DataSet) -> data.DataSet:
     """``ds`` with the normalisation ``cfg`` asks for (``mean``/``std``, e.g. that of a
     pretrained model given to ``--init``), else its own."""
@@ -343,8 +362,8 @@ def load_trained(
             path, cfg.data,
         )  # fmt: skip
     if with_data or deploy is None:
-        ds = data.load(cfg.data, root=cfg.data_root, download=cfg.download)
-        own = _deploy_of_data(normalised(cfg, ds))
+        ds = load_data(cfg)
+        own = _deploy_of_data(ds)
         if deploy is None:
             deploy = own
         elif any(own[k] != deploy[k] for k in ("classes", "in_channels", "height", "width")):

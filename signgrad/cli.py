@@ -152,6 +152,16 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    "~/.cache/signgrad/data)")  # fmt: skip
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="fail instead of downloading missing data")  # fmt: skip
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, help="the data "
+                   "set's standard augmentation (default: on, off for digits)")  # fmt: skip
+    p.add_argument("--data-mode", choices=("auto", "memory", "stream"), help="image folders: "
+                   "hold decoded images in memory or stream them from disk (auto)")  # fmt: skip
+    p.add_argument("--image-size", type=int, help="image folders: train on S x S inputs "
+                   "(default: the first image's shorter side, at most 224)")  # fmt: skip
+    p.add_argument("--workers", type=int, help="image folders: decoding processes when "
+                   "streaming (default: the cores available, at most 8)")  # fmt: skip
+    p.add_argument("--skip-bad-images", action="store_true", help="image folders: leave "
+                   "unreadable images out (logged and counted) instead of stopping")  # fmt: skip
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (auto)")
     p.add_argument("--out", help="run directory (default: runs/<model>-<data>-<quantizer>-...)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -202,23 +212,19 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from signgrad import builders, train
-    from signgrad import data as data_mod
 
     _check_data_root(args.data_root)
     t = builders.load_trained(args.checkpoint, device=args.device, data_root=args.data_root)
     # The normalisation the model was trained with (the checkpoint's), on today's test set.
-    loader = data_mod.Loader(
-        t.data.test_images, t.data.test_labels, batch_size=500, mean=t.deploy["mean"],
-        std=t.deploy["std"], train=False, augment=False,
-        device=next(t.model.parameters()).device,
-    )  # fmt: skip
+    ds = dataclasses.replace(t.data, mean=tuple(t.deploy["mean"]), std=tuple(t.deploy["std"]))
+    loader = train.test_loader(ds, next(t.model.parameters()).device)
     loss, acc = train.evaluate(
         t.model, loader, bf16=t.config.bf16, channels_last=t.config.channels_last
     )
     print(
         f"{args.checkpoint}: {t.config.model} on {t.config.data}, epoch "
         f"{t.checkpoint['epoch']}: test loss {loss:.4f}, test accuracy {100 * acc:.2f}% "
-        f"({len(t.data.test_labels)} images)"
+        f"({loader.num_images} images)"
     )
 
 

@@ -86,6 +86,11 @@ class Config:
     std: list[float] | None = None
     data_root: str | None = None
     download: bool = True
+    augment: bool | None = None  # the data set's standard augmentation; None: its default
+    data_mode: str = "auto"  # image folders: auto, memory, stream (signgrad.folders)
+    image_size: int | None = None  # image folders: S x S inputs; None: from the data
+    workers: int | None = None  # image folders: decoding processes; None: from the cores
+    skip_bad_images: bool = False  # image folders: leave unreadable files out, counted
     device: str = "auto"
     out: str | None = None
     recipe: str | None = None  # the preset the values came from, for the record
@@ -132,6 +137,7 @@ class Config:
             raise SigngradError(
                 f"mean and std must be finite, one per channel, std > 0; got {c.mean}, {c.std}"
             )
+        _check_folder_fields(c)
         if c.bn_momentum is not None and not 0 < c.bn_momentum <= 1:
             raise SigngradError(f"bn_momentum must be in (0, 1], got {c.bn_momentum}")
         if c.input_quantizer == "none":
@@ -183,6 +189,36 @@ class Config:
         if self.exact_sign_after is not None:
             params["exact_sign_after"] = self.exact_sign_after
         return params
+
+
+def _check_folder_fields(c: Config) -> None:
+    """The image-folder settings: valid values, and only with ``imagefolder:PATH``."""
+    from signgrad import folders
+
+    if c.data_mode not in folders.MODES:
+        raise SigngradError(
+            f"unknown data mode {c.data_mode!r}; choose one of {', '.join(folders.MODES)}"
+        )
+    folder = c.data.startswith("imagefolder:")
+    given = [
+        flag
+        for flag, set_ in (
+            ("--data-mode", c.data_mode != "auto"),
+            ("--image-size", c.image_size is not None),
+            ("--workers", c.workers is not None),
+            ("--skip-bad-images", c.skip_bad_images),
+        )
+        if set_
+    ]
+    if given and not folder:
+        raise SigngradError(f"{', '.join(given)} only apply to --data imagefolder:PATH")
+    for name, value, lo, hi in (
+        ("image_size", c.image_size, 8, 4096),
+        ("workers", c.workers, 0, 64),
+    ):
+        ok = not isinstance(value, bool) and isinstance(value, int) and lo <= value <= hi
+        if value is not None and not ok:
+            raise SigngradError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
 
 
 HYPER_PREFIX = "hyper-"
@@ -332,7 +368,9 @@ def with_recipe(values: dict[str, Any]) -> dict[str, Any]:
 
 
 #: What ``--resume`` may change: the rest of the saved configuration is the run.
-RESUME_CHANGEABLE = ("epochs", "device", "data_root", "download", "out", "diagnostics")
+RESUME_CHANGEABLE = (
+    "epochs", "device", "data_root", "download", "out", "diagnostics", "workers",
+)  # fmt: skip
 
 
 def resumed_config(
@@ -342,7 +380,7 @@ def resumed_config(
     ``overrides`` applied; only the number of epochs, the device, the data root and the
     diagnostics switch may change on resume. :func:`signgrad.rundir.resume_config` reads
     them from the checkpoint."""
-    flags = "--epochs, --device, --data-root, --no-download and --diagnostics"
+    flags = "--epochs, --device, --data-root, --no-download, --diagnostics and --workers"
     overrides = {**overrides, **canonical_names(overrides)}  # any spelling of a name
     clash = sorted(
         k for k, v in overrides.items() if k not in RESUME_CHANGEABLE and saved.get(k) != v

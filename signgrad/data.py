@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -298,20 +298,31 @@ def data_root(root: str | os.PathLike[str] | None = None) -> Path:
     return Path(root).expanduser()
 
 
-def load(name: str, root: str | os.PathLike[str] | None = None, download: bool = True) -> DataSet:
+def load(
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    **folder: Any,
+) -> Any:
     """Read data set ``name`` (see ``names()``) from the data root, downloading it if absent.
 
-    ``imagefolder:PATH`` reads ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` with
-    PIL (``PATH`` relative to the current directory; ``root``/``download`` do not apply):
-    classes are the sorted sub-folder names of ``train``, each of which must hold an image
-    (a class with no test images only gets a warning); images are decoded by
+    ``imagefolder:PATH`` reads ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (or
+    ``test/``) with PIL (``PATH`` relative to the current directory; ``root``/``download``
+    do not apply); ``folder`` holds the keywords of :func:`signgrad.folders.open_folder`
+    (``mode``, default ``"memory"`` here, ``image_size``, ``augment``, ``workers``,
+    ``skip_bad``). In memory (a :class:`DataSet`), images are decoded by
     :mod:`signgrad.images` (16-bit and float pixels scaled to 8 bits), become greyscale
     when all of them are greyscale, RGB otherwise, and are resized (bilinear) to the size
     of the first training image when sizes differ; mean/std come from the training split;
-    ``augment`` is False; files whose name starts with ``.`` are skipped.
+    ``augment`` (the CIFAR crop and flip) is on unless ``augment=False``. Streamed: a
+    :class:`signgrad.folders.StreamSet`.
     """
     if name.startswith(_IMAGEFOLDER):
-        return _load_imagefolder(name[len(_IMAGEFOLDER) :])
+        from signgrad import folders  # only image folders need PIL
+
+        return folders.open_folder(name[len(_IMAGEFOLDER) :], **{"mode": "memory", **folder})
+    if folder:
+        raise SigngradError(f"{', '.join(folder)} only apply to imagefolder:PATH, not {name}")
     name = canonical(name)
     spec = DATASETS.get(name)
     base = data_root(root)
@@ -431,6 +442,10 @@ class Loader:
         shape = (1, c, 1, 1)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(shape)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -771,89 +786,10 @@ def _check_counts(name: str, spec: _Spec, folder: Path, ds: DataSet) -> None:
         )  # fmt: skip
 
 
-# --------------------------------------------------------------------------- image folder
+# --------------------------------------------------------------------------- statistics
 
 
-def _load_imagefolder(path_text: str) -> DataSet:
-    if not path_text:
-        raise SigngradError("imagefolder needs a path: imagefolder:PATH")
-    from signgrad import images  # only this loader needs PIL
-
-    base = Path(path_text).expanduser()
-    for sub in ("train", "test"):
-        if not (base / sub).is_dir():
-            raise SigngradError(f"imagefolder: {base / sub} is not a folder (need train/, test/)")
-
-    def visible(d: Path) -> list[Path]:
-        return sorted(p for p in d.iterdir() if not p.name.startswith("."))
-
-    classes = [p.name for p in visible(base / "train") if p.is_dir()]
-    if not classes:
-        raise SigngradError(f"imagefolder: {base / 'train'} has no class sub-folders")
-    extra = [p.name for p in visible(base / "test") if p.is_dir() and p.name not in classes]
-    if extra:
-        raise SigngradError(
-            f"imagefolder: {base / 'test'} has classes missing from train/: {', '.join(extra)}"
-        )
-
-    def files(split: str) -> list[tuple[Path, int]]:
-        out, empty = [], []
-        for label, cls in enumerate(classes):
-            d = base / split / cls
-            found = [p for p in visible(d) if p.is_file()] if d.is_dir() else []
-            if not found:
-                empty.append(d)
-            out.extend((p, label) for p in found)
-        if empty and split == "train":
-            # A class with no training image can never be learned, yet would get an output.
-            raise SigngradError(
-                f"imagefolder: class folder {empty[0]} holds no images"
-                + (f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else "")
-            )
-        if empty:
-            log.warning(
-                "imagefolder: no test images of class %s (%s); its accuracy is not measured",
-                ", ".join(d.name for d in empty),
-                base / split,
-            )
-        return out
-
-    train_files, test_files = files("train"), files("test")
-    for split, lst in (("train", train_files), ("test", test_files)):
-        if not lst:
-            raise SigngradError(f"imagefolder: no images under {base / split}")
-
-    # First pass reads headers only (PIL opens lazily) to fix the channels and the size.
-    grey, size = True, None
-    for p, _ in train_files + test_files:
-        with images.open_image(p, "imagefolder: ") as im:
-            grey = grey and images.is_grey(im)
-            size = size or im.size
-    channels = 1 if grey else 3
-    assert size is not None
-
-    def read(lst: list[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        arrays = [images.read(p, channels, size, "imagefolder: ") for p, _ in lst]
-        x = torch.from_numpy(np.stack(arrays))
-        return x, torch.tensor([label for _, label in lst], dtype=torch.int64)
-
-    train_x, train_y = read(train_files)
-    test_x, test_y = read(test_files)
-    mean, std = _channel_stats(train_x)
-    return DataSet(
-        name=f"{_IMAGEFOLDER}{base}",
-        train_images=train_x,
-        train_labels=train_y,
-        test_images=test_x,
-        test_labels=test_y,
-        classes=classes,
-        mean=mean,
-        std=std,
-        augment=False,  # crop/flip may not suit arbitrary images; Loader can still do it
-    )
-
-
-def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std on the [0, 1] scale, in float64 chunks."""
     c = images.shape[1]
     total = torch.zeros(c, dtype=torch.float64)

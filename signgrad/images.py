@@ -93,16 +93,26 @@ def _to_8bit(im: Image.Image, where: str) -> Image.Image:
 
 
 def to_array(
-    im: Image.Image, channels: int, size: tuple[int, int] | None = None, where: str = "image"
+    im: Image.Image,
+    channels: int,
+    size: tuple[int, int] | None = None,
+    where: str = "image",
+    box: tuple[float, float, float, float] | None = None,
 ) -> np.ndarray:
     """Pixels of ``im`` as uint8 (channels, height, width), ``channels`` 1 (grey) or 3
-    (RGB), resized (bilinear) to ``size`` = (width, height) when given and different.
+    (RGB), resized (bilinear) to ``size`` = (width, height) when given and different;
+    ``box`` (left, top, right, bottom) crops first, in the same resampling pass.
     ``where`` names the image in error messages."""
     if channels not in (1, 3):
         raise SigngradError(f"{where}: images have 1 or 3 channels, not {channels}")
     im = _to_8bit(im, where)
     im = im.convert("L" if channels == 1 else "RGB")
-    if size is not None and im.size != tuple(size):
+    if box is not None:
+        size = size or (round(box[2] - box[0]), round(box[3] - box[1]))
+        full = box == (0, 0, im.size[0], im.size[1])
+        if not (full and im.size == tuple(size)):
+            im = im.resize(tuple(size), Image.BILINEAR, box=box)
+    elif size is not None and im.size != tuple(size):
         im = im.resize(tuple(size), Image.BILINEAR)
     arr = np.asarray(im, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

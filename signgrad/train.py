@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from signgrad import checkpoint, data, estimators, hooks, layers, optim, report, rundir
+from signgrad import checkpoint, data, estimators, folders, hooks, layers, optim, report, rundir
 from signgrad.builders import (
     Trained,
     build_architecture,
@@ -47,9 +47,9 @@ from signgrad.builders import (
     build_model,
     check_sizes,
     cpu_has_fast_bf16,
+    load_data,
     load_trained,
     make_optimizer,
-    normalised,
     pick_device,
     restore,
 )
@@ -71,7 +71,7 @@ from signgrad.rundir import resume_config
 
 __all__ = [
     # the loop
-    "train", "train_epoch", "learning_rate", "evaluate",
+    "train", "train_epoch", "learning_rate", "evaluate", "test_loader",
     # re-exported from signgrad.config, signgrad.builders and signgrad.rundir
     "Config", "OPTIMIZERS", "LR_SCHEDULES", "DEFAULT_LR", "HYPER_PREFIX", "RECIPES",
     "SAVED_REQUIRED", "with_recipe", "check_saved_config", "check_resume_epochs",
@@ -110,7 +110,7 @@ def _train_locked(
         check_resume_epochs(run_dir, state["epoch"], cfg.epochs)
     device = pick_device(cfg.device)
     _warn_if_slow_bf16(cfg, device)
-    ds = normalised(cfg, data.load(cfg.data, root=cfg.data_root, download=cfg.download))
+    ds = load_data(cfg)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ds).to(device)
@@ -148,6 +148,7 @@ def _train_locked(
     for epoch in range(start_epoch, end_epoch):
         sharpness = layers.set_epoch(model, epoch, cfg.epochs)
         t0 = time.perf_counter()
+        skipped = getattr(train_loader, "skipped", 0) + getattr(test_loader, "skipped", 0)
         train_loss, train_acc, lr = train_epoch(
             cfg, model, optimizer, train_loader, step_hooks, epoch, progress=progress
         )
@@ -169,6 +170,9 @@ def _train_locked(
             "lr": lr,
             "sharpness": sharpness,
         }
+        if cfg.skip_bad_images:  # unreadable images left out in this epoch
+            now = getattr(train_loader, "skipped", 0) + getattr(test_loader, "skipped", 0)
+            record["skipped_images"] = now - skipped
         for hook in step_hooks:
             hook.end_epoch(record)  # e.g. the estimator's fallback_steps
         history.append(record)
@@ -245,36 +249,37 @@ def train_epoch(
 
 
 def _loaders(
-    cfg: Config, ds: data.DataSet, device: torch.device, generator: torch.Generator
-) -> tuple[data.Loader, data.Loader]:
+    cfg: Config, ds: Any, device: torch.device, generator: torch.Generator
+) -> tuple[Any, Any]:
     """The shuffled training batches (drawn with ``generator``) and the test batches."""
-    train_loader = data.Loader(
-        ds.train_images,
-        ds.train_labels,
-        batch_size=cfg.batch_size,
-        mean=ds.mean,
-        std=ds.std,
-        train=True,
-        augment=ds.augment,
-        device=device,
-        generator=generator,
-        drop_last=True,
-    )
-    test_loader = data.Loader(
-        ds.test_images,
-        ds.test_labels,
-        batch_size=500,
-        mean=ds.mean,
-        std=ds.std,
-        train=False,
-        augment=False,
-        device=device,
-    )
+    if isinstance(ds, folders.StreamSet):
+        train_loader: Any = folders.StreamLoader(
+            ds, split="train", batch_size=cfg.batch_size, train=True, device=device,
+            generator=generator, drop_last=True,
+        )  # fmt: skip
+        n = len(ds.folder.train)
+    else:
+        train_loader = data.Loader(
+            ds.train_images, ds.train_labels, batch_size=cfg.batch_size, mean=ds.mean,
+            std=ds.std, train=True, augment=ds.augment, device=device, generator=generator,
+            drop_last=True,
+        )  # fmt: skip
+        n = len(ds.train_labels)
     if len(train_loader) == 0:
-        raise SigngradError(
-            f"batch size {cfg.batch_size} exceeds the {len(ds.train_labels)} training images"
+        raise SigngradError(f"batch size {cfg.batch_size} exceeds the {n} training images")
+    return train_loader, test_loader(ds, device)
+
+
+def test_loader(ds: Any, device: torch.device, batch_size: int = 500) -> Any:
+    """The evaluation batches of ``ds`` (a DataSet or a streamed image folder), in order."""
+    if isinstance(ds, folders.StreamSet):
+        return folders.StreamLoader(
+            ds, split="test", batch_size=min(batch_size, 128), train=False, device=device
         )
-    return train_loader, test_loader
+    return data.Loader(
+        ds.test_images, ds.test_labels, batch_size=batch_size, mean=ds.mean, std=ds.std,
+        train=False, augment=False, device=device,
+    )  # fmt: skip
 
 
 def _warn_if_slow_bf16(cfg: Config, device: torch.device) -> None:

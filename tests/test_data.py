@@ -462,7 +462,9 @@ def test_imagefolder(tmp_path: Path) -> None:
     x = ds.train_images.double() / 255
     assert np.allclose(ds.mean, x.mean(dim=(0, 2, 3)).tolist())
     assert np.allclose(ds.std, x.std(dim=(0, 2, 3), unbiased=False).tolist())
-    assert ds.name == f"imagefolder:{tmp_path}" and not ds.augment
+    # The standard crop and flip, unless asked not to.
+    assert ds.name == f"imagefolder:{tmp_path}" and ds.augment
+    assert not data.load(f"imagefolder:{tmp_path}", augment=False).augment
 
 
 def test_imagefolder_greyscale_and_errors(tmp_path: Path) -> None:
@@ -477,7 +479,7 @@ def test_imagefolder_greyscale_and_errors(tmp_path: Path) -> None:
         data.load(f"imagefolder:{tmp_path}")
     (tmp_path / "train" / "x" / "notes.txt").unlink()
     shutil.rmtree(tmp_path / "test")
-    with pytest.raises(SigngradError, match=r"test is not a folder \(need train/, test/\)"):
+    with pytest.raises(SigngradError, match=r"neither val/ nor test/ beside train/"):
         data.load(f"imagefolder:{tmp_path}")
 
 
