@@ -145,6 +145,12 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    "the applied gradient compares with STE's (RUN/diagnostics.jsonl)")  # fmt: skip
     p.add_argument("--init", help="start from this full-precision checkpoint or run "
                    "directory, or a plain PyTorch state_dict of the same architecture")  # fmt: skip
+    p.add_argument("--teacher", help="distil from this full-precision run directory or "
+                   "checkpoint (same classes and input shape)")  # fmt: skip
+    p.add_argument("--distill-weight", type=float, help="with --teacher: the KL "
+                   "term's share of the loss, the rest cross-entropy (1: KL alone)")  # fmt: skip
+    p.add_argument("--distill-temperature", type=float, help="with --teacher: softmax "
+                   "temperature of both sides (1)")  # fmt: skip
     p.add_argument("--mean", type=float, nargs="+", help="input normalisation per channel, "
                    "e.g. that of an --init model (default: the data set's)")  # fmt: skip
     p.add_argument("--std", type=float, nargs="+", help="with --mean: its standard deviations")

@@ -82,6 +82,9 @@ class Config:
     channels_last: bool = False
     diagnostics: bool = False  # record gradient-fidelity diagnostics (signgrad.diagnostics)
     init: str | None = None
+    teacher: str | None = None  # a full-precision run to distil from (signgrad.distill)
+    distill_weight: float = 1.0  # the KL term's share of the loss (1: KL alone)
+    distill_temperature: float = 1.0
     mean: list[float] | None = None  # input normalisation; None: the data set's own
     std: list[float] | None = None
     data_root: str | None = None
@@ -138,6 +141,8 @@ class Config:
                 f"mean and std must be finite, one per channel, std > 0; got {c.mean}, {c.std}"
             )
         _check_folder_fields(c)
+        if c.teacher is not None:
+            check_distillation(c.distill_weight, c.distill_temperature)
         if c.bn_momentum is not None and not 0 < c.bn_momentum <= 1:
             raise SigngradError(f"bn_momentum must be in (0, 1], got {c.bn_momentum}")
         if c.input_quantizer == "none":
@@ -145,7 +150,7 @@ class Config:
         if c.lr is None:
             c.lr = DEFAULT_LR[c.optimizer]
         if c.activation is None:
-            c.activation = "hardtanh" if c.input_quantizer else "relu"
+            c.activation = models.default_activation(c.model, bool(c.input_quantizer))
         sizes = [("epochs", c.epochs), ("batch_size", c.batch_size), ("accumulate", c.accumulate)]
         for name, value in sizes:
             if value < 1:
@@ -189,6 +194,15 @@ class Config:
         if self.exact_sign_after is not None:
             params["exact_sign_after"] = self.exact_sign_after
         return params
+
+
+def check_distillation(weight: float, temperature: float) -> None:
+    """The distillation settings (:mod:`signgrad.distill`): ``weight`` in (0, 1],
+    ``temperature`` positive and finite, else SigngradError."""
+    if not (0 < weight <= 1):
+        raise SigngradError(f"distill_weight must be in (0, 1], got {weight}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise SigngradError(f"distill_temperature must be positive and finite, got {temperature}")
 
 
 def _check_folder_fields(c: Config) -> None:
@@ -354,6 +368,26 @@ RECIPES.register(
         "grad_clip": 5.0,
         "bn_momentum": 0.5,
         "accumulate": 2,
+    },
+)
+
+
+RECIPES.register(
+    "reactnet",
+    # ReActNet's second stage (both binary): Adam 5e-4 for batch 256, the learning rate
+    # decayed linearly to 0 (per step here, per epoch in the authors' code), no weight
+    # decay, 256 epochs; with --teacher, the KL divergence alone as the loss.
+    summary="ReActNet's ImageNet optimizer settings (stage 2)",
+    obj={
+        "optimizer": "adam",
+        "lr": 5e-4,
+        "betas": [0.9, 0.999],
+        "weight_decay": 0.0,
+        "schedule": "linear",
+        "batch_size": 256,
+        "epochs": 256,
+        "distill_weight": 1.0,
+        "distill_temperature": 1.0,
     },
 )
 

@@ -39,6 +39,14 @@ def _first_last(names: list[str]) -> set[str]:
     return {names[0], names[-1]}
 
 
+@KEEP_POLICIES.register("first_last_shortcuts")
+def _first_last_shortcuts(names: list[str]) -> set[str]:
+    """The stem, the classifier and every 1x1 projection shortcut (Bi-Real Net's and
+    ReActNet's papers)."""
+    shortcuts = {n for n in names if n.startswith("shortcut.") or ".shortcut." in n}
+    return {names[0], names[-1], *shortcuts}
+
+
 @KEEP_POLICIES.register("first")
 def _first(names: list[str]) -> set[str]:
     """The stem only."""

@@ -320,7 +320,21 @@ def load(
     if name.startswith(_IMAGEFOLDER):
         from signgrad import folders  # only image folders need PIL
 
-        return folders.open_folder(name[len(_IMAGEFOLDER) :], **{"mode": "memory", **folder})
+        got = folders.open_folder(name[len(_IMAGEFOLDER) :], **{"mode": "memory", **folder})
+        if isinstance(got, folders.StreamSet):
+            return got
+        mean, std = channel_stats(got.train_images)
+        return DataSet(
+            name=got.name,
+            train_images=got.train_images,
+            train_labels=got.train_labels,
+            test_images=got.test_images,
+            test_labels=got.test_labels,
+            classes=got.classes,
+            mean=mean,
+            std=std,
+            augment=got.augment,
+        )
     if folder:
         raise SigngradError(f"{', '.join(folder)} only apply to imagefolder:PATH, not {name}")
     name = canonical(name)

@@ -4,10 +4,10 @@ Layout: ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (ImageNet's name) or
 ``PATH/test/<class>/*``. Classes are the sorted sub-folder names of ``train``; files whose
 name starts with ``.`` are skipped. Two ways to serve them:
 
-* **memory**: every image is decoded once into one uint8 tensor (what :func:`read_memory`
-  returns, a :class:`signgrad.data.DataSet`); batches are then cut and augmented on the
-  training device by :class:`signgrad.data.Loader`. Fast, but the memory grows with the
-  folder.
+* **memory**: every image is decoded once into one uint8 tensor (:func:`read_memory`,
+  which :func:`signgrad.data.load` makes a :class:`signgrad.data.DataSet`); batches are
+  then cut and augmented on the training device by :class:`signgrad.data.Loader`. Fast,
+  but the memory grows with the folder.
 * **stream**: only the file list is held (as numpy byte strings, so that worker processes
   share it without copying); worker processes decode each batch from disk
   (:class:`StreamLoader`), so memory stays constant as the folder grows.
@@ -61,6 +61,7 @@ __all__ = [
     "MEMORY_BUDGET",
     "MODES",
     "SMALL",
+    "Decoded",
     "FileList",
     "Folder",
     "StreamLoader",
@@ -463,15 +464,26 @@ def _stats(
     return tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std)
 
 
-def read_memory(folder: Folder, image_size: int | None, augment: bool) -> Any:
-    """Decode every image of ``folder`` into a :class:`signgrad.data.DataSet`.
+@dataclass(repr=False)
+class Decoded:
+    """A folder decoded into memory: uint8 images (N x C x H x W) and int64 labels of
+    both splits; :func:`signgrad.data.load` makes it a :class:`signgrad.data.DataSet`."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list[str]
+    augment: bool
+
+
+def read_memory(folder: Folder, image_size: int | None, augment: bool) -> Decoded:
+    """Decode every image of ``folder``.
 
     Channels: grey when every image is grey, else RGB. Without ``image_size`` every image
     is resized (bilinear) to the size of the first training image; with it, to
-    ``image_size`` squared (shorter side, centre crop). mean/std come from the training
-    split."""
-    from signgrad import data  # data imports this module
-
+    ``image_size`` squared (shorter side, centre crop)."""
     channels = _probe_channels((folder.train, folder.test), None)
 
     def read(files: FileList) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,17 +498,8 @@ def read_memory(folder: Folder, image_size: int | None, augment: bool) -> Any:
 
     train_x, train_y = read(folder.train)
     test_x, test_y = read(folder.test)
-    mean, std = data.channel_stats(train_x)
-    return data.DataSet(
-        name=f"imagefolder:{folder.base}",
-        train_images=train_x,
-        train_labels=train_y,
-        test_images=test_x,
-        test_labels=test_y,
-        classes=folder.classes,
-        mean=mean,
-        std=std,
-        augment=augment,
+    return Decoded(
+        f"imagefolder:{folder.base}", train_x, train_y, test_x, test_y, folder.classes, augment
     )
 
 
@@ -508,9 +511,9 @@ def open_folder(
     augment: bool = True,
     workers: int | None = None,
     skip_bad: bool = False,
-) -> Any:
-    """The image folder at ``path_text`` as a :class:`signgrad.data.DataSet` (memory) or a
-    :class:`StreamSet` (stream), as ``mode`` says (see the module's docstring)."""
+) -> Decoded | StreamSet:
+    """The image folder at ``path_text`` decoded into memory (:class:`Decoded`) or to be
+    streamed (:class:`StreamSet`), as ``mode`` says (see the module's docstring)."""
     if mode not in MODES:
         raise SigngradError(f"unknown folder mode {mode!r}; choose one of {', '.join(MODES)}")
     folder = scan(path_text)

@@ -236,14 +236,19 @@ def for_config(
     estimator: estimators.LearnedEstimator | None,
     run_dir: str | os.PathLike | None = None,
     first_step: int = 0,
+    distillation: StepHook | None = None,
 ) -> list[StepHook]:
     """The hooks of a run of ``cfg``, in the order they are called (``run_dir`` and the
-    run's ``first_step``: where and from when ``diagnostics`` records)."""
+    run's ``first_step``: where and from when ``diagnostics`` records; ``distillation``:
+    the ``--teacher``'s :class:`signgrad.distill.DistillationLoss`, whose loss term comes
+    before anything reads the loss)."""
     hooks: list[StepHook] = []
     if cfg.sharpness_per_step:
         hooks.append(PerStepSharpness(model, cfg.epochs))
     if cfg.channels_last:
         hooks.append(ChannelsLastInput())
+    if distillation is not None:
+        hooks.append(distillation)
     if estimator is not None:
         hooks.append(LearnedEstimatorStep(estimator))
     if cfg.grad_clip is not None:

@@ -66,6 +66,12 @@ def stepwise(
     return lr * gamma ** sum(epoch >= m for m in milestones)
 
 
+@LR_SCHEDULES.register("linear")
+def linear(lr: float, step: int, steps_per_epoch: int, epochs: int) -> float:
+    """lr * (1 - step / steps): from lr to 0 in a straight line (ReActNet's decay)."""
+    return lr * (1 - step / (epochs * steps_per_epoch))
+
+
 @LR_SCHEDULES.register("constant")
 def constant(lr: float, step: int, steps_per_epoch: int, epochs: int) -> float:
     """lr throughout."""

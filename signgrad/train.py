@@ -39,7 +39,18 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from signgrad import checkpoint, data, estimators, folders, hooks, layers, optim, report, rundir
+from signgrad import (
+    checkpoint,
+    data,
+    distill,
+    estimators,
+    folders,
+    hooks,
+    layers,
+    optim,
+    report,
+    rundir,
+)
 from signgrad.builders import (
     Trained,
     build_architecture,
@@ -140,7 +151,16 @@ def _train_locked(
             return history
         _continue_metrics(cfg, run_dir, history)
     first_step = start_epoch * len(train_loader)
-    step_hooks = hooks.for_config(cfg, model, estimator, run_dir, first_step)
+    distillation = None
+    if cfg.teacher is not None:
+        teacher = distill.load_teacher(
+            cfg.teacher, classes=ds.classes, shape=(ds.in_channels, *ds.image_size),
+            mean=ds.mean, std=ds.std, device=device,
+        )  # fmt: skip
+        distillation = distill.DistillationLoss(
+            teacher, cfg.distill_weight, cfg.distill_temperature
+        )
+    step_hooks = hooks.for_config(cfg, model, estimator, run_dir, first_step, distillation)
     config_dict = dataclasses.asdict(cfg)
     deploy = checkpoint.deploy_entry(ds.classes, (ds.in_channels, *ds.image_size), ds.mean, ds.std)
     checkpoint.write_json(run_dir / checkpoint.CONFIG_NAME, config_dict)

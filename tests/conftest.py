@@ -1,5 +1,5 @@
 """Fixtures shared by the test modules: the real data root, the command line in this
-process or in a child process, and one small trained run."""
+process or in a child process, one small trained run, and a small folder of real images."""
 
 from __future__ import annotations
 
@@ -82,3 +82,24 @@ def tiny_run(tmp_path_factory, cifar_root) -> Path:
     )  # fmt: skip
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def pictures(cifar_root: Path, tmp_path_factory) -> Path:
+    """Real CIFAR-10 images of 3 classes as PNG files in ``train/`` and ``val/`` class
+    folders: 8 per class to train, 4 to test. Read only: copy it before changing it."""
+    from PIL import Image
+
+    from signgrad import data
+
+    ds = data.load("cifar10", root=cifar_root, download=False)
+    base = tmp_path_factory.mktemp("pictures")
+    for split, x, y, n in (("train", ds.train_images, ds.train_labels, 8),
+                           ("val", ds.test_images, ds.test_labels, 4)):  # fmt: skip
+        for c in range(3):
+            (base / split / ds.classes[c]).mkdir(parents=True)
+            for i in (y == c).nonzero().flatten()[:n].tolist():
+                Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(
+                    base / split / ds.classes[c] / f"{i}.png"
+                )
+    return base

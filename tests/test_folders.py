@@ -43,7 +43,8 @@ def _export(
             d = base / name / ds.classes[c]
             d.mkdir(parents=True, exist_ok=True)
             for i in (y == c).nonzero().flatten()[:n].tolist():
-                im = Image.fromarray(x[i].permute(1, 2, 0).numpy())
+                pixels = x[i].permute(1, 2, 0).numpy()
+                im = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
                 if size is not None:
                     im = im.resize(size, Image.BICUBIC)
                 im.save(d / f"{i}{suffix}", quality=92) if suffix == ".jpg" else im.save(
@@ -180,11 +181,12 @@ def test_auto_mode_says_which_and_why(cifar, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="signgrad.folders"):
         small = folders.open_folder(str(base))
         large = folders.open_folder(str(base), image_size=64, workers=0)
-    assert isinstance(small, data.DataSet) and small.image_size == (32, 32) and small.augment
+    assert isinstance(small, folders.Decoded) and small.augment
+    assert small.train_images.shape == (36, 3, 32, 32) and small.train_images.dtype == torch.uint8
     assert isinstance(large, folders.StreamSet) and large.image_size == (64, 64)
     assert "held in memory (32-pixel images" in caplog.text
     assert "held in stream (images of 64 pixels take the random-resized-crop" in caplog.text
-    forced = folders.open_folder(str(base), mode="memory", image_size=40)
+    forced = data.load(f"imagefolder:{base}", mode="memory", image_size=40)
     assert isinstance(forced, data.DataSet) and forced.image_size == (40, 40)
 
 
@@ -213,3 +215,24 @@ def test_streamed_training_resumes_exactly(cifar, tmp_path, run_cli):
     cfg = json.loads((whole / "config.json").read_text())
     assert cfg["data_mode"] == "stream" and cfg["image_size"] is None
     assert run_cli("eval", whole) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "model", "floor"), [
+    ("cifar10", "resnet18-imagenet", 0.3),
+    ("fashion-mnist", "vit-lite", 0.6),
+])  # fmt: skip
+def test_real_images_train_through_the_streaming_path(cifar_root, tmp_path, run_cli, caplog,
+                                                      name, model, floor):  # fmt: skip
+    ds = data.load(name, root=cifar_root, download=False)
+    base = _export(ds, tmp_path / "jpeg", per_class=(100, 30), classes=10)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="signgrad.folders"):
+        assert run_cli("train", "--model", model, "--data", f"imagefolder:{base}",
+                       "--data-mode", "stream", "--workers", "2", "--quantizer", "bnn",
+                       "--epochs", "4", "--batch-size", "32", "--out", run,
+                       "--no-progress") == 0  # fmt: skip
+    assert "imagefolder: streaming StreamSet" in caplog.text
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"]
+    assert rows[-1]["test_acc"] > floor  # chance: 0.1

@@ -1,180 +1,13 @@
-"""Full-precision reference architectures, ready to be binarized.
-
-Every model here is built only from ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.Linear``,
-pooling and activation modules, so that :func:`signgrad.convert.binarize` can swap the
-conv and linear modules for binary versions. Conventions every model keeps:
-
-* every conv / linear layer is an ``nn.Conv2d`` / ``nn.Linear`` submodule (no functional
-  convolutions), and convs followed by batch norm have ``bias=False``;
-* the stem (first layer) is the first ``nn.Conv2d`` in ``model.modules()`` order and the
-  classifier is the last ``nn.Linear`` (it is also ``model.fc``);
-* ``num_classes`` and ``in_channels`` are always arguments;
-* ``activation`` picks the nonlinearity (see :func:`make_activation`): with 1-bit
-  activations ``sign(relu(x))`` is constantly +1, so binary-activation networks want
-  ``"hardtanh"``.
-
-Parameter counts quoted in the docstrings are ``sum(p.numel() for p in
-model.parameters())`` (batch-norm running statistics are buffers, not counted).
-
-Use :func:`get` (by name, see :func:`names`) or call a builder directly.
-"""
+"""The CIFAR-sized architectures: ResNet-20 to 110 (option A and B shortcuts), ResNet-18
+with the CIFAR stem, VGG-Small and a small ConvNet; conventions in :mod:`signgrad.models`."""
 
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from signgrad.errors import SigngradError
-from signgrad.registry import Registry
-
-__all__ = [
-    "ACTIVATIONS",
-    "MODELS",
-    "BasicBlock",
-    "CifarResNet",
-    "ConvNet",
-    "ResNet18",
-    "ShortcutA",
-    "VGGSmall",
-    "convnet",
-    "get",
-    "make_activation",
-    "names",
-    "resnet18",
-    "resnet20",
-    "resnet32",
-    "resnet44",
-    "resnet56",
-    "resnet110",
-    "vgg_small",
-]
-
-#: The nonlinearities a model can use, by name: builders of a fresh module for a layer of
-#: ``channels`` channels (see :func:`make_activation`).
-ACTIVATIONS: Registry[Callable[[int], nn.Module]] = Registry("activation", inputs=("channels",))
-
-
-@ACTIVATIONS.register("relu")
-def _relu(channels: int) -> nn.Module:
-    """max(x, 0)."""
-    return nn.ReLU()
-
-
-@ACTIVATIONS.register("hardtanh")
-def _hardtanh(channels: int) -> nn.Module:
-    """x clipped to [-1, 1]: the usual choice with 1-bit activations."""
-    return nn.Hardtanh()
-
-
-@ACTIVATIONS.register("prelu")
-def _prelu(channels: int) -> nn.Module:
-    """max(x, 0) + a * min(x, 0) with a learnable slope a per channel."""
-    return nn.PReLU(num_parameters=channels)
-
-
-@ACTIVATIONS.register("identity")
-def _identity(channels: int) -> nn.Module:
-    """x: no nonlinearity."""
-    return nn.Identity()
-
-
-def make_activation(name: str, channels: int) -> nn.Module:
-    """A fresh activation module by name (see :data:`ACTIVATIONS`); ``channels`` matters
-    for ``prelu``'s one slope per channel. Unknown names raise :class:`SigngradError`."""
-    return ACTIVATIONS.build(name, channels)
-
-
-def _check_int(what: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SigngradError(f"{what} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_args(num_classes: object, in_channels: object, activation: object) -> None:
-    _check_int("num_classes", num_classes, 2)
-    _check_int("in_channels", in_channels, 1)
-    ACTIVATIONS.canonical(activation)  # type: ignore[arg-type]  # an error listing them
-
-
-def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
-
-
-# --------------------------------------------------------------------------- CIFAR ResNets
-
-
-class ShortcutA(nn.Module):
-    """He et al. (2016) option-A shortcut: parameter-free identity that changes shape.
-
-    Subsamples space with ``x[:, :, ::stride, ::stride]`` and zero-pads the channel
-    dimension from ``in_planes`` to ``out_planes``, split evenly before and after (the
-    original channels sit in the middle, as in the common reference implementation).
-    """
-
-    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
-        super().__init__()
-        if out_planes < in_planes:
-            raise SigngradError(
-                f"option-A shortcut cannot shrink channels ({in_planes} -> {out_planes})"
-            )
-        self.in_planes = in_planes
-        self.out_planes = out_planes
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride != 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        extra = self.out_planes - self.in_planes
-        if extra:
-            before = extra // 2
-            x = F.pad(x, (0, 0, 0, 0, before, extra - before))
-        return x
-
-    def extra_repr(self) -> str:
-        return f"{self.in_planes}, {self.out_planes}, stride={self.stride}"
-
-
-class BasicBlock(nn.Module):
-    """Residual block conv3x3-BN-act-conv3x3-BN, plus shortcut, then act.
-
-    ``shortcut="A"``: parameter-free :class:`ShortcutA` when the shape changes (CIFAR
-    ResNets); ``shortcut="B"``: 1x1 conv (stride ``stride``) + BN projection when the
-    shape changes (ResNet-18). Identity otherwise.
-    """
-
-    def __init__(
-        self,
-        in_planes: int,
-        planes: int,
-        stride: int = 1,
-        *,
-        activation: str = "relu",
-        shortcut: str = "A",
-    ) -> None:
-        super().__init__()
-        self.conv1 = _conv3x3(in_planes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.act1 = make_activation(activation, planes)
-        self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module
-        if stride == 1 and in_planes == planes:
-            self.shortcut = nn.Identity()
-        elif shortcut == "A":
-            self.shortcut = ShortcutA(in_planes, planes, stride)
-        elif shortcut == "B":
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes),
-            )
-        else:
-            raise SigngradError(f"unknown shortcut {shortcut!r}; valid shortcuts: A, B")
-        self.act2 = make_activation(activation, planes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.act2(out + self.shortcut(x))
+from signgrad.models.common import BasicBlock, check_args, check_int, conv3x3, make_activation
 
 
 class CifarResNet(nn.Module):
@@ -198,13 +31,13 @@ class CifarResNet(nn.Module):
         shortcut: str = "A",
     ) -> None:
         super().__init__()
-        _check_args(num_classes, in_channels, activation)
+        check_args(num_classes, in_channels, activation)
         self.shortcut_kind = shortcut
         if depth < 8 or (depth - 2) % 6:
             raise SigngradError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
         n = (depth - 2) // 6
         self.depth = depth
-        self.conv1 = _conv3x3(in_channels, 16)
+        self.conv1 = conv3x3(in_channels, 16)
         self.bn1 = nn.BatchNorm2d(16)
         self.act1 = make_activation(activation, 16)
         self.in_planes = 16
@@ -234,7 +67,7 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def _option_b(depth: int) -> Callable[..., nn.Module]:
+def option_b(depth: int) -> Callable[..., nn.Module]:
     def build(*, num_classes: int, in_channels: int, activation: str = "relu") -> CifarResNet:
         return CifarResNet(
             depth,
@@ -291,8 +124,8 @@ class ResNet18(nn.Module):
 
     def __init__(self, *, num_classes: int, in_channels: int, activation: str = "relu") -> None:
         super().__init__()
-        _check_args(num_classes, in_channels, activation)
-        self.conv1 = _conv3x3(in_channels, 64)
+        check_args(num_classes, in_channels, activation)
+        self.conv1 = conv3x3(in_channels, 64)
         self.bn1 = nn.BatchNorm2d(64)
         self.act1 = make_activation(activation, 64)
         self.in_planes = 64
@@ -344,17 +177,17 @@ class VGGSmall(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        _check_args(num_classes, in_channels, activation)
-        _check_int("image_size", image_size, 8)
+        check_args(num_classes, in_channels, activation)
+        check_int("image_size", image_size, 8)
         if image_size % 8:
             raise SigngradError(f"vgg-small needs image_size divisible by 8, got {image_size}")
         self.image_size = image_size
         layers: list[nn.Module] = []
         c_in = in_channels
         for c_out in (128, 256, 512):
-            layers += [_conv3x3(c_in, c_out), nn.BatchNorm2d(c_out)]
+            layers += [conv3x3(c_in, c_out), nn.BatchNorm2d(c_out)]
             layers.append(make_activation(activation, c_out))
-            layers += [_conv3x3(c_out, c_out), nn.MaxPool2d(2), nn.BatchNorm2d(c_out)]
+            layers += [conv3x3(c_out, c_out), nn.MaxPool2d(2), nn.BatchNorm2d(c_out)]
             layers.append(make_activation(activation, c_out))
             c_in = c_out
         self.features = nn.Sequential(*layers)
@@ -398,16 +231,16 @@ class ConvNet(nn.Module):
         activation: str = "relu",
     ) -> None:
         super().__init__()
-        _check_args(num_classes, in_channels, activation)
-        _check_int("image_size", image_size, 4)
-        self.conv1 = _conv3x3(in_channels, 16)
+        check_args(num_classes, in_channels, activation)
+        check_int("image_size", image_size, 4)
+        self.conv1 = conv3x3(in_channels, 16)
         self.bn1 = nn.BatchNorm2d(16)
         self.act1 = make_activation(activation, 16)
-        self.conv2 = _conv3x3(16, 32)
+        self.conv2 = conv3x3(16, 32)
         self.bn2 = nn.BatchNorm2d(32)
         self.act2 = make_activation(activation, 32)
         self.pool2 = nn.MaxPool2d(2)
-        self.conv3 = _conv3x3(32, 64)
+        self.conv3 = conv3x3(32, 64)
         self.bn3 = nn.BatchNorm2d(64)
         self.act3 = make_activation(activation, 64)
         self.pool3 = nn.MaxPool2d(2)
@@ -426,66 +259,6 @@ def convnet(
 ) -> ConvNet:
     """Small ConvNet for 28x28 inputs: 24,058 parameters (1 input channel, 10 classes)."""
     return ConvNet(
-        num_classes=num_classes,
-        in_channels=in_channels,
-        image_size=image_size,
-        activation=activation,
-    )
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def _sized(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Adapt a builder that does not use ``image_size`` (fully convolutional + GAP)."""
-
-    def build(*, num_classes: int, in_channels: int, image_size: int, activation: str) -> nn.Module:
-        _check_int("image_size", image_size, 1)
-        return builder(num_classes=num_classes, in_channels=in_channels, activation=activation)
-
-    build.__doc__ = builder.__doc__  # the registry's summary
-    return build
-
-
-#: Every architecture by name: builders taking ``num_classes``, ``in_channels``,
-#: ``image_size`` and ``activation`` (see :func:`get`).
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
-for _name, _builder in [
-    ("resnet20", _sized(resnet20)),
-    ("resnet32", _sized(resnet32)),
-    ("resnet44", _sized(resnet44)),
-    ("resnet56", _sized(resnet56)),
-    ("resnet110", _sized(resnet110)),
-    *[(f"resnet{d}-b", _sized(_option_b(d))) for d in (20, 32, 44, 56, 110)],
-    ("resnet18", _sized(resnet18)),
-    ("vgg-small", vgg_small),
-    ("convnet", convnet),
-]:
-    MODELS.register(_name, _builder)
-
-
-def names() -> list[str]:
-    """Names accepted by :func:`get`, in registry order."""
-    return MODELS.names()
-
-
-def get(
-    name: str,
-    *,
-    num_classes: int,
-    in_channels: int,
-    image_size: int = 32,
-    activation: str = "relu",
-) -> nn.Module:
-    """Build a full-precision model by name (see :func:`names`; any spelling, so
-    ``vgg_small`` is ``vgg-small``).
-
-    ``image_size`` is the side of the (square) input; only ``vgg-small`` needs it to size
-    its classifier (and requires a multiple of 8), the others are size-agnostic through
-    global average pooling. Bad names or arguments raise :class:`SigngradError`.
-    """
-    return MODELS.build(
-        name,
         num_classes=num_classes,
         in_channels=in_channels,
         image_size=image_size,
