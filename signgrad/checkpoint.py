@@ -251,12 +251,18 @@ DEPLOY_KEYS = ("classes", "in_channels", "height", "width", "mean", "std")
 
 
 def deploy_entry(
-    classes: list[str], shape: tuple[int, int, int], mean: Any, std: Any
+    classes: list[str],
+    shape: tuple[int, int, int],
+    mean: Any,
+    std: Any,
+    crop: float | None = None,
 ) -> dict[str, Any]:
     """The checkpoint's ``deploy`` entry: the class names, the input shape (C, H, W) and
-    the per-channel normalisation mean/std of a model, as plain values."""
+    the per-channel normalisation mean/std of a model, as plain values; ``crop``: the
+    evaluation's centre crop (the share of the shorter side kept before resizing to
+    H x W) where the model was trained on one, e.g. 0.875 for ImageNet-sized folders."""
     c, h, w = (int(x) for x in shape)
-    return {
+    entry = {
         "classes": [str(n) for n in classes],
         "in_channels": c,
         "height": h,
@@ -264,6 +270,9 @@ def deploy_entry(
         "mean": [float(m) for m in mean],
         "std": [float(s) for s in std],
     }
+    if crop is not None:
+        entry["crop"] = float(crop)
+    return entry
 
 
 def deploy_of(state: dict[str, Any]) -> dict[str, Any] | None:
@@ -301,6 +310,8 @@ def _check_deploy(d: Any, path: Path) -> None:
             raise _bad(path, f"its 'deploy' {key} holds a NaN or infinite value")
     if not all(x > 0 for x in d["std"]):
         raise _bad(path, "its 'deploy' std holds a value that is not above 0")
+    if "crop" in d and not (_is_number(d["crop"]) and 0 < d["crop"] <= 1):
+        raise _bad(path, f"its 'deploy' crop is {d['crop']!r}, not a number in (0, 1]")
 
 
 def _check_optimizer(opt: Any, path: Path) -> None:

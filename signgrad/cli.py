@@ -347,7 +347,8 @@ def _predict(args: argparse.Namespace) -> None:
         raise SigngradError(f"no image or folder at {target}")
     c, h, w = pm.input_shape
     # The image-folder loader's decoder: 16-bit and float pixels are scaled alike.
-    arrays = [images.read(p, c, (w, h)) for p in files]
+    # The evaluation's centre crop where the model was trained on one (streamed folders).
+    arrays = [images.read(p, c, (w, h), crop=pm.crop) for p in files]
     probs = pm.predict(np.stack(arrays))
     names = pm.classes
     for p, row in zip(files, probs, strict=True):

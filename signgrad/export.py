@@ -40,6 +40,7 @@ class Source:
     mean: list[float]
     std: list[float]
     description: dict[str, Any]
+    crop: float | None = None  # the evaluation's centre crop, if the model was trained so
 
 
 def from_checkpoint(path: str | os.PathLike, data_root: str | None = None) -> Source:
@@ -64,7 +65,10 @@ def from_checkpoint(path: str | os.PathLike, data_root: str | None = None) -> So
         "scaling": cfg.scaling,
     }
     shape = (d["in_channels"], d["height"], d["width"])
-    return Source(t.model.eval(), shape, list(d["classes"]), list(d["mean"]), list(d["std"]), desc)
+    return Source(
+        t.model.eval(), shape, list(d["classes"]), list(d["mean"]), list(d["std"]), desc,
+        d.get("crop"),
+    )  # fmt: skip
 
 
 def check_finite(model: nn.Module) -> None:
@@ -95,7 +99,11 @@ def packed(src: Source, g: graph.Graph | None = None) -> bytes:
         "output": g.output,
         "nodes": g.nodes,
         "binary_tensors": binary,
-        "preprocess": {"mean": src.mean, "std": src.std},
+        "preprocess": {
+            "mean": src.mean,
+            "std": src.std,
+            **({} if src.crop is None else {"crop": src.crop}),
+        },
         "classes": src.classes,
         "source": src.description,
     }
@@ -157,6 +165,8 @@ def _onnx_format(src: Source, g: graph.Graph, x: torch.Tensor) -> Built:
     from signgrad import onnx_export
 
     meta = {"classes": ",".join(src.classes), "mean": str(src.mean), "std": str(src.std)}
+    if src.crop is not None:
+        meta["crop"] = str(src.crop)
     proto = onnx_export.to_onnx(g, metadata=meta)
     diff, agree = onnx_export.check_onnx(proto, src.model, x)
     return Built(proto.SerializeToString(), "model.onnx", "onnxruntime", diff, agree)

@@ -205,13 +205,6 @@ def _rrc_box(w: int, h: int, rng: np.random.Generator) -> tuple[float, float, fl
     return left, top, left + cw, top + ch
 
 
-def _centre_box(w: int, h: int, fraction: float) -> tuple[float, float, float, float]:
-    """The centred square of side ``fraction`` times the shorter side."""
-    side = min(w, h) * fraction
-    left, top = (w - side) / 2, (h - side) / 2
-    return left, top, left + side, top + side
-
-
 def decode(
     path: Path, channels: int, size: int, *, train: bool, seed: int | None = None
 ) -> np.ndarray:
@@ -221,9 +214,9 @@ def decode(
     with images.open_image(path, PREFIX) as im:
         w, h = im.size
         if size >= SMALL:
-            box = _rrc_box(w, h, rng) if rng is not None else _centre_box(w, h, EVAL_CROP)
+            box = _rrc_box(w, h, rng) if rng is not None else images.centre_box(w, h, EVAL_CROP)
         else:
-            box = _centre_box(w, h, 1.0)
+            box = images.centre_box(w, h)
         if im.format == "JPEG":
             # Decode at 1/2, 1/4 or 1/8 scale when the crop still gets >= size pixels.
             bw, bh = box[2] - box[0], box[3] - box[1]
@@ -282,6 +275,11 @@ class StreamSet:
     @property
     def image_size(self) -> tuple[int, int]:
         return self.size, self.size
+
+    @property
+    def crop(self) -> float | None:
+        """The evaluation's centre crop (share of the shorter side), if it takes one."""
+        return EVAL_CROP if self.size >= SMALL else None
 
     def __repr__(self) -> str:
         return (

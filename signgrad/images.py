@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from signgrad.errors import SigngradError
 
-__all__ = ["GREY_MODES", "is_grey", "open_image", "read", "to_array"]
+__all__ = ["GREY_MODES", "centre_box", "is_grey", "open_image", "read", "to_array"]
 
 #: Pillow modes that hold one channel of grey (alpha aside).
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
@@ -118,17 +118,28 @@ def to_array(
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def centre_box(w: float, h: float, share: float = 1.0) -> tuple[float, float, float, float]:
+    """The centred square of side ``share`` times the shorter side of a w x h image, as a
+    box (left, top, right, bottom)."""
+    side = min(w, h) * share
+    return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
+
+
 def read(
     path: str | os.PathLike[str],
     channels: int,
     size: tuple[int, int] | None = None,
     prefix: str = "",
+    crop: float | None = None,
 ) -> np.ndarray:
     """Decode the image file ``path`` into uint8 (channels, height, width); see
-    :func:`to_array`. Any file that is not a readable image is a SigngradError naming it."""
+    :func:`to_array`. ``crop``: first take the centred square of that share of the
+    shorter side (a model evaluated on centre crops). Any file that is not a readable
+    image is a SigngradError naming it."""
     with open_image(path, prefix) as im:
+        box = None if crop is None else centre_box(*im.size, crop)
         try:
-            return to_array(im, channels, size, where=f"{prefix}{Path(path)}")
+            return to_array(im, channels, size, where=f"{prefix}{Path(path)}", box=box)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             # Truncated or corrupt pixel data surfaces only when it is decoded.
             raise SigngradError(f"{prefix}cannot decode {path}: {e}") from None

@@ -162,7 +162,10 @@ def _train_locked(
         )
     step_hooks = hooks.for_config(cfg, model, estimator, run_dir, first_step, distillation)
     config_dict = dataclasses.asdict(cfg)
-    deploy = checkpoint.deploy_entry(ds.classes, (ds.in_channels, *ds.image_size), ds.mean, ds.std)
+    crop = getattr(ds, "crop", None)  # streamed ImageNet-sized folders: the centre crop
+    deploy = checkpoint.deploy_entry(
+        ds.classes, (ds.in_channels, *ds.image_size), ds.mean, ds.std, crop
+    )
     checkpoint.write_json(run_dir / checkpoint.CONFIG_NAME, config_dict)
 
     for epoch in range(start_epoch, end_epoch):

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from signgrad import data, folders
+from signgrad import data, folders, images
 from signgrad.errors import SigngradError
 
 
@@ -215,6 +215,19 @@ def test_streamed_training_resumes_exactly(cifar, tmp_path, run_cli):
     cfg = json.loads((whole / "config.json").read_text())
     assert cfg["data_mode"] == "stream" and cfg["image_size"] is None
     assert run_cli("eval", whole) == 0
+    # 72-pixel images take the ImageNet recipe: the deployed model keeps its centre crop,
+    # and predict feeds it what evaluation fed it.
+    assert torch.load(whole / "checkpoint.pt", weights_only=False)["deploy"]["crop"] == 0.875
+    packed = tmp_path / "model.safetensors"
+    assert run_cli("export", whole, "--out", packed) == 0
+    from signgrad.runtime import load
+
+    pm = load(packed)
+    assert pm.crop == 0.875 and pm.input_shape == (3, 72, 72)
+    val = sorted((base / "val").rglob("*.jpg"))[:3]
+    seen = np.stack([folders.decode(p, 3, 72, train=False) for p in val])
+    assert np.array_equal(seen, np.stack([images.read(p, 3, (72, 72), crop=pm.crop)
+                                          for p in val]))  # fmt: skip
 
 
 @pytest.mark.slow

@@ -363,6 +363,8 @@ CRAFTED: dict[str, tuple[str, Edit, str]] = {
     "std-0": ("convnet", _doc_set(("preprocess", "std"), [0.0]), "std must be positive"),
     "mean-nan": ("convnet", _doc_set(("preprocess", "mean"), [float("nan")]),
                  "must be a finite number"),
+    "crop-above-1": ("convnet", _doc_set(("preprocess", "crop"), 1.5), "crop must be in (0, 1]"),
+    "crop-string": ("convnet", _doc_set(("preprocess", "crop"), "0.875"), "must be a"),
     "huge-declared-binary-shape": ("convnet", _doc_set(("binary_tensors", "conv2.weight"),
                                    [32, 16, 3000, 3000]), "is declared [32, 16, 3000, 3000]"),
     "input-shape-string": ("convnet", _doc_set(("input", "shape"), ["1", 8, 8]),

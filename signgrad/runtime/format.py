@@ -15,7 +15,8 @@ Layout, version 1 (``docs/export.md`` has the same with an example):
   8 j + i of that row, 1 for -1 and 0 for +1; the last byte's unused bits are 0.
 * graph JSON: ``input`` {``name``, ``shape`` [C, H, W]}, ``output`` (a value name),
   ``nodes`` (ops of :mod:`signgrad.graph`, in execution order), ``binary_tensors``
-  {name: shape}, ``preprocess`` {``mean``, ``std``} (per channel, on the [0, 1] scale),
+  {name: shape}, ``preprocess`` {``mean``, ``std``} (per channel, on the [0, 1] scale;
+  optional ``crop``, the evaluation's centre crop as a share of the shorter side),
   ``classes`` (names), and ``source`` (what it was exported from, informative).
 """
 

@@ -81,6 +81,13 @@ class PackedModel:
         c, h, w = self.graph["input"]["shape"]
         return int(c), int(h), int(w)
 
+    @property
+    def crop(self) -> float | None:
+        """The centre crop (share of an image's shorter side) the model was evaluated on
+        before resizing to :attr:`input_shape`, or None: the whole image, resized."""
+        crop = self.graph["preprocess"].get("crop")
+        return None if crop is None else float(crop)
+
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """uint8 N x C x H x W -> normalised float32, as the training loader does it."""
         pre = self.graph["preprocess"]

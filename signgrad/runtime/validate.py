@@ -266,6 +266,10 @@ class _Checker:
             ends = (np.float32([[0.0], [1.0]]) - mean) / std
         if not np.isfinite(ends).all():
             raise _fail("preprocess mean and std make pixels overflow float32")
+        if "crop" in pre:
+            crop = _number(pre["crop"], "preprocess crop")
+            if not 0 < crop <= 1:
+                raise _fail(f"preprocess crop must be in (0, 1], got {crop}")
 
     def node(
         self, n: dict[str, Any], op: str, label: str, xs: list[tuple[int, ...]], ins: list[str]
