@@ -2,8 +2,9 @@
 the loader (JPEG files, decoded and augmented to 224 x 224 by worker processes) next to
 images per second of a ResNet-18-ImageNet training step, measured in one run.
 
-The folder is written first, in a temporary directory: real CIFAR-10 test images
-upscaled (bicubic) to ImageNet's typical 500 x 375 and saved as JPEG (quality 90), so
+The folder is written first, in a temporary directory (``benchmarks/jpeg_folder.py``):
+real CIFAR-10 training images upscaled (bicubic) to ImageNet's typical 500 x 375 and
+saved as JPEG (quality 90), so
 decoding costs what a real photo of that size costs. The loader is timed through what
 the trainer calls: ``folders.open_folder(..., mode="stream")`` and iterating a
 ``folders.StreamLoader`` over the training split (random-resized crop + flip, batches of
@@ -30,26 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import jpeg_folder  # benchmarks/jpeg_folder.py, beside this script
 import torch
-from PIL import Image
 from torch.nn import functional as F
 
-from signgrad import convert, data, folders, models
-
-
-def write_folder(root: Path, n: int, size: tuple[int, int]) -> Path:
-    ds = data.load("cifar10", download=False)
-    per = n // 10
-    for c in range(10):
-        d = root / "train" / ds.classes[c]
-        d.mkdir(parents=True)
-        (root / "val" / ds.classes[c]).mkdir(parents=True)
-        for i in (ds.test_labels == c).nonzero().flatten()[:per].tolist():
-            im = Image.fromarray(ds.test_images[i].permute(1, 2, 0).numpy())
-            im.resize(size, Image.BICUBIC).save(d / f"{i}.jpg", quality=90)
-        first = next(d.iterdir())
-        (root / "val" / ds.classes[c] / first.name).write_bytes(first.read_bytes())
-    return root
+from signgrad import convert, folders, models
 
 
 def loader_epoch(ds: folders.StreamSet, batch: int) -> tuple[float, int]:
@@ -83,7 +69,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cores} cores, {cpu}")
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_folder(Path(tmp), args.images, (500, 375))
+        root = jpeg_folder.write("cifar10", Path(tmp) / "jpeg", (args.images // 10, 1), (500, 375))
         sets = {w: folders.open_folder(str(root), mode="stream", image_size=224, workers=w)
                 for w in args.workers}  # fmt: skip
         x, y = next(iter(folders.StreamLoader(sets[args.workers[0]], split="train",

@@ -40,14 +40,14 @@ def _export(
         (split, ds.test_images, ds.test_labels, per_class[1]),
     ):
         for c in range(classes):
-            d = base / name / ds.classes[c]
+            d = base / name / ds.classes[c].replace("/", "-")  # Fashion-MNIST's T-shirt/top
             d.mkdir(parents=True, exist_ok=True)
             for i in (y == c).nonzero().flatten()[:n].tolist():
                 pixels = x[i].permute(1, 2, 0).numpy()
                 im = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
                 if size is not None:
                     im = im.resize(size, Image.BICUBIC)
-                im.save(d / f"{i}{suffix}", quality=92) if suffix == ".jpg" else im.save(
+                im.save(d / f"{i}{suffix}", quality=90) if suffix == ".jpg" else im.save(
                     d / f"{i}{suffix}"
                 )
     return base
@@ -231,17 +231,19 @@ def test_streamed_training_resumes_exactly(cifar, tmp_path, run_cli):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "model", "floor"), [
-    ("cifar10", "resnet18-imagenet", 0.3),
-    ("fashion-mnist", "vit-lite", 0.6),
+@pytest.mark.parametrize(("model", "size", "floor"), [
+    ("resnet18-imagenet", [], 0.5),  # measured: 72.5% after 4 epochs
+    ("deit-tiny", ["--image-size", "32"], 0.25),  # measured: 42.5%
 ])  # fmt: skip
 def test_real_images_train_through_the_streaming_path(cifar_root, tmp_path, run_cli, caplog,
-                                                      name, model, floor):  # fmt: skip
-    ds = data.load(name, root=cifar_root, download=False)
-    base = _export(ds, tmp_path / "jpeg", per_class=(100, 30), classes=10)
+                                                      model, size, floor):  # fmt: skip
+    if not (cifar_root / "fashion-mnist").is_dir():
+        pytest.skip("no fashion-mnist in SIGNGRAD_DATA")
+    ds = data.load("fashion-mnist", root=cifar_root, download=False)
+    base = _export(ds, tmp_path / "jpeg", per_class=(60, 20), classes=10)
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="signgrad.folders"):
-        assert run_cli("train", "--model", model, "--data", f"imagefolder:{base}",
+        assert run_cli("train", "--model", model, "--data", f"imagefolder:{base}", *size,
                        "--data-mode", "stream", "--workers", "2", "--quantizer", "bnn",
                        "--epochs", "4", "--batch-size", "32", "--out", run,
                        "--no-progress") == 0  # fmt: skip
