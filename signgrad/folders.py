@@ -349,6 +349,9 @@ class StreamLoader:
             raise SigngradError(f"batch size must be at least 1, got {batch_size}")
         if drop_last and not train:
             raise SigngradError("drop_last=True with train=False would skip evaluation images")
+        if generator is not None and generator.device.type != "cpu":
+            # As signgrad.data.Loader: drawing on the CPU makes a run the same on any device.
+            raise SigngradError(f"needs a CPU torch.Generator, got one on {generator.device}")
         self.ds = ds
         self.files = ds.folder.train if split == "train" else ds.folder.test
         self.batch_size = batch_size

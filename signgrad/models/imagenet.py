@@ -11,7 +11,7 @@ The papers keep the stem, the classifier and Bi-Real Net's 1 x 1 downsampling
 convolutions in full precision: ``keep="first_last_shortcuts"``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -36,28 +36,20 @@ __all__ = [
 ]
 
 
-def _kaiming(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-
-class ImageNetResNet(nn.Module):
-    """ResNet-18/34 (He et al. 2016) as torchvision builds it.
-
-    Stem: conv7x7(64, stride 2)-BN-act and a 3x3 max-pool of stride 2; four stages of
-    :class:`BasicBlock` (``blocks`` per stage) with 64/128/256/512 channels, stride 2 at
-    the start of stages 2-4 with 1x1-conv + BN projection shortcuts; global average pool
-    and a linear classifier. Any input of at least 32 x 32 pixels.
-    """
+class _ImageNetLayout(nn.Module):
+    """ResNet's ImageNet layout: stem conv7x7(64, stride 2)-BN-act and a 3x3 max-pool of
+    stride 2; four stages of 64/128/256/512 channels, ``blocks`` blocks each, made by
+    ``block(in_planes, planes, stride)``, stride 2 at the start of stages 2-4; global
+    average pool and a linear classifier. Any input of at least 32 x 32 pixels."""
 
     def __init__(
         self,
         blocks: Sequence[int],
+        block: Callable[[int, int, int], nn.Module],
         *,
         num_classes: int,
         in_channels: int,
-        activation: str = "relu",
+        activation: str,
     ) -> None:
         super().__init__()
         check_args(num_classes, in_channels, activation)
@@ -67,23 +59,43 @@ class ImageNetResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         stages, in_planes = [], 64
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks, strict=True)):
-            stride = 1 if i == 0 else 2
-            stage = [BasicBlock(in_planes, planes, stride, activation=activation, shortcut="B")]
-            stage += [
-                BasicBlock(planes, planes, activation=activation, shortcut="B")
-                for _ in range(n - 1)
-            ]
+            stage = [block(in_planes, planes, 1 if i == 0 else 2)]
+            stage += [block(planes, planes, 1) for _ in range(n - 1)]
             stages.append(nn.Sequential(*stage))
             in_planes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512, num_classes)
-        _kaiming(self)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class ImageNetResNet(_ImageNetLayout):
+    """ResNet-18/34 (He et al. 2016) as torchvision builds it: the ImageNet layout with
+    ``blocks`` :class:`BasicBlock` per stage and 1x1-conv + BN projection shortcuts
+    where the shape changes."""
+
+    def __init__(
+        self,
+        blocks: Sequence[int],
+        *,
+        num_classes: int,
+        in_channels: int,
+        activation: str = "relu",
+    ) -> None:
+        def block(a: int, b: int, stride: int) -> nn.Module:
+            return BasicBlock(a, b, stride, activation=activation, shortcut="B")
+
+        super().__init__(
+            blocks, block, num_classes=num_classes, in_channels=in_channels,
+            activation=activation,
+        )  # fmt: skip
 
 
 def resnet18_imagenet(
@@ -131,12 +143,12 @@ class BiRealBlock(nn.Module):
         return self.act(self.bn(self.conv(x)) + self.shortcut(x))
 
 
-class BiRealNet(nn.Module):
+class BiRealNet(_ImageNetLayout):
     """Bi-Real Net (Liu et al., ECCV 2018): ResNet-18/34's layout with a shortcut around
     every 3x3 convolution (``blocks`` :class:`BiRealBlock` per stage), so the real-valued
-    activations before each sign reach the next block. Stem conv7x7(64, stride 2)-BN-act
-    and max-pool as ResNet's; the paper's activation is ``identity`` (the sign is the only
-    nonlinearity), its default here."""
+    activations before each sign reach the next block. Stem and head as ResNet's; the
+    paper's activation is ``identity`` (the sign is the only nonlinearity), its default
+    here."""
 
     def __init__(
         self,
@@ -146,27 +158,13 @@ class BiRealNet(nn.Module):
         in_channels: int,
         activation: str = "identity",
     ) -> None:
-        super().__init__()
-        check_args(num_classes, in_channels, activation)
-        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.act1 = make_activation(activation, 64)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        stages, in_planes = [], 64
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks, strict=True)):
-            stage = [BiRealBlock(in_planes, planes, 1 if i == 0 else 2, activation)]
-            stage += [BiRealBlock(planes, planes, 1, activation) for _ in range(n - 1)]
-            stages.append(nn.Sequential(*stage))
-            in_planes = planes
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
-        _kaiming(self)
+        def block(a: int, b: int, stride: int) -> nn.Module:
+            return BiRealBlock(a, b, stride, activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        super().__init__(
+            blocks, block, num_classes=num_classes, in_channels=in_channels,
+            activation=activation,
+        )  # fmt: skip
 
 
 def birealnet18(*, num_classes: int, in_channels: int, activation: str = "identity") -> BiRealNet:
