@@ -291,8 +291,25 @@ def _as_run_list(run_dirs: Iterable[str | os.PathLike[str]] | str | os.PathLike[
     return runs
 
 
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the configuration fields it lacks at their defaults: a run written
+    before a field existed is trained as the default says (as ``Config.from_dict`` reads
+    it), so it belongs with the runs that state that default."""
+    import dataclasses
+
+    from signgrad.config import Config  # the configuration, not the loop: no cycle
+
+    filled = {}
+    for f in dataclasses.fields(Config):
+        if f.default is not dataclasses.MISSING:
+            filled[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            filled[f.name] = f.default_factory()
+    return {**filled, **config}
+
+
 def _group(runs: list[Path]) -> dict[str, list[Path]]:
-    configs = [read_config(run) for run in runs]
+    configs = [_with_defaults(read_config(run)) for run in runs]
     keys: list[str] = []
     for config in configs:
         keys.extend(k for k in config if k not in GROUP_IGNORE and k not in keys)

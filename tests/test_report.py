@@ -258,6 +258,11 @@ def test_group_runs_several_keys_and_single_config(tmp_path: Path) -> None:
     assert group_runs(d) == {"d": [d]}
     # the same run named twice counts once
     assert group_runs([d, d]) == {"d": [d]}
+    # a field a run predates counts as its default: data_mode came after run f
+    f = make_run(tmp_path, "f", recs, seed=3)
+    g = make_run(tmp_path, "g", recs, seed=4, data_mode="auto")
+    h = make_run(tmp_path, "h", recs, seed=5, data_mode="stream")
+    assert group_runs([f, g, h]) == {"data_mode=auto": [f, g], "data_mode=stream": [h]}
 
 
 # --------------------------------------------------------------------------- compare
