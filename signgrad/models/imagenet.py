@@ -101,8 +101,9 @@ class ImageNetResNet(_ImageNetLayout):
 def resnet18_imagenet(
     *, num_classes: int, in_channels: int, activation: str = "relu"
 ) -> ImageNetResNet:
-    """ResNet-18, ImageNet stem: 11,689,512 parameters and 1.81 G MACs at 224 x 224 (1,000
-    classes)."""
+    """ResNet-18, ImageNet stem: 11.7 M parameters, 1.81 G MACs at 224 x 224.
+
+    11,689,512 parameters with 1,000 classes."""
     return ImageNetResNet(
         (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, activation=activation
     )
@@ -111,8 +112,9 @@ def resnet18_imagenet(
 def resnet34_imagenet(
     *, num_classes: int, in_channels: int, activation: str = "relu"
 ) -> ImageNetResNet:
-    """ResNet-34, ImageNet stem: 21,797,672 parameters and 3.66 G MACs at 224 x 224 (1,000
-    classes)."""
+    """ResNet-34, ImageNet stem: 21.8 M parameters, 3.66 G MACs at 224 x 224.
+
+    21,797,672 parameters with 1,000 classes."""
     return ImageNetResNet(
         (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, activation=activation
     )
@@ -168,16 +170,20 @@ class BiRealNet(_ImageNetLayout):
 
 
 def birealnet18(*, num_classes: int, in_channels: int, activation: str = "identity") -> BiRealNet:
-    """Bi-Real Net-18: 11,689,512 parameters; at 224 x 224, 1.68 G binary-layer MACs and
-    0.14 G in the stem, the 1x1 shortcuts and the classifier (1,000 classes)."""
+    """Bi-Real Net-18: a real shortcut around every binary conv; 1.68 G binary MACs.
+
+    11,689,512 parameters with 1,000 classes; at 224 x 224, 1.68 G MACs in the binary
+    layers and 0.14 G in the stem, the 1x1 shortcuts and the classifier."""
     return BiRealNet(
         (4, 4, 4, 4), num_classes=num_classes, in_channels=in_channels, activation=activation
     )
 
 
 def birealnet34(*, num_classes: int, in_channels: int, activation: str = "identity") -> BiRealNet:
-    """Bi-Real Net-34: 21,797,672 parameters; at 224 x 224, 3.53 G binary-layer MACs and
-    0.14 G in the stem, the 1x1 shortcuts and the classifier (1,000 classes)."""
+    """Bi-Real Net-34: a real shortcut around every binary conv; 3.53 G binary MACs.
+
+    21,797,672 parameters with 1,000 classes; at 224 x 224, 3.53 G MACs in the binary
+    layers and 0.14 G in the stem, the 1x1 shortcuts and the classifier."""
     return BiRealNet(
         (6, 8, 12, 6), num_classes=num_classes, in_channels=in_channels, activation=activation
     )
@@ -250,6 +256,8 @@ class ReActNetA(nn.Module):
 
 
 def reactnet_a(*, num_classes: int, in_channels: int, activation: str = "rprelu") -> ReActNetA:
-    """ReActNet-A (MobileNet-V1 layout, RSign and RPReLU): at 224 x 224, 4.82 G
-    binary-layer MACs and 0.012 G in the stem and the classifier (1,000 classes)."""
+    """ReActNet-A: MobileNet-V1 layout, RSign and RPReLU; 4.82 G binary MACs.
+
+    29,343,592 parameters with 1,000 classes; at 224 x 224, 4.82 G MACs in the binary
+    layers and 0.012 G in the stem and the classifier."""
     return ReActNetA(num_classes=num_classes, in_channels=in_channels, activation=activation)
