@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from signgrad import builders
 from signgrad.config import check_distillation
 from signgrad.errors import SigngradError
 from signgrad.hooks import Step, StepHook
@@ -81,8 +82,6 @@ def load_teacher(
     """The teacher of the checkpoint or run directory ``path``, checked against the
     student's classes and input ``shape`` (C, H, W); ``mean``/``std``: the student's
     normalisation."""
-    from signgrad import builders  # builders imports the training modules
-
     if not os.path.exists(path):
         raise SigngradError(f"--teacher {path}: no such run directory or checkpoint")
     t = builders.load_trained(path, device=str(device), with_data=False)
