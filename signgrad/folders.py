@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -419,29 +419,31 @@ def _sample(files: FileList, k: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, min(n, k))})
 
 
-def _readable(files: FileList, idx: list[int], skip_bad: bool) -> Iterator[int]:
-    """The indices of ``idx`` whose file opens; with ``skip_bad`` the others are logged and
-    passed over, else the first is a SigngradError."""
+def _each(
+    files: FileList, idx: Sequence[int], skip_bad: bool, read: Callable[[Path], Any]
+) -> Iterator[Any]:
+    """``read(path)`` of each file of ``idx``, lazily; a file it cannot read is a
+    SigngradError, or with ``skip_bad`` logged and passed over."""
     for i in idx:
         try:
-            with images.open_image(files.path(i), PREFIX):
-                pass
+            yield read(files.path(i))
         except SigngradError as e:
             if not skip_bad:
                 raise
             log.warning("%s; skipped", e)
-            continue
-        yield i
+
+
+def _is_grey(path: Path) -> bool:
+    with images.open_image(path, PREFIX) as im:
+        return images.is_grey(im)
 
 
 def _probe_channels(lists: Sequence[FileList], k: int | None, skip_bad: bool = False) -> int:
     """1 when every probed image is grey, else 3; ``k`` None probes every file."""
     for files in lists:
-        idx = list(range(len(files))) if k is None else _sample(files, k)
-        for i in _readable(files, idx, skip_bad):
-            with images.open_image(files.path(i), PREFIX) as im:
-                if not images.is_grey(im):
-                    return 3
+        idx = range(len(files)) if k is None else _sample(files, k)
+        if not all(_each(files, idx, skip_bad, _is_grey)):
+            return 3
     return 1
 
 
@@ -450,14 +452,11 @@ def _stats(
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std on [0, 1] over a fixed sample of evaluation-transformed
     training images."""
-    arrays = []
-    for i in _readable(files, _sample(files, _SAMPLE), skip_bad):
-        try:
-            arrays.append(decode(files.path(i), channels, size, train=False))
-        except SigngradError as e:
-            if not skip_bad:
-                raise
-            log.warning("%s; skipped", e)
+
+    def evaluated(path: Path) -> np.ndarray:
+        return decode(path, channels, size, train=False)
+
+    arrays = list(_each(files, _sample(files, _SAMPLE), skip_bad, evaluated))
     if not arrays:
         raise SigngradError(f"imagefolder: no readable image among those sampled in {files.base}")
     x = np.stack(arrays).astype(np.float64) / 255.0
@@ -486,11 +485,13 @@ def read_memory(folder: Folder, image_size: int | None, augment: bool) -> Decode
     is resized (bilinear) to the size of the first training image; with it, to
     ``image_size`` squared (shorter side, centre crop)."""
     channels = _probe_channels((folder.train, folder.test), None)
+    first = _first_size(folder) if image_size is None else None
 
     def read(files: FileList) -> tuple[torch.Tensor, torch.Tensor]:
-        if image_size is None:
-            size = _first_size(folder)
-            arrays = [images.read(files.path(i), channels, size, PREFIX) for i in range(len(files))]
+        if first is not None:
+            arrays = [
+                images.read(files.path(i), channels, first, PREFIX) for i in range(len(files))
+            ]
         else:
             arrays = [
                 decode(files.path(i), channels, image_size, train=False) for i in range(len(files))
