@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -141,6 +142,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (0)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: batch norm "
+                   "statistics of the global batch, not of each rank's part")  # fmt: skip
     p.add_argument("--diagnostics", action="store_true", help="record per step and layer how "
                    "the applied gradient compares with STE's (RUN/diagnostics.jsonl)")  # fmt: skip
     p.add_argument("--init", help="start from this full-precision checkpoint or run "
@@ -199,6 +202,8 @@ def _train(args: argparse.Namespace) -> None:
         stop_after=stop_after,
         progress=not getattr(args, "no_progress", False),
     )
+    if not _is_main_rank():
+        return  # under torchrun, rank 0 reports
     if len(history) <= done and done < cfg.epochs:
         print(
             f"nothing trained: the run in {cfg.out} has done {done} of its {cfg.epochs} "
@@ -488,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_main_rank() -> bool:
+    """False in the processes of ranks 1, 2, ... under torchrun: they train, rank 0 talks."""
+    return os.environ.get("RANK", "0") in ("0", "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -498,7 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, or a mistake argparse has printed
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.ERROR
+        if not _is_main_rank()
+        else logging.WARNING
+        if args.quiet
+        else logging.INFO,
         format="%(message)s" if not args.quiet else "%(levelname)s: %(message)s",
     )
     try:

@@ -80,6 +80,7 @@ class Config:
     seed: int = 0
     bf16: bool = False
     channels_last: bool = False
+    sync_bn: bool = False  # data-parallel runs: batch norm over the global batch
     diagnostics: bool = False  # record gradient-fidelity diagnostics (signgrad.diagnostics)
     init: str | None = None
     teacher: str | None = None  # a full-precision run to distil from (signgrad.distill)

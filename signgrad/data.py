@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from signgrad.distributed import check_shard, shard_range
 from signgrad.errors import SigngradError
 from signgrad.registry import Registry
 
@@ -402,6 +403,11 @@ class Loader:
     black borders) is applied to the uint8 batch before normalising. With ``train=False``
     the order is fixed, nothing is augmented and the last partial batch is kept;
     ``drop_last`` (drop an incomplete final batch) is for training only.
+
+    ``shard=(rank, world)``: data-parallel training; ``batch_size`` is the global batch,
+    every rank draws the same permutation and augmentation and yields only its part of
+    each batch (:func:`signgrad.distributed.shard_range`), so the ranks' parts together
+    are the batch a single process would train.
     """
 
     def __init__(
@@ -417,6 +423,7 @@ class Loader:
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise SigngradError(
@@ -445,6 +452,8 @@ class Loader:
             )
         if drop_last and not train:
             raise SigngradError("drop_last=True with train=False would skip evaluation images")
+        check_shard(shard, batch_size, train)
+        self.shard = shard
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
@@ -476,7 +485,7 @@ class Loader:
                 offsets, flip = random_crop_flip_params(n, self.generator)
                 offsets, flip = offsets.to(self.device), flip.to(self.device)
         for i in range(len(self)):
-            lo, hi = i * bs, min((i + 1) * bs, n)
+            lo, hi = shard_range(i * bs, min((i + 1) * bs, n), *self.shard)
             if order is None:
                 x, y = self.images[lo:hi], self.labels[lo:hi]
             else:

@@ -54,6 +54,7 @@ import torch
 import torch.utils.data
 
 from signgrad import images
+from signgrad.distributed import check_shard, shard_range
 from signgrad.errors import SigngradError
 
 __all__ = [
@@ -329,7 +330,8 @@ class StreamLoader:
     x: float32 N x C x S x S, normalised with the set's mean/std; y: int64. Same contract
     as :class:`signgrad.data.Loader`: each training epoch draws on the CPU ``generator``
     a permutation and then one seed per image; evaluation keeps the file order and the
-    last partial batch.
+    last partial batch; ``shard=(rank, world)`` yields one rank's part of every batch, as
+    there.
     """
 
     def __init__(
@@ -342,6 +344,7 @@ class StreamLoader:
         device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         if split not in ("train", "test"):
             raise SigngradError(f"split must be train or test, got {split!r}")
@@ -352,6 +355,8 @@ class StreamLoader:
         if generator is not None and generator.device.type != "cpu":
             # As signgrad.data.Loader: drawing on the CPU makes a run the same on any device.
             raise SigngradError(f"needs a CPU torch.Generator, got one on {generator.device}")
+        check_shard(shard, batch_size, train)
+        self.shard = shard
         self.ds = ds
         self.files = ds.folder.train if split == "train" else ds.folder.test
         self.batch_size = batch_size
@@ -380,7 +385,11 @@ class StreamLoader:
         else:
             order, seeds = list(range(n)), [0] * n
         items = list(zip(order, seeds, strict=True))
-        return [items[i * bs : (i + 1) * bs] for i in range(len(self))]
+        batches = []
+        for i in range(len(self)):
+            lo, hi = shard_range(i * bs, min((i + 1) * bs, n), *self.shard)
+            batches.append(items[lo:hi])
+        return batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ds = self.ds

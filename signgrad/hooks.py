@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from signgrad import diagnostics, estimators, layers
+from signgrad import diagnostics, distributed, estimators, layers
 from signgrad.config import Config
 from signgrad.errors import SigngradError
 
@@ -237,11 +237,14 @@ def for_config(
     run_dir: str | os.PathLike | None = None,
     first_step: int = 0,
     distillation: StepHook | None = None,
+    *,
+    ctx: distributed.Context | None = None,
 ) -> list[StepHook]:
     """The hooks of a run of ``cfg``, in the order they are called (``run_dir`` and the
     run's ``first_step``: where and from when ``diagnostics`` records; ``distillation``:
     the ``--teacher``'s :class:`signgrad.distill.DistillationLoss`, whose loss term comes
-    before anything reads the loss)."""
+    before anything reads the loss; ``ctx``: with several ranks, only rank 0 records
+    diagnostics, from gradients that are already the global batch's)."""
     hooks: list[StepHook] = []
     if cfg.sharpness_per_step:
         hooks.append(PerStepSharpness(model, cfg.epochs))
@@ -254,7 +257,7 @@ def for_config(
     if cfg.grad_clip is not None:
         hooks.append(GradClip(model, cfg.grad_clip))
     hooks.append(QuantizerPostStep(model))
-    if cfg.diagnostics:
+    if cfg.diagnostics and (ctx is None or ctx.is_main):
         if run_dir is None:
             raise SigngradError("diagnostics need the run directory to write to")
         hooks.append(GradientDiagnostics(model, estimator, run_dir, first_step))

@@ -26,7 +26,9 @@ this module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -43,6 +45,7 @@ from signgrad import (
     checkpoint,
     data,
     distill,
+    distributed,
     estimators,
     folders,
     hooks,
@@ -105,32 +108,71 @@ def train(
     cfg = cfg.resolved()
     check_sizes(cfg)  # before any data is read or memory taken
     check_stop_after(stop_after)
-    run_dir, lock = rundir.prepare(cfg, resume)
-    with lock:  # one writer per run directory, released however the run ends
-        return _train_locked(cfg, run_dir, resume, stop_after, progress)
+    ctx = distributed.from_environment()  # torchrun's ranks, or a single process
+    device = ctx.device(pick_device(cfg.device))
+    if ctx.enabled:
+        distributed.check_shard((ctx.rank, ctx.world_size), cfg.batch_size, train=True)
+    created = distributed.setup(ctx, device)
+    try:
+        run_dir, lock = _prepare(cfg, resume, ctx)
+        with lock:  # one writer per run directory, released however the run ends
+            return _train_locked(
+                cfg, run_dir, resume, stop_after, progress and ctx.is_main, ctx, device
+            )
+    finally:
+        distributed.teardown(created)
+
+
+def _prepare(
+    cfg: Config, resume: bool, ctx: distributed.Context
+) -> tuple[Path, rundir.RunLock | contextlib.nullcontext]:
+    """The run directory and its lock (:func:`signgrad.rundir.prepare`), taken by rank 0
+    only; the other ranks learn its name, or its error, from rank 0."""
+    if not ctx.is_main:
+        name = distributed.broadcast_outcome(ctx)
+        cfg.out = name
+        return Path(name), contextlib.nullcontext()
+    try:
+        run_dir, lock = rundir.prepare(cfg, resume)
+    except SigngradError as e:
+        distributed.broadcast_outcome(ctx, error=str(e))  # raises it on every rank
+        raise
+    distributed.broadcast_outcome(ctx, str(run_dir))
+    return run_dir, lock
 
 
 def _train_locked(
-    cfg: Config, run_dir: Path, resume: bool, stop_after: int | None, progress: bool
+    cfg: Config,
+    run_dir: Path,
+    resume: bool,
+    stop_after: int | None,
+    progress: bool,
+    ctx: distributed.Context,
+    device: torch.device,
 ) -> list[dict[str, Any]]:
-    """The body of :func:`train`, run holding the lock of ``run_dir``."""
+    """The body of :func:`train`, run holding the lock of ``run_dir`` (rank 0's)."""
+    main = ctx.is_main
     state = None
     if resume:
-        # Read under the lock: no other writer can replace it from here on.
+        # Read under the lock: no other writer can replace it from here on. Every rank
+        # reads it (a run directory on a file system that every machine sees).
         state = checkpoint.load(run_dir)
         check_resume_epochs(run_dir, state["epoch"], cfg.epochs)
-    device = pick_device(cfg.device)
     _warn_if_slow_bf16(cfg, device)
     ds = load_data(cfg)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, ds).to(device)
+    if cfg.sync_bn and ctx.enabled:
+        model = distributed.convert_sync_batchnorm(model, device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
     estimator = build_estimator(cfg, model, state)  # a resumed run: its saved settings
+    if estimator is not None and ctx.enabled:
+        estimator.reduce_gradients = functools.partial(distributed.all_reduce_mean_, ctx)
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader, test_loader = _loaders(cfg, ds, device, generator)
+    train_loader, test_loader = _loaders(cfg, ds, device, generator, ctx)
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -149,7 +191,14 @@ def _train_locked(
         if start_epoch >= end_epoch:  # nothing to train: every file stays as it is
             log.info("%s has done %d epochs; nothing to train", run_dir, start_epoch)
             return history
-        _continue_metrics(cfg, run_dir, history)
+        if main:
+            _continue_metrics(cfg, run_dir, history)
+    # The forward pass goes through DistributedDataParallel (gradients averaged over the
+    # ranks during backward); everything else (hooks, checkpoints) sees the model itself.
+    net = distributed.wrap(model, ctx, device)
+    if ctx.enabled:
+        log.info("data-parallel over %d ranks: %d images per rank and step",
+                 ctx.world_size, cfg.batch_size // ctx.world_size)  # fmt: skip
     first_step = start_epoch * len(train_loader)
     distillation = None
     if cfg.teacher is not None:
@@ -160,28 +209,30 @@ def _train_locked(
         distillation = distill.DistillationLoss(
             teacher, cfg.distill_weight, cfg.distill_temperature
         )
-    step_hooks = hooks.for_config(cfg, model, estimator, run_dir, first_step, distillation)
+    step_hooks = hooks.for_config(cfg, model, estimator, run_dir, first_step, distillation, ctx=ctx)
     config_dict = dataclasses.asdict(cfg)
     crop = getattr(ds, "crop", None)  # streamed ImageNet-sized folders: the centre crop
     deploy = checkpoint.deploy_entry(
         ds.classes, (ds.in_channels, *ds.image_size), ds.mean, ds.std, crop
     )
-    checkpoint.write_json(run_dir / checkpoint.CONFIG_NAME, config_dict)
+    if main:
+        checkpoint.write_json(run_dir / checkpoint.CONFIG_NAME, config_dict)
 
     for epoch in range(start_epoch, end_epoch):
         sharpness = layers.set_epoch(model, epoch, cfg.epochs)
         t0 = time.perf_counter()
         skipped = getattr(train_loader, "skipped", 0) + getattr(test_loader, "skipped", 0)
         train_loss, train_acc, lr = train_epoch(
-            cfg, model, optimizer, train_loader, step_hooks, epoch, progress=progress
+            cfg, net, optimizer, train_loader, step_hooks, epoch, progress=progress, ctx=ctx
         )
         if not math.isfinite(train_loss):
             raise SigngradError(
                 f"the training loss became {train_loss} in epoch {epoch + 1}; the last good "
                 f"checkpoint in {run_dir} is kept (try a lower --lr)"
             )
+        distributed.broadcast_buffers(ctx, model)  # one set of running statistics
         test_loss, test_acc = evaluate(
-            model, test_loader, bf16=cfg.bf16, channels_last=cfg.channels_last
+            model, test_loader, bf16=cfg.bf16, channels_last=cfg.channels_last, ctx=ctx
         )
         record = {
             "epoch": epoch + 1,
@@ -195,17 +246,27 @@ def _train_locked(
         }
         if cfg.skip_bad_images:  # unreadable images left out in this epoch
             now = getattr(train_loader, "skipped", 0) + getattr(test_loader, "skipped", 0)
-            record["skipped_images"] = now - skipped
+            record["skipped_images"] = int(
+                distributed.all_reduce_sum(ctx, torch.tensor(now - skipped)).item()
+            )
         for hook in step_hooks:
             hook.end_epoch(record)  # e.g. the estimator's fallback_steps
         history.append(record)
-        checkpoint.save(
-            run_dir / checkpoint.CHECKPOINT_NAME,
-            _checkpoint_state(config_dict, history, model, optimizer, estimator, generator, deploy),
+        ckpt = _checkpoint_state(
+            config_dict, history, model, optimizer, estimator, generator, deploy
         )
-        _append_metrics(run_dir, record)
-        _log_epoch(cfg, record)
-    if history:
+        if ctx.enabled:  # the proof that no rank drifted: before anything is written
+            digest = distributed.state_digest(
+                ckpt["model"], ckpt["optimizer"], ckpt["estimator"], ckpt["rng"]
+            )
+            distributed.check_identical(ctx, digest, "model, optimizer and estimator states")
+            log.info("the %d ranks' states agree (sha256 %s)", ctx.world_size, digest)
+        if main:
+            checkpoint.save(run_dir / checkpoint.CHECKPOINT_NAME, ckpt)
+            _append_metrics(run_dir, record)
+            _log_epoch(cfg, record)
+        ctx.barrier()  # no rank runs ahead of a checkpoint that may yet fail to be written
+    if history and main:
         report.plot_run(run_dir)
     return history
 
@@ -219,10 +280,14 @@ def train_epoch(
     epoch: int,
     *,
     progress: bool = True,
+    ctx: distributed.Context | None = None,
 ) -> tuple[float, float, float]:
     """Train ``model`` for one epoch (0-based ``epoch``); return (mean training loss,
     training accuracy, the last step's learning rate). The order of one step and where
-    the hooks are called: :mod:`signgrad.hooks`."""
+    the hooks are called: :mod:`signgrad.hooks`. With several ranks (``ctx``), ``model``
+    is the DistributedDataParallel wrapper, ``loader`` serves this rank's shard, and the
+    figures returned are those of the whole global batch."""
+    ctx = ctx or distributed.Context()
     model.train()
     for hook in step_hooks:
         hook.begin_epoch(epoch)
@@ -252,6 +317,8 @@ def train_epoch(
             logits = model(step.x)
         loss = F.cross_entropy(logits.float(), y)
         step.logits, step.loss, step.train_loss = logits, loss, loss.detach()
+        if ctx.enabled and cfg.diagnostics:  # the per-step record holds the global loss
+            step.train_loss = distributed.all_reduce_sum(ctx, loss.detach()) / ctx.world_size
         if first:
             optimizer.zero_grad(set_to_none=True)
         for hook in step_hooks:
@@ -268,40 +335,52 @@ def train_epoch(
         seen += len(y)
         if progress and i % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    return loss_sum.item() / seen, correct.item() / seen, lr
+    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(float(seen))])
+    loss_total, correct_total, seen_total = distributed.all_reduce_sum(ctx, totals).tolist()
+    return loss_total / seen_total, correct_total / seen_total, lr
 
 
 def _loaders(
-    cfg: Config, ds: Any, device: torch.device, generator: torch.Generator
+    cfg: Config,
+    ds: Any,
+    device: torch.device,
+    generator: torch.Generator,
+    ctx: distributed.Context,
 ) -> tuple[Any, Any]:
-    """The shuffled training batches (drawn with ``generator``) and the test batches."""
+    """The shuffled training batches (drawn with ``generator``) and the test batches,
+    this rank's shard of each."""
+    shard = (ctx.rank, ctx.world_size)
     if isinstance(ds, folders.StreamSet):
         train_loader: Any = folders.StreamLoader(
             ds, split="train", batch_size=cfg.batch_size, train=True, device=device,
-            generator=generator, drop_last=True,
+            generator=generator, drop_last=True, shard=shard,
         )  # fmt: skip
         n = len(ds.folder.train)
     else:
         train_loader = data.Loader(
             ds.train_images, ds.train_labels, batch_size=cfg.batch_size, mean=ds.mean,
             std=ds.std, train=True, augment=ds.augment, device=device, generator=generator,
-            drop_last=True,
+            drop_last=True, shard=shard,
         )  # fmt: skip
         n = len(ds.train_labels)
     if len(train_loader) == 0:
         raise SigngradError(f"batch size {cfg.batch_size} exceeds the {n} training images")
-    return train_loader, test_loader(ds, device)
+    return train_loader, test_loader(ds, device, shard=shard)
 
 
-def test_loader(ds: Any, device: torch.device, batch_size: int = 500) -> Any:
-    """The evaluation batches of ``ds`` (a DataSet or a streamed image folder), in order."""
+def test_loader(
+    ds: Any, device: torch.device, batch_size: int = 500, shard: tuple[int, int] = (0, 1)
+) -> Any:
+    """The evaluation batches of ``ds`` (a DataSet or a streamed image folder), in order
+    (``shard``: one rank's part of each)."""
     if isinstance(ds, folders.StreamSet):
         return folders.StreamLoader(
-            ds, split="test", batch_size=min(batch_size, 128), train=False, device=device
-        )
+            ds, split="test", batch_size=min(batch_size, 128), train=False, device=device,
+            shard=shard,
+        )  # fmt: skip
     return data.Loader(
         ds.test_images, ds.test_labels, batch_size=batch_size, mean=ds.mean, std=ds.std,
-        train=False, augment=False, device=device,
+        train=False, augment=False, device=device, shard=shard,
     )  # fmt: skip
 
 
@@ -379,9 +458,16 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: data.Loader, *, bf16: bool = False, channels_last: bool = False
+    model: nn.Module,
+    loader: data.Loader,
+    *,
+    bf16: bool = False,
+    channels_last: bool = False,
+    ctx: distributed.Context | None = None,
 ) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` in eval mode over ``loader``."""
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode over ``loader``; with
+    several ranks (``ctx``), over the union of their shards."""
+    ctx = ctx or distributed.Context()
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -395,4 +481,6 @@ def evaluate(
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         n += len(y)
-    return loss_sum.item() / n, correct.item() / n
+    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(float(n))])
+    loss_total, correct_total, n_total = distributed.all_reduce_sum(ctx, totals).tolist()
+    return loss_total / n_total, correct_total / n_total

@@ -26,6 +26,7 @@ layers are driven only through the binary-layer protocol, :class:`signgrad.layer
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -276,6 +277,10 @@ class LearnedEstimator(nn.Module):
         # "learned": g^ as the meta-networks make it; "ste": rescaled per layer to the norm
         # of the straight-through gradient (the meta-networks choose the direction only).
         self.step_norm = "learned"
+        # Data-parallel training (signgrad.distributed): replaces, in place, the rank's
+        # natural and meta-gradients by their means over the ranks, so that every rank
+        # stores and learns from the global batch's gradients. None: a single process.
+        self.reduce_gradients: Callable[[list[Tensor]], None] | None = None
 
     def _capture(self, i: int):
         def hook(grad: Tensor) -> None:
@@ -371,6 +376,8 @@ class LearnedEstimator(nn.Module):
         """After ``loss.backward()``: meta step, base-optimizer gradients, history.
         Returns the number of layers that fell back to the straight-through gradient."""
         meta_grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if self.reduce_gradients is not None:  # one collective for both kinds
+            self.reduce_gradients(meta_grads + [g for g in self._natural if g is not None])
         # One device synchronisation for all meta-parameters, not one per parameter.
         if meta_grads and torch.stack([torch.isfinite(g).all() for g in meta_grads]).all():
             self.meta_optimizer.step()
