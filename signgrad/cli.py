@@ -141,6 +141,10 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
                    "of their gradients (1)")  # fmt: skip
     p.add_argument("--seed", type=int, help="random seed (0)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--fp16", action="store_true", help="fp16 autocast with dynamic loss "
+                   "scaling (for GPUs without fast bf16)")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="torch.compile the model "
+                   "(may change on --resume)")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: batch norm "
                    "statistics of the global batch, not of each rank's part")  # fmt: skip
@@ -230,8 +234,9 @@ def _eval(args: argparse.Namespace) -> None:
     ds = dataclasses.replace(t.data, mean=tuple(t.deploy["mean"]), std=tuple(t.deploy["std"]))
     loader = train.test_loader(ds, next(t.model.parameters()).device)
     loss, acc = train.evaluate(
-        t.model, loader, bf16=t.config.bf16, channels_last=t.config.channels_last
-    )
+        t.model, loader, bf16=t.config.bf16, channels_last=t.config.channels_last,
+        fp16=t.config.fp16,
+    )  # fmt: skip
     print(
         f"{args.checkpoint}: {t.config.model} on {t.config.data}, epoch "
         f"{t.checkpoint['epoch']}: test loss {loss:.4f}, test accuracy {100 * acc:.2f}% "

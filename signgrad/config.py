@@ -79,6 +79,8 @@ class Config:
     accumulate: int = 1  # optimizer step every N batches, on the sum of their gradients
     seed: int = 0
     bf16: bool = False
+    fp16: bool = False  # fp16 autocast with dynamic loss scaling (torch.amp.GradScaler)
+    compile: bool = False  # torch.compile the model's forward pass
     channels_last: bool = False
     sync_bn: bool = False  # data-parallel runs: batch norm over the global batch
     diagnostics: bool = False  # record gradient-fidelity diagnostics (signgrad.diagnostics)
@@ -156,6 +158,11 @@ class Config:
         for name, value in sizes:
             if value < 1:
                 raise SigngradError(f"{name} must be at least 1, got {value}")
+        if c.bf16 and c.fp16:
+            raise SigngradError("--bf16 and --fp16 exclude each other: choose one")
+        if c.fp16 and c.accumulate > 1:
+            # The loss scale may change between the batches of one accumulated step.
+            raise SigngradError("--fp16 does not combine with --accumulate; use --bf16")
         if c.accumulate > 1 and c.estimator is not None:
             # A learned estimator's meta step and late update belong to every batch.
             raise SigngradError("--accumulate does not combine with a learned --estimator")
@@ -404,7 +411,7 @@ def with_recipe(values: dict[str, Any]) -> dict[str, Any]:
 
 #: What ``--resume`` may change: the rest of the saved configuration is the run.
 RESUME_CHANGEABLE = (
-    "epochs", "device", "data_root", "download", "out", "diagnostics", "workers",
+    "epochs", "device", "data_root", "download", "out", "diagnostics", "workers", "compile",
 )  # fmt: skip
 
 
@@ -415,7 +422,7 @@ def resumed_config(
     ``overrides`` applied; only the number of epochs, the device, the data root and the
     diagnostics switch may change on resume. :func:`signgrad.rundir.resume_config` reads
     them from the checkpoint."""
-    flags = "--epochs, --device, --data-root, --no-download, --diagnostics and --workers"
+    flags = "--epochs, --device, --data-root, --no-download, --diagnostics, --workers and --compile"
     overrides = {**overrides, **canonical_names(overrides)}  # any spelling of a name
     clash = sorted(
         k for k, v in overrides.items() if k not in RESUME_CHANGEABLE and saved.get(k) != v

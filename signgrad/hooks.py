@@ -110,8 +110,13 @@ class LearnedEstimatorStep(StepHook):
     backward pass. Records ``fallback_steps``: the steps of the epoch in which some
     layer's learned gradient was not finite (the straight-through one was used)."""
 
-    def __init__(self, estimator: estimators.LearnedEstimator) -> None:
+    def __init__(
+        self,
+        estimator: estimators.LearnedEstimator,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         self.estimator = estimator
+        self.scaler = scaler  # fp16: the gradients it sees are those of the scaled loss
         self.fallback_steps = 0
 
     def begin_epoch(self, epoch: int) -> None:
@@ -124,7 +129,10 @@ class LearnedEstimatorStep(StepHook):
         self.estimator.zero_grad()
 
     def after_backward(self, step: Step) -> None:
-        self.fallback_steps += self.estimator.end_step() > 0
+        scale = 1.0
+        if self.scaler is not None and self.scaler.is_enabled():
+            scale = float(self.scaler.get_scale())
+        self.fallback_steps += self.estimator.end_step(grad_scale=scale) > 0
 
     def end_epoch(self, record: dict[str, Any]) -> None:
         record["fallback_steps"] = self.fallback_steps
@@ -239,12 +247,14 @@ def for_config(
     distillation: StepHook | None = None,
     *,
     ctx: distributed.Context | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> list[StepHook]:
     """The hooks of a run of ``cfg``, in the order they are called (``run_dir`` and the
     run's ``first_step``: where and from when ``diagnostics`` records; ``distillation``:
     the ``--teacher``'s :class:`signgrad.distill.DistillationLoss`, whose loss term comes
     before anything reads the loss; ``ctx``: with several ranks, only rank 0 records
-    diagnostics, from gradients that are already the global batch's)."""
+    diagnostics, from gradients that are already the global batch's; ``scaler``: fp16's
+    loss scaling, which the estimator undoes on the gradients it reads)."""
     hooks: list[StepHook] = []
     if cfg.sharpness_per_step:
         hooks.append(PerStepSharpness(model, cfg.epochs))
@@ -253,7 +263,7 @@ def for_config(
     if distillation is not None:
         hooks.append(distillation)
     if estimator is not None:
-        hooks.append(LearnedEstimatorStep(estimator))
+        hooks.append(LearnedEstimatorStep(estimator, scaler))
     if cfg.grad_clip is not None:
         hooks.append(GradClip(model, cfg.grad_clip))
     hooks.append(QuantizerPostStep(model))

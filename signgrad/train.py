@@ -196,6 +196,12 @@ def _train_locked(
     # The forward pass goes through DistributedDataParallel (gradients averaged over the
     # ranks during backward); everything else (hooks, checkpoints) sees the model itself.
     net = distributed.wrap(model, ctx, device)
+    if cfg.compile:
+        net = torch.compile(net)  # after DDP, as PyTorch advises: it sees the buckets
+    # fp16's loss scaling; disabled (every call passes through) without --fp16.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
+    if state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     if ctx.enabled:
         log.info("data-parallel over %d ranks: %d images per rank and step",
                  ctx.world_size, cfg.batch_size // ctx.world_size)  # fmt: skip
@@ -223,8 +229,9 @@ def _train_locked(
         t0 = time.perf_counter()
         skipped = getattr(train_loader, "skipped", 0) + getattr(test_loader, "skipped", 0)
         train_loss, train_acc, lr = train_epoch(
-            cfg, net, optimizer, train_loader, step_hooks, epoch, progress=progress, ctx=ctx
-        )
+            cfg, net, optimizer, train_loader, step_hooks, epoch, progress=progress, ctx=ctx,
+            scaler=scaler,
+        )  # fmt: skip
         if not math.isfinite(train_loss):
             raise SigngradError(
                 f"the training loss became {train_loss} in epoch {epoch + 1}; the last good "
@@ -232,8 +239,9 @@ def _train_locked(
             )
         distributed.broadcast_buffers(ctx, model)  # one set of running statistics
         test_loss, test_acc = evaluate(
-            model, test_loader, bf16=cfg.bf16, channels_last=cfg.channels_last, ctx=ctx
-        )
+            model, test_loader, bf16=cfg.bf16, fp16=cfg.fp16, channels_last=cfg.channels_last,
+            ctx=ctx,
+        )  # fmt: skip
         record = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
@@ -255,6 +263,8 @@ def _train_locked(
         ckpt = _checkpoint_state(
             config_dict, history, model, optimizer, estimator, generator, deploy
         )
+        if cfg.fp16:
+            ckpt["scaler"] = scaler.state_dict()
         if ctx.enabled:  # the proof that no rank drifted: before anything is written
             digest = distributed.state_digest(
                 ckpt["model"], ckpt["optimizer"], ckpt["estimator"], ckpt["rng"]
@@ -281,17 +291,20 @@ def train_epoch(
     *,
     progress: bool = True,
     ctx: distributed.Context | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float, float]:
     """Train ``model`` for one epoch (0-based ``epoch``); return (mean training loss,
     training accuracy, the last step's learning rate). The order of one step and where
     the hooks are called: :mod:`signgrad.hooks`. With several ranks (``ctx``), ``model``
     is the DistributedDataParallel wrapper, ``loader`` serves this rank's shard, and the
-    figures returned are those of the whole global batch."""
+    figures returned are those of the whole global batch. ``scaler``: fp16's loss
+    scaling (the gradients are unscaled before the hooks' ``after_backward``)."""
     ctx = ctx or distributed.Context()
     model.train()
     for hook in step_hooks:
         hook.begin_epoch(epoch)
     device = next(model.parameters()).device
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
@@ -311,23 +324,29 @@ def train_epoch(
         # With accumulate N: the gradients of N batches add up, then one optimizer step.
         first, update = i % cfg.accumulate == 0, (i + 1) % cfg.accumulate == 0 or i == steps - 1
         step = hooks.Step(epoch, i, steps, lr, x, y, update=update)
-        for hook in step_hooks:
-            hook.before_forward(step)
-        with _autocast(device, cfg.bf16):
-            logits = model(step.x)
-        loss = F.cross_entropy(logits.float(), y)
-        step.logits, step.loss, step.train_loss = logits, loss, loss.detach()
-        if ctx.enabled and cfg.diagnostics:  # the per-step record holds the global loss
-            step.train_loss = distributed.all_reduce_sum(ctx, loss.detach()) / ctx.world_size
-        if first:
-            optimizer.zero_grad(set_to_none=True)
-        for hook in step_hooks:
-            hook.before_backward(step)
-        step.loss.backward()
+        # Between the batches of an accumulated step the ranks need not exchange gradients:
+        # they add up locally and the update batch's backward pass averages the sums.
+        with _no_sync(model, not update):
+            for hook in step_hooks:
+                hook.before_forward(step)
+            with _autocast(device, cfg.bf16, cfg.fp16):
+                logits = model(step.x)
+            loss = F.cross_entropy(logits.float(), y)
+            step.logits, step.loss, step.train_loss = logits, loss, loss.detach()
+            if ctx.enabled and cfg.diagnostics:  # the per-step record holds the global loss
+                step.train_loss = distributed.all_reduce_sum(ctx, loss.detach()) / ctx.world_size
+            if first:
+                optimizer.zero_grad(set_to_none=True)
+            for hook in step_hooks:
+                hook.before_backward(step)
+            scaler.scale(step.loss).backward()
+        if update:
+            scaler.unscale_(optimizer)  # clipping and the hooks see the true gradients
         for hook in step_hooks:
             hook.after_backward(step)
         if update:
-            optimizer.step()
+            scaler.step(optimizer)  # skipped (and the scale lowered) on fp16 overflow
+            scaler.update()
         for hook in step_hooks:
             hook.after_step(step)
         loss_sum += loss.detach() * len(y)
@@ -452,8 +471,19 @@ def learning_rate(cfg: Config, step: int, steps_per_epoch: int) -> float:
     )
 
 
-def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+def _autocast(device: torch.device, bf16: bool, fp16: bool = False) -> torch.autocast:
+    """The run's autocast: bf16, fp16 or none."""
+    dtype = torch.float16 if fp16 else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=bf16 or fp16)
+
+
+def _no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """DistributedDataParallel's ``no_sync`` when ``skip`` (no gradient exchange in this
+    backward pass), else nothing."""
+    inner = getattr(model, "_orig_mod", model)  # through torch.compile's wrapper
+    if skip and isinstance(inner, nn.parallel.DistributedDataParallel):
+        return inner.no_sync()
+    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -464,6 +494,7 @@ def evaluate(
     bf16: bool = False,
     channels_last: bool = False,
     ctx: distributed.Context | None = None,
+    fp16: bool = False,
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` in eval mode over ``loader``; with
     several ranks (``ctx``), over the union of their shards."""
@@ -476,7 +507,7 @@ def evaluate(
     for x, y in loader:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, bf16):
+        with _autocast(device, bf16, fp16):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()

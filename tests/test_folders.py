@@ -93,6 +93,35 @@ def test_streamed_batches_do_not_depend_on_workers(cifar, tmp_path):
     assert y.tolist() == sets[0].folder.test.labels.tolist()
 
 
+def test_streamed_shards_of_the_ranks_make_up_the_global_batch(cifar, tmp_path):
+    """Data-parallel ranks (``shard=(rank, world)``) each decode their part of every batch
+    of the same seeded permutation; together they are the single process's batches."""
+    ds = folders.open_folder(str(_export(cifar, tmp_path, size=(96, 80))), mode="stream",
+                             workers=0)  # fmt: skip
+    for split, train in (("train", True), ("test", False)):
+        whole = _batches(ds, split)
+        parts = [
+            list(
+                folders.StreamLoader(
+                    ds,
+                    split=split,
+                    batch_size=8,
+                    train=train,
+                    generator=torch.Generator().manual_seed(0),
+                    shard=(r, 2),
+                )
+            )  # fmt: skip
+            for r in range(2)
+        ]
+        assert all(len(p) == len(whole) for p in parts)
+        for i, (x, y) in enumerate(whole):
+            assert [len(p[i][1]) for p in parts] == [len(y) - len(y) // 2, len(y) // 2]
+            assert torch.equal(torch.cat([p[i][0] for p in parts]), x)
+            assert torch.equal(torch.cat([p[i][1] for p in parts]), y)
+    with pytest.raises(SigngradError, match="does not split evenly over 3 ranks"):
+        folders.StreamLoader(ds, split="train", batch_size=8, train=True, shard=(0, 3))
+
+
 def test_evaluation_is_the_centre_crop(cifar, tmp_path):
     # torchvision's recipe done the plain way: shorter side to S / 0.875, then the centre S.
     rgb = cifar.test_images[0].permute(1, 2, 0).numpy()

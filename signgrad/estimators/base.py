@@ -372,14 +372,30 @@ class LearnedEstimator(nn.Module):
         if self.meta_optimizer is not None:
             self.meta_optimizer.zero_grad(set_to_none=set_to_none)
 
-    def end_step(self) -> int:
+    def end_step(self, grad_scale: float = 1.0) -> int:
         """After ``loss.backward()``: meta step, base-optimizer gradients, history.
-        Returns the number of layers that fell back to the straight-through gradient."""
+        Returns the number of layers that fell back to the straight-through gradient.
+
+        ``grad_scale``: the factor fp16 loss scaling put on the loss; the natural and meta
+        gradients are divided by it, and a step whose natural gradients overflowed
+        neither learns nor enters the history (the loss scaler skips its update)."""
         meta_grads = [p.grad for p in self.parameters() if p.grad is not None]
+        naturals = [g for g in self._natural if g is not None]
         if self.reduce_gradients is not None:  # one collective for both kinds
-            self.reduce_gradients(meta_grads + [g for g in self._natural if g is not None])
+            self.reduce_gradients(meta_grads + naturals)
+        overflow = False
+        if grad_scale != 1.0:
+            for g in meta_grads + naturals:
+                g.div_(grad_scale)
+            overflow = bool(naturals) and not bool(
+                torch.stack([torch.isfinite(g).all() for g in naturals]).all()
+            )
         # One device synchronisation for all meta-parameters, not one per parameter.
-        if meta_grads and torch.stack([torch.isfinite(g).all() for g in meta_grads]).all():
+        if (
+            meta_grads
+            and not overflow
+            and torch.stack([torch.isfinite(g).all() for g in meta_grads]).all()
+        ):
             self.meta_optimizer.step()
         fallbacks = 0
         for i, layer in enumerate(self.layers):
@@ -393,9 +409,9 @@ class LearnedEstimator(nn.Module):
             layer.clear_lookahead()
             self._ghat[i] = None
             self._fallback[i] = False
-            if self._natural[i] is not None:
+            if self._natural[i] is not None and not overflow:
                 self.histories[i].push(self._natural[i])
-                self._natural[i] = None
+            self._natural[i] = None
         self.steps += 1
         self.nonfinite_steps += fallbacks > 0
         self.last_fallbacks = fallbacks

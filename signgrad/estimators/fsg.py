@@ -368,10 +368,10 @@ class FSG(LearnedEstimator):
         # The reference code's real update: the fast gradient alone, calibrated.
         return self.calibrate(i, self._fast_out[i])
 
-    def end_step(self) -> int:
+    def end_step(self, grad_scale: float = 1.0) -> int:
         if any(self._fallback):
             self.state = None  # a non-finite state would never recover: start again
-        fallbacks = super().end_step()
+        fallbacks = super().end_step(grad_scale)
         self._fast_out = [None] * len(self.layers)
         return fallbacks
 
