@@ -1,5 +1,7 @@
 """Training images per second on 1 and 2 data-parallel ranks (torchrun, Gloo, one thread
-per rank), straight-through and ``fsg``, and the scaling efficiency ips(2) / (2 ips(1)).
+per rank), straight-through and ``fsg``, the scaling efficiency ips(2) / (2 ips(1)), and
+2 ranks against what a user would run instead on the same two cores: one process with
+two threads.
 
 What is timed is signgrad's training loop, :func:`signgrad.train.train_epoch`, over a
 fixed number of batches of the global batch (default 128), as ``signgrad train`` runs it
@@ -94,11 +96,11 @@ def worker(args: argparse.Namespace) -> None:
     distributed.teardown(created)
 
 
-def launch(args: argparse.Namespace, estimator: str, ranks: int) -> float:
+def launch(args: argparse.Namespace, estimator: str, ranks: int, threads: int) -> float:
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": str(args.threads),
-        "MKL_NUM_THREADS": str(args.threads),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
         "OMP_WAIT_POLICY": "PASSIVE",
     }
     cmd = [
@@ -137,19 +139,32 @@ def main() -> None:
         f"{args.batch_size}, {args.steps} steps per launch, {args.threads} thread(s) per "
         f"rank, device {args.device}, {args.rounds} rounds (median)"
     )
-    pairs = [(e, r) for e in args.estimators for r in args.ranks]
-    results: dict[tuple[str, int], list[float]] = {pair: [] for pair in pairs}
+    # (estimator, ranks, threads per rank); the last of each estimator is what a user
+    # would run instead on the same cores: one process with all of their threads.
+    most = max(args.ranks)
+    runs = [(e, r, args.threads) for e in args.estimators for r in args.ranks]
+    if most > 1:
+        runs += [(e, 1, most * args.threads) for e in args.estimators]
+    results: dict[tuple[str, int, int], list[float]] = {run: [] for run in runs}
     for _ in range(args.rounds):
-        for pair in pairs:
-            results[pair].append(launch(args, *pair))
+        for run in runs:
+            results[run].append(launch(args, *run))
     print()
-    print("| estimator | ranks | images/s (median) | range | scaling efficiency |")
-    print("|---|---:|---:|---|---:|")
-    for e, r in pairs:
-        ips = statistics.median(results[(e, r)])
-        base = statistics.median(results[(e, args.ranks[0])]) * r / args.ranks[0]
-        spread = f"{min(results[(e, r)]):.1f}-{max(results[(e, r)]):.1f}"
-        print(f"| {e} | {r} | {ips:.1f} | {spread} | {ips / base:.2f} |")
+    print("| estimator | ranks x threads | images/s (median) | range | scaling efficiency |")
+    print("|---|---|---:|---|---:|")
+    for e, r, t in runs:
+        ips = statistics.median(results[(e, r, t)])
+        base = statistics.median(results[(e, args.ranks[0], args.threads)]) * r / args.ranks[0]
+        eff = f"{ips / base:.2f}" if t == args.threads else "-"
+        spread = f"{min(results[(e, r, t)]):.1f}-{max(results[(e, r, t)]):.1f}"
+        print(f"| {e} | {r} x {t} | {ips:.1f} | {spread} | {eff} |")
+    if most > 1:
+        print()
+        for e in args.estimators:
+            ddp = statistics.median(results[(e, most, args.threads)])
+            alone = statistics.median(results[(e, 1, most * args.threads)])
+            print(f"{e}: {most} ranks x {args.threads} thread(s) / 1 process x "
+                  f"{most * args.threads} threads: {ddp / alone:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -61,14 +61,27 @@ def available(device: Any = "cpu") -> int | None:
     return None
 
 
+def local_ranks() -> int:
+    """The training processes sharing this machine's memory: torchrun's
+    LOCAL_WORLD_SIZE, 1 outside torchrun."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def check_fits(needed: int, what: str, device: Any = "cpu") -> None:
     """Raise SigngradError when ``needed`` bytes exceed what ``device`` has available;
-    ``what`` says what needs them ("estimator 'fsg' with d_inner=100000")."""
+    ``what`` says what needs them ("estimator 'fsg' with d_inner=100000"). On the CPU,
+    the data-parallel ranks of one machine (torchrun) share what it has."""
     free = available(device)
-    if free is None or needed <= free:
-        return
     kind = getattr(device, "type", str(device).split(":")[0])
+    ranks = local_ranks() if kind == "cpu" else 1
+    if free is None or needed * ranks <= free:
+        return
     where = "this machine has" if kind == "cpu" else f"{device} has"
+    each = f" for {ranks} ranks needing as much each" if ranks > 1 else ""
     raise SigngradError(
-        f"{what} would need {needed / GiB:.1f} GiB; {where} {free / GiB:.1f} GiB available"
+        f"{what} would need {needed / GiB:.1f} GiB; {where} {free / GiB:.1f} GiB "
+        f"available{each}"
     )

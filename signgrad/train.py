@@ -255,7 +255,7 @@ def _train_locked(
         if cfg.skip_bad_images:  # unreadable images left out in this epoch
             now = getattr(train_loader, "skipped", 0) + getattr(test_loader, "skipped", 0)
             record["skipped_images"] = int(
-                distributed.all_reduce_sum(ctx, torch.tensor(now - skipped)).item()
+                distributed.all_reduce_sum(ctx, torch.tensor(now - skipped, device=device)).item()
             )
         for hook in step_hooks:
             hook.end_epoch(record)  # e.g. the estimator's fallback_steps

@@ -291,3 +291,30 @@ def test_two_machines_with_a_c10d_rendezvous_on_localhost(cifar_root, tmp_path) 
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert _metrics(tmp_path / "nodes") == _metrics(tmp_path / "single")
     assert _checkpoint_digest(tmp_path / "nodes") == _checkpoint_digest(tmp_path / "single")
+
+
+@pytest.mark.slow
+def test_a_mistake_under_torchrun_is_one_line_on_every_rank_and_no_hang(
+    cifar_root, tmp_path
+) -> None:
+    """A global batch that does not split over the ranks, and a run directory that rank 0
+    alone inspects (here: it already holds a run): every rank stops with the same one
+    line and exit status 2 instead of waiting for the other."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / checkpoint.CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    for args, message in (
+        (["--batch-size", "255", "--out", "odd"], "does not split evenly over 2 ranks"),
+        (["--out", "taken"], "already holds a run; continue it with --resume"),
+    ):
+        proc = subprocess.run(_torchrun([*args, "--model", "convnet"], 2), cwd=tmp_path,
+                              env=_env(), capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+        assert proc.returncode != 0
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("signgrad:")]
+        assert len(errors) == 2 and all(message in line for line in errors), proc.stderr[-2000:]
+        assert (
+            'Traceback (most recent call last):\n  File "/'
+            not in proc.stderr.split("torch.distributed.elastic")[0]
+        )
+    assert not (tmp_path / "odd").exists()
+    assert (tmp_path / "taken" / checkpoint.CHECKPOINT_NAME).read_bytes() == b"not a checkpoint"
