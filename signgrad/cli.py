@@ -136,7 +136,8 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--milestones", type=int, nargs="+", help="epochs of the step schedule")
     p.add_argument("--gamma", type=float, help="factor of the step schedule (0.1)")
     p.add_argument("--epochs", type=int, help="number of epochs (30)")
-    p.add_argument("--batch-size", type=int, help="batch size (128)")
+    p.add_argument("--batch-size", type=int, help="batch size (128); under torchrun the "
+                   "global batch, split over the ranks")  # fmt: skip
     p.add_argument("--accumulate", type=int, help="optimizer step every N batches, on the sum "
                    "of their gradients (1)")  # fmt: skip
     p.add_argument("--seed", type=int, help="random seed (0)")
