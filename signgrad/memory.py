@@ -82,6 +82,5 @@ def check_fits(needed: int, what: str, device: Any = "cpu") -> None:
     where = "this machine has" if kind == "cpu" else f"{device} has"
     each = f" for {ranks} ranks needing as much each" if ranks > 1 else ""
     raise SigngradError(
-        f"{what} would need {needed / GiB:.1f} GiB; {where} {free / GiB:.1f} GiB "
-        f"available{each}"
+        f"{what} would need {needed / GiB:.1f} GiB; {where} {free / GiB:.1f} GiB available{each}"
     )
