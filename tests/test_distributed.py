@@ -211,25 +211,50 @@ COMMON = ["--model", "convnet", "--data", "cifar10", "--quantizer", "dorefa", "-
           "--no-progress"]  # fmt: skip
 
 
+#: The 2-rank runs several tests read: STE for one epoch, ``fsg`` for two.
+EPOCHS = {None: 1, "fsg": 2}
+
+
+def _args(estimator: str | None) -> list[str]:
+    extra = ["--estimator", estimator] if estimator else []
+    return [*COMMON, "--epochs", str(EPOCHS[estimator]), *extra]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(cifar_root, tmp_path_factory):
+    """``two_ranks(estimator) -> (run directory, stderr)`` of a 2-rank run, made once."""
+    made: dict = {}
+
+    def get(estimator: str | None) -> tuple[Path, str]:
+        if estimator not in made:
+            base = tmp_path_factory.mktemp("two-ranks")
+            proc = _run(_torchrun([*_args(estimator), "--out", "run"], 2), base)
+            made[estimator] = (base / "run", proc.stderr)
+        return made[estimator]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", [None, "fsg"])
 def test_two_ranks_train_as_one_process_with_the_global_batch(
-    cifar_root, tmp_path, estimator
+    cifar_root, tmp_path, two_ranks, estimator
 ) -> None:
     """2 ranks x 128 images against 1 process x 256 from the same seed: the per-step
     loss curves agree to float rounding (the ranks add their halves' gradients in
     another order), and every rank ends with the checkpoint's state, bit for bit."""
-    args = [*COMMON, "--epochs", "1"] + (["--estimator", estimator] if estimator else [])
-    one = _run(_torchrun([*args, "--out", "one"], 1), tmp_path)
-    two = _run(_torchrun([*args, "--out", "two"], 2), tmp_path)
-    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(a) == len(b) == 5170 // 256
+    one = _run(_torchrun([*_args(estimator), "--epochs", "1", "--out", "one"], 1), tmp_path)
+    two, two_stderr = two_ranks(estimator)
+    steps = 5170 // 256  # the constant learning rate: epoch 1 is the same in either run
+    a, b = _losses(tmp_path / "one"), _losses(two)[:steps]
+    assert len(a) == len(b) == steps
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=0)
-    # Each rank's digest was checked against rank 0's before the checkpoint was written;
-    # the digest rank 0 logged is that of the checkpoint as it lies on disk.
-    assert _logged_digests(two.stderr) == [_checkpoint_digest(tmp_path / "two")]
+    # Each rank's digest was checked against rank 0's before each checkpoint was written;
+    # the digest rank 0 logged last is that of the checkpoint as it lies on disk.
+    logged = _logged_digests(two_stderr)
+    assert len(logged) == EPOCHS[estimator] and logged[-1] == _checkpoint_digest(two)
     assert not _logged_digests(one.stderr)  # a single process has nothing to compare
-    ma, mb = _metrics(tmp_path / "one")[0], _metrics(tmp_path / "two")[0]
+    ma, mb = _metrics(tmp_path / "one")[0], _metrics(two)[0]
     assert ma["train_acc"] == mb["train_acc"]
     assert ma["train_loss"] == pytest.approx(mb["train_loss"], rel=1e-5)
 
@@ -256,31 +281,29 @@ def _kill_mid_epoch(cmd: list[str], cwd: Path, run: Path, after_epochs: int) -> 
 
 
 @pytest.mark.slow
-def test_a_killed_two_rank_run_resumes_on_two_ranks_and_on_one(cifar_root, tmp_path) -> None:
-    args = [*COMMON, "--epochs", "2", "--estimator", "fsg"]
-    _run(_torchrun([*args, "--out", "whole"], 2), tmp_path)
-    _kill_mid_epoch(_torchrun([*args, "--out", "cut"], 2), tmp_path, tmp_path / "cut", 1)
+def test_a_killed_two_rank_run_resumes_on_two_ranks_and_on_one(tmp_path, two_ranks) -> None:
+    whole = two_ranks("fsg")[0]  # the uninterrupted run, 2 epochs
+    _kill_mid_epoch(_torchrun([*_args("fsg"), "--out", "cut"], 2), tmp_path, tmp_path / "cut", 1)
     assert len(_metrics(tmp_path / "cut")) == 1 and checkpoint.load(tmp_path / "cut")["epoch"] == 1
     for ranks in (2, 1):
         run = tmp_path / f"resumed-{ranks}"
         shutil.copytree(tmp_path / "cut", run)
         _run(_torchrun(["--out", run.name, "--resume", "--no-progress"], ranks), tmp_path)
-        whole, resumed = _metrics(tmp_path / "whole"), _metrics(run)
-        assert len(resumed) == 2 and resumed[0] == whole[0]
+        expected, resumed = _metrics(whole), _metrics(run)
+        assert len(resumed) == 2 and resumed[0] == expected[0]
         if ranks == 2:  # the same arithmetic: exactly the uninterrupted run
-            assert resumed[1] == whole[1]
-            assert _checkpoint_digest(run) == _checkpoint_digest(tmp_path / "whole")
+            assert resumed[1] == expected[1]
+            assert _checkpoint_digest(run) == _checkpoint_digest(whole)
         else:  # one process adds the two halves' gradients in another order
-            assert resumed[1]["train_loss"] == pytest.approx(whole[1]["train_loss"], rel=1e-4)
-        assert _losses(run)[:20] == _losses(tmp_path / "whole")[:20]
+            assert resumed[1]["train_loss"] == pytest.approx(expected[1]["train_loss"], rel=1e-4)
+        assert _losses(run)[:20] == _losses(whole)[:20]
 
 
 @pytest.mark.slow
-def test_two_machines_with_a_c10d_rendezvous_on_localhost(cifar_root, tmp_path) -> None:
+def test_two_machines_with_a_c10d_rendezvous_on_localhost(tmp_path, two_ranks) -> None:
     """Two torchrun agents (``--nnodes 2``, one process each) meet at a c10d rendezvous on
     127.0.0.1, as two machines would; the run equals the one-machine 2-rank run."""
-    args = [*COMMON, "--epochs", "1"]
-    _run(_torchrun([*args, "--out", "single"], 2), tmp_path)
+    args, single = _args(None), two_ranks(None)[0]
     port = free_port()
     node = [*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
             "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "signgrad-test",
@@ -289,8 +312,8 @@ def test_two_machines_with_a_c10d_rendezvous_on_localhost(cifar_root, tmp_path) 
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    assert _metrics(tmp_path / "nodes") == _metrics(tmp_path / "single")
-    assert _checkpoint_digest(tmp_path / "nodes") == _checkpoint_digest(tmp_path / "single")
+    assert _metrics(tmp_path / "nodes") == _metrics(single)
+    assert _checkpoint_digest(tmp_path / "nodes") == _checkpoint_digest(single)
 
 
 @pytest.mark.slow
