@@ -198,10 +198,12 @@ def restore(
     estimator: estimators.LearnedEstimator | None = None,
     generator: torch.Generator | None = None,
     global_rng: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Load a checkpoint's states into the objects of a run built from its configuration:
     a state that does not fit is one error naming the checkpoint. ``global_rng`` also
-    sets PyTorch's global random state (resume); without it that state is only checked."""
+    sets PyTorch's global random state (resume); without it that state is only checked.
+    ``scaler``: an fp16 run's loss scaler, given the checkpoint's ``scaler`` state."""
     if Path(path).is_dir():
         path = Path(path) / checkpoint.CHECKPOINT_NAME
     where = f"{path} does not fit the run it describes"
@@ -214,6 +216,15 @@ def restore(
         if estimator is not None:
             part = "estimator state"
             estimator.load_state_dict(state["estimator"])
+        if scaler is not None and scaler.is_enabled() and state.get("scaler") is not None:
+            part = "loss scaler state"
+            saved = state["scaler"]
+            if not isinstance(saved, dict) or not all(
+                isinstance(saved.get(k), int | float) and not isinstance(saved.get(k), bool)
+                for k in ("scale", "growth_factor", "backoff_factor", "growth_interval")
+            ):
+                raise ValueError("it is not the state of a torch.amp.GradScaler")
+            scaler.load_state_dict(saved)
         part = "random state"
         (generator or torch.Generator()).set_state(state["rng"]["data"])
         if global_rng:

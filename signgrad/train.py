@@ -173,6 +173,8 @@ def _train_locked(
         estimator.reduce_gradients = functools.partial(distributed.all_reduce_mean_, ctx)
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader, test_loader = _loaders(cfg, ds, device, generator, ctx)
+    # fp16's loss scaling; disabled (every call passes through) without --fp16.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
 
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -186,6 +188,7 @@ def _train_locked(
             estimator,
             generator,
             global_rng=True,
+            scaler=scaler,
         )
         history, start_epoch = list(state["history"]), state["epoch"]
         if start_epoch >= end_epoch:  # nothing to train: every file stays as it is
@@ -198,10 +201,6 @@ def _train_locked(
     net = distributed.wrap(model, ctx, device)
     if cfg.compile:
         net = torch.compile(net)  # after DDP, as PyTorch advises: it sees the buckets
-    # fp16's loss scaling; disabled (every call passes through) without --fp16.
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.fp16)
-    if state is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
     if ctx.enabled:
         log.info("data-parallel over %d ranks: %d images per rank and step",
                  ctx.world_size, cfg.batch_size // ctx.world_size)  # fmt: skip

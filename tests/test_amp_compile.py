@@ -97,3 +97,24 @@ def test_torch_compile_trains_as_eager_with_a_learned_estimator(cifar_root) -> N
     eager, _ = _train(cfg, copy.deepcopy(model), loader)
     compiled, _ = _train(cfg, model, loader, net=torch.compile(model))
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=0)
+
+
+def test_an_fp16_run_resumes_exactly_and_refuses_a_damaged_scaler_state(
+    pictures, tmp_path, run_cli, run_child, one_line_error
+) -> None:
+    """The loss scaler's state travels in the checkpoint: 1 epoch + resume equals 2
+    epochs; a checkpoint whose scaler state is not one is a one-line error."""
+    args = ["train", "--model", "convnet", "--data", f"imagefolder:{pictures}", "--fp16",
+            "--batch-size", "8", "--epochs", "2", "--no-progress"]  # fmt: skip
+    assert run_cli(*args, "--out", tmp_path / "whole") == 0
+    assert run_cli(*args, "--out", tmp_path / "cut", "--stop-after", "1") == 0
+    assert run_cli("train", "--out", tmp_path / "cut", "--resume", "--no-progress") == 0
+    whole, cut = (torch.load(tmp_path / r / "checkpoint.pt") for r in ("whole", "cut"))
+    assert whole["scaler"]["scale"] == cut["scaler"]["scale"]
+    for k, v in whole["model"].items():
+        assert torch.equal(v, cut["model"][k]), k
+    cut["scaler"] = {"scale": "big"}
+    cut["epoch"], cut["history"] = 1, cut["history"][:1]
+    torch.save(cut, tmp_path / "cut" / "checkpoint.pt")
+    proc = run_child("-q", "train", "--out", tmp_path / "cut", "--resume", "--no-progress")
+    one_line_error(proc, "its loss scaler state", "not the state of a torch.amp.GradScaler")
