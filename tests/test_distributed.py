@@ -168,11 +168,14 @@ def _torchrun(args: list[str], nproc: int) -> list[str]:
 
 
 def _env(threads: int = 1) -> dict[str, str]:
+    """The children's environment: one thread each, and the data root as an absolute
+    path (they run in a temporary directory; CI gives a relative one)."""
+    data_root = os.environ.get("SIGNGRAD_DATA", "")
     return {
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
         "OMP_WAIT_POLICY": "PASSIVE",
-        "SIGNGRAD_DATA": os.environ.get("SIGNGRAD_DATA", ""),
+        "SIGNGRAD_DATA": str(Path(data_root).resolve()) if data_root else "",
     }
 
 
