@@ -342,3 +342,19 @@ def test_a_mistake_under_torchrun_is_one_line_on_every_rank_and_no_hang(
         assert not re.search(r'File ".*/signgrad/', proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "odd").exists()
     assert (tmp_path / "taken" / checkpoint.CHECKPOINT_NAME).read_bytes() == b"not a checkpoint"
+
+
+@pytest.mark.slow
+def test_a_streamed_image_folder_trains_on_two_ranks_as_on_one(pictures, tmp_path) -> None:
+    """The streaming loader under torchrun: each rank decodes its part of every batch
+    (one decoding worker each); the run is the single process's to float rounding."""
+    args = ["--model", "convnet", "--data", f"imagefolder:{pictures}", "--data-mode", "stream",
+            "--workers", "1", "--quantizer", "bnn", "--batch-size", "8", "--epochs", "2",
+            "--sync-bn", "--diagnostics", "--no-progress"]  # fmt: skip
+    _run(_torchrun([*args, "--out", "one"], 1), tmp_path)
+    _run(_torchrun([*args, "--out", "two"], 2), tmp_path)
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 2 * (24 // 8)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=0)
+    ma, mb = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [r["test_acc"] for r in ma] == [r["test_acc"] for r in mb]
