@@ -57,7 +57,7 @@ def _train(cfg, model, loader, *, scaler=None, net=None) -> tuple[list[float], o
 @pytest.mark.slow
 @pytest.mark.parametrize("estimator", [None, "fsg"])
 def test_fp16_with_loss_scaling_follows_fp32(cifar_root, estimator) -> None:
-    cfg, model, loader = _setup(cifar_root, estimator, steps=6)
+    cfg, model, loader = _setup(cifar_root, estimator, steps=5, batch=32)
     fp32, _ = _train(cfg, copy.deepcopy(model), loader)
     cfg16 = dataclasses.replace(cfg, fp16=True)
     scaler = torch.amp.GradScaler("cpu")
