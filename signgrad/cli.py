@@ -524,7 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except SigngradError as e:
-        print(f"signgrad: error: {e}", file=sys.stderr)
+        # One write: under torchrun several ranks share the stream, and print's separate
+        # newline could land after another rank's line.
+        sys.stderr.write(f"signgrad: error: {e}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("signgrad: interrupted; the last finished epoch is kept, continue with --resume",
