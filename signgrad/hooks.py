@@ -9,24 +9,26 @@ points. One training step, in this order::
     logits = model(step.x); loss = cross_entropy(logits, y)
     optimizer.zero_grad()           # at the first batch of each accumulated step
     hook.before_backward(step)      # may replace step.loss (what backward runs on)
-    step.loss.backward()
+    scaler.scale(step.loss).backward()   # DDP averages the gradients over the ranks here
+    scaler.unscale_(optimizer)      # if step.update (fp16 only; a no-op otherwise)
     hook.after_backward(step)       # gradients are in .grad; may change them
-    optimizer.step()                # if step.update: the last batch of an accumulated step
+    scaler.step(optimizer)          # if step.update: the last batch of an accumulated step
     hook.after_step(step)           # the weights are updated (if step.update)
 
 and per epoch ``hook.begin_epoch(epoch)`` before its first step and
 ``hook.end_epoch(record)`` on its metrics record (a hook may add fields to it). The
 recorded training loss is the cross-entropy the loop computed, whatever ``step.loss``
 became. :func:`for_config` builds the hooks of a configuration in the order that keeps
-today's results bit for bit: per-step sharpness, channels_last input, the learned
-estimator, gradient clipping, the quantizers' post-step (ProxQuant's prox step).
+today's results bit for bit: per-step sharpness, channels_last input, distillation, the
+learned estimator, gradient clipping, the quantizers' post-step (ProxQuant's prox step),
+diagnostics.
 
-What later extensions would be: a distillation teacher runs its model in
-``before_forward`` and adds its term to ``step.loss`` in ``before_backward``;
-distributed gradient reduction all-reduces the gradients in ``after_backward``, placed
-before clipping; AMP loss scaling multiplies ``step.loss`` in ``before_backward`` and
-unscales the gradients in ``after_backward`` before clipping (skipping a step whose
-gradients overflowed would need one more field of :class:`Step` for the loop to read).
+What the loop itself owns, not a hook: data-parallel training (the DDP wrapper reduces
+the gradients during ``backward``; between the batches of an accumulated step it does
+not), and fp16 loss scaling (``scaler``; with it the learned estimator's hook divides the
+gradients it reads by the scale, and a step whose gradients overflowed is skipped by the
+scaler's ``step``). A distillation teacher runs its model in ``before_forward`` and adds
+its term to ``step.loss`` in ``before_backward``.
 """
 
 from __future__ import annotations
