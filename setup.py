@@ -80,7 +80,7 @@ setup(
         Extension(
             "signgrad.runtime._kernels",
             ["signgrad/runtime/_kernels.c"],
-            depends=["signgrad/runtime/_kernels_impl.h"],
+            depends=["signgrad/runtime/_kernels_core.h", "signgrad/runtime/_kernels_impl.h"],
             extra_compile_args=OPTIMIZE,
             extra_link_args=["-fopenmp"],
             optional=True,

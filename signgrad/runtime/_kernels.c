@@ -12,71 +12,14 @@
  * valid_taps * C - 2 * sum popcount, summed over the valid taps only.
  *
  * The same C body is compiled for AVX-512 VPOPCNTDQ (8 popcounts per instruction),
- * for POPCNT, and for plain x86-64/other CPUs; the best one the CPU supports is picked
- * at import time (kernel_name() tells which).
+ * for POPCNT, for NEON on aarch64 (CNT on 16 bytes) and for plain C on other CPUs; the
+ * best one the CPU supports is picked at import time (kernel_name() tells which). The
+ * part without Python is _kernels_core.h.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <limits.h>
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-enum { ACT_NONE = 0, ACT_RELU = 1, ACT_HARDTANH = 2, ACT_PRELU = 3 };
-
-typedef struct {
-    const uint64_t *x;
-    const uint64_t *w;
-    int N, H, W, Cw, C, O, KH, KW, sh, sw, ph, pw, Ho, Wo;
-    const float *scale, *shift; /* per output channel, always given */
-    const float *residual, *slope;
-    int act, slope_n;
-    float lo, hi;
-    float *out;
-    uint64_t *out_bits; /* optional: the signs of the output, packed (O channels) */
-    int threads;
-    /* Heap scratch, sized by the glue: per thread, scratch_stride int64 (xoff and woff of
-     * KH * KW taps, then O accumulators); shared, the offsets of a window inside the image. */
-    int64_t *scratch;
-    int64_t scratch_stride;
-    const int64_t *rel, *woff_all;
-} bconv_args;
-
-/* The most threads a call may ask for: signgrad.runtime.model.MAX_THREADS checks the same
- * bound with a clear message; this is the glue's own defence. */
-#define MAX_THREADS 1024
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define X86 1
-#include <immintrin.h>
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx2,fma,popcnt")
-#define SUFFIX avx512
-#define USE_AVX512 1
-#include "_kernels_impl.h"
-#undef USE_AVX512
-#undef SUFFIX
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx2,popcnt")
-#define SUFFIX avx2
-#include "_kernels_impl.h"
-#undef SUFFIX
-#pragma GCC pop_options
-#endif
-
-#define SUFFIX generic
-#include "_kernels_impl.h"
-#undef SUFFIX
-
-static void (*bconv_impl)(const bconv_args *) = bconv_generic;
-static void (*pack_impl)(const float *, int64_t, int, uint64_t *, int) = pack_generic;
-static const char *impl_name = "generic";
+#include "_kernels_core.h"
 
 /* ---------------------------------------------------------------- Python glue */
 
@@ -284,18 +227,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__kernels(void)
 {
-#ifdef X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-        bconv_impl = bconv_avx512;
-        pack_impl = pack_avx512;
-        impl_name = "avx512-vpopcntdq";
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) {
-        bconv_impl = bconv_avx2;
-        pack_impl = pack_avx2;
-        impl_name = "avx2-popcnt";
-    }
-#endif
+    select_impl();
     return PyModule_Create(&module);
 }

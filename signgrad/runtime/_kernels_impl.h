@@ -49,21 +49,70 @@ FN(valid_taps)(const bconv_args *a, int n, int oy, int ox, int64_t *xoff, int64_
     return valid;
 }
 
+#ifdef USE_NEON
+/* Popcounts of NV x 2 output channels from ob (NV a constant after inlining: the
+ * accumulators stay in registers). One CNT counts the bits of 16 bytes, two weight words;
+ * the pairwise widening adds turn the byte counts into one 64-bit sum per word. */
+static inline __attribute__((always_inline)) void
+FN(neon_block)(const bconv_args *a, const int NV, int valid, const int64_t *xoff,
+               const int64_t *woff, int ob, uint64_t *acc)
+{
+    const int O = a->O, Cw = a->Cw;
+    uint64x2_t s[8];
+    for (int j = 0; j < NV; j++) s[j] = vdupq_n_u64(0);
+    for (int t = 0; t < valid; t++)
+        for (int c = 0; c < Cw; c++) {
+            const uint64x2_t v = vdupq_n_u64(a->x[xoff[t] + c]);
+            const uint64_t *wr = a->w + woff[t] + (int64_t)c * O + ob;
+            for (int j = 0; j < NV; j++) {
+                const uint8x16_t bits = vreinterpretq_u8_u64(veorq_u64(v, vld1q_u64(wr + 2 * j)));
+                s[j] = vpadalq_u32(s[j], vpaddlq_u16(vpaddlq_u8(vcntq_u8(bits))));
+            }
+        }
+    for (int j = 0; j < NV; j++) vst1q_u64(acc + ob + 2 * j, s[j]);
+}
+#endif
+
+/* acc[o] = the sum over the valid taps and channel words of popcount(x XOR w[o]). */
+static inline __attribute__((always_inline)) void
+FN(popcounts)(const bconv_args *a, int valid, const int64_t *xoff, const int64_t *woff,
+              uint64_t *acc)
+{
+    const int O = a->O, Cw = a->Cw;
+    int o0 = 0;
+#ifdef USE_NEON
+    for (; o0 + 16 <= O; o0 += 16) FN(neon_block)(a, 8, valid, xoff, woff, o0, acc);
+    switch ((O - o0) / 2) {
+    case 7: FN(neon_block)(a, 7, valid, xoff, woff, o0, acc); break;
+    case 6: FN(neon_block)(a, 6, valid, xoff, woff, o0, acc); break;
+    case 5: FN(neon_block)(a, 5, valid, xoff, woff, o0, acc); break;
+    case 4: FN(neon_block)(a, 4, valid, xoff, woff, o0, acc); break;
+    case 3: FN(neon_block)(a, 3, valid, xoff, woff, o0, acc); break;
+    case 2: FN(neon_block)(a, 2, valid, xoff, woff, o0, acc); break;
+    case 1: FN(neon_block)(a, 1, valid, xoff, woff, o0, acc); break;
+    default: break;
+    }
+    o0 += (O - o0) / 2 * 2;
+#endif
+    /* The portable loop (and NEON's odd last channel). */
+    memset(acc + o0, 0, sizeof(uint64_t) * (size_t)(O - o0));
+    for (int t = 0; t < valid; t++)
+        for (int c = 0; c < Cw; c++) {
+            const uint64_t v = a->x[xoff[t] + c];
+            const uint64_t *wr = a->w + woff[t] + (int64_t)c * O;
+            for (int o = o0; o < O; o++) acc[o] += (uint64_t)__builtin_popcountll(v ^ wr[o]);
+        }
+}
+
 /* Portable row: popcounts into acc, then the epilogue as simple loops (vectorizable). */
 static inline __attribute__((always_inline)) void
 FN(bconv_row_plain)(const bconv_args *a, int64_t r, uint64_t *acc, int64_t *xoff, int64_t *woff)
 {
-    const int O = a->O, Cw = a->Cw, Ow = (O + 63) / 64;
+    const int O = a->O, Ow = (O + 63) / 64;
     const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
     for (int ox = 0; ox < a->Wo; ox++) {
         const int valid = FN(valid_taps)(a, n, oy, ox, xoff, woff);
-        memset(acc, 0, sizeof(uint64_t) * O);
-        for (int t = 0; t < valid; t++)
-            for (int c = 0; c < Cw; c++) {
-                const uint64_t v = a->x[xoff[t] + c];
-                const uint64_t *wr = a->w + woff[t] + (int64_t)c * O;
-                for (int o = 0; o < O; o++) acc[o] += (uint64_t)__builtin_popcountll(v ^ wr[o]);
-            }
+        FN(popcounts)(a, valid, xoff, woff, acc);
         const int64_t pix = r * a->Wo + ox, total = (int64_t)valid * a->C;
         float *y = a->out + pix * O;
         for (int o = 0; o < O; o++)

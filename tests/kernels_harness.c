@@ -1,0 +1,137 @@
+/* Drives every variant of the runtime's kernels (signgrad/runtime/_kernels_core.h) that
+ * this CPU runs on the same seeded inputs, without Python, and prints one line per case
+ * and variant: a 64-bit FNV-1a hash of every output byte (floats, packed sign bits).
+ *
+ * tests/test_kernels_arch.py compiles it for this machine and, with Debian's cross
+ * compilers, for aarch64 (run under qemu user-mode emulation): the hashes must agree
+ * between the variants and between the machines, bit for bit.
+ *
+ * Build: cc -O3 -std=c11 -I signgrad/runtime tests/kernels_harness.c -o harness
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "_kernels_core.h"
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+static uint64_t next_u64(void)
+{
+    /* xorshift64*: the same stream on every machine */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 0x2545F4914F6CDD1Dull;
+}
+
+static float next_float(void)
+{
+    /* in [-2, 2), a multiple of 2^-20: exact in every engine */
+    return (float)((int64_t)(next_u64() >> 42) - (1 << 21)) / (float)(1 << 20);
+}
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 0x100000001B3ull;
+    return h;
+}
+
+typedef struct {
+    int N, H, W, C, O, K, s, p, act, residual, bits, slope_n;
+} case_t;
+
+static const case_t CASES[] = {
+    {1, 8, 8, 3, 16, 3, 1, 1, ACT_NONE, 0, 0, 0},
+    {2, 8, 8, 64, 64, 3, 1, 1, ACT_RELU, 1, 1, 0},
+    {1, 9, 7, 70, 17, 3, 2, 1, ACT_HARDTANH, 0, 1, 0},
+    {1, 6, 6, 130, 130, 3, 1, 0, ACT_PRELU, 1, 1, 130},
+    {1, 5, 5, 33, 1, 1, 1, 0, ACT_PRELU, 0, 0, 1},
+    {1, 4, 4, 200, 24, 3, 1, 1, ACT_NONE, 1, 1, 0},
+    {3, 1, 1, 512, 10, 1, 1, 0, ACT_NONE, 0, 0, 0},
+    {1, 7, 7, 16, 35, 5, 2, 2, ACT_RELU, 0, 1, 0},
+};
+
+typedef struct {
+    const char *name;
+    void (*bconv)(const bconv_args *);
+    void (*pack)(const float *, int64_t, int, uint64_t *, int);
+} variant_t;
+
+static void run_case(int k, const case_t *c, const variant_t *v)
+{
+    rng_state = 0x9E3779B97F4A7C15ull + (uint64_t)k;
+    bconv_args a;
+    memset(&a, 0, sizeof a);
+    a.N = c->N, a.H = c->H, a.W = c->W, a.C = c->C, a.O = c->O;
+    a.KH = a.KW = c->K, a.sh = a.sw = c->s, a.ph = a.pw = c->p;
+    a.Cw = (a.C + 63) / 64;
+    a.Ho = (a.H + 2 * a.ph - a.KH) / a.sh + 1;
+    a.Wo = (a.W + 2 * a.pw - a.KW) / a.sw + 1;
+    a.act = c->act, a.lo = -0.75f, a.hi = 1.25f, a.threads = 1;
+    const int64_t taps = (int64_t)a.KH * a.KW, pix = (int64_t)a.N * a.Ho * a.Wo;
+    const int64_t nx = (int64_t)a.N * a.H * a.W, Ow = (a.O + 63) / 64;
+    /* activations as floats (some zeros, to check sign(0) = +1), packed by the variant */
+    float *xf = malloc(sizeof(float) * (size_t)(nx * a.C));
+    for (int64_t i = 0; i < nx * a.C; i++) xf[i] = (next_u64() % 7 == 0) ? 0.0f : next_float();
+    uint64_t *x = malloc(sizeof(uint64_t) * (size_t)(nx * a.Cw));
+    v->pack(xf, nx, a.C, x, 1);
+    const int64_t nw = taps * a.Cw * a.O;
+    uint64_t *w = malloc(sizeof(uint64_t) * (size_t)nw);
+    for (int64_t i = 0; i < nw; i++) {
+        const int64_t word = (i / a.O) % a.Cw; /* pad bits of the last word stay 0 */
+        const int used = word == a.Cw - 1 ? a.C - 64 * (a.Cw - 1) : 64;
+        w[i] = next_u64() & (used == 64 ? ~0ull : ((1ull << used) - 1));
+    }
+    float *scale = malloc(sizeof(float) * (size_t)a.O), *shift = malloc(sizeof(float) * (size_t)a.O);
+    float *slope = malloc(sizeof(float) * (size_t)a.O);
+    for (int o = 0; o < a.O; o++) scale[o] = next_float(), shift[o] = next_float(), slope[o] = next_float();
+    float *residual = NULL;
+    if (c->residual) {
+        residual = malloc(sizeof(float) * (size_t)(pix * a.O));
+        for (int64_t i = 0; i < pix * a.O; i++) residual[i] = next_float();
+    }
+    float *out = malloc(sizeof(float) * (size_t)(pix * a.O));
+    uint64_t *bits = c->bits ? malloc(sizeof(uint64_t) * (size_t)(pix * Ow)) : NULL;
+    const int64_t stride = 2 * taps + a.O;
+    int64_t *scratch = malloc(sizeof(int64_t) * (size_t)(stride + 2 * taps));
+    int64_t *rel = scratch + stride;
+    for (int64_t t = 0; t < taps; t++) {
+        rel[t] = ((t / a.KW) * a.W + t % a.KW) * a.Cw;
+        rel[taps + t] = t * a.Cw * a.O;
+    }
+    a.x = x, a.w = w, a.scale = scale, a.shift = shift, a.residual = residual;
+    a.slope = c->slope_n ? slope : NULL, a.slope_n = c->slope_n;
+    a.out = out, a.out_bits = bits;
+    a.scratch = scratch, a.scratch_stride = stride, a.rel = rel, a.woff_all = rel + taps;
+    v->bconv(&a);
+    uint64_t h = fnv(0xCBF29CE484222325ull, x, sizeof(uint64_t) * (size_t)(nx * a.Cw));
+    h = fnv(h, out, sizeof(float) * (size_t)(pix * a.O));
+    if (bits) h = fnv(h, bits, sizeof(uint64_t) * (size_t)(pix * Ow));
+    printf("case %d %016llx %s\n", k, (unsigned long long)h, v->name);
+    free(xf), free(x), free(w), free(scale), free(shift), free(slope), free(residual);
+    free(out), free(bits), free(scratch);
+}
+
+int main(void)
+{
+    variant_t variants[4];
+    int nv = 0;
+    variants[nv++] = (variant_t){"generic", bconv_generic, pack_generic};
+#ifdef X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"))
+        variants[nv++] = (variant_t){"avx2-popcnt", bconv_avx2, pack_avx2};
+    if (__builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        variants[nv++] = (variant_t){"avx512-vpopcntdq", bconv_avx512, pack_avx512};
+#endif
+#ifdef ARM64
+    variants[nv++] = (variant_t){"neon", bconv_neon, pack_neon};
+#endif
+    select_impl();
+    printf("selected %s\n", impl_name);
+    for (int k = 0; k < (int)(sizeof CASES / sizeof CASES[0]); k++)
+        for (int i = 0; i < nv; i++) run_case(k, &CASES[k], &variants[i]);
+    return 0;
+}

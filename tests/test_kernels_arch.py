@@ -1,0 +1,72 @@
+"""The runtime's kernel variants against each other, bit for bit, without Python in the
+way: ``tests/kernels_harness.c`` runs every variant a CPU has (generic, AVX2, AVX-512 on
+x86-64; generic and NEON on aarch64) on the same seeded convolutions and prints a hash of
+every output byte. It is compiled here and, with Debian's cross compiler, for aarch64 and
+run under qemu user-mode emulation: the NEON kernels must give the x86 bytes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = ROOT / "tests" / "kernels_harness.c"
+FLAGS = [
+    "-O3",
+    "-std=c11",
+    "-Wall",
+    "-Werror",
+    "-fopenmp",
+    "-I",
+    str(ROOT / "signgrad" / "runtime"),
+]
+
+
+def _build_and_run(compiler: str, out: Path, run: list[str], static: bool) -> dict:
+    build = subprocess.run(
+        [compiler, *FLAGS, *(["-static"] if static else []), str(HARNESS), "-o", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    proc = subprocess.run([*run, str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    assert lines[0].startswith("selected ")
+    hashes: dict[int, set] = {}
+    variants: dict[int, set] = {}
+    for line in filter(None, lines[1:]):
+        _, case, digest, variant = line.split()
+        hashes.setdefault(int(case), set()).add(digest)
+        variants.setdefault(int(case), set()).add(variant)
+    return {"selected": lines[0].split()[1], "hashes": hashes, "variants": variants}
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory) -> dict:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc) on this machine")
+    out = tmp_path_factory.mktemp("harness") / "host"
+    return _build_and_run("cc", out, [], static=False)
+
+
+def test_every_kernel_variant_of_this_cpu_gives_the_same_bytes(host) -> None:
+    assert len(host["hashes"]) == 8
+    for case, digests in host["hashes"].items():
+        assert len(digests) == 1, (case, host["variants"][case], digests)
+    assert "generic" in host["variants"][0]
+
+
+def test_neon_kernels_give_the_x86_bytes_under_qemu(host, tmp_path) -> None:
+    missing = [tool for tool in ("aarch64-linux-gnu-gcc", "qemu-aarch64") if not shutil.which(tool)]
+    if missing:
+        pytest.skip(
+            f"{' and '.join(missing)} not installed (Debian: apt-get install "
+            "gcc-aarch64-linux-gnu qemu-user); .ci/run installs them"
+        )
+    arm = _build_and_run("aarch64-linux-gnu-gcc", tmp_path / "arm", ["qemu-aarch64"], static=True)
+    assert arm["selected"] == "neon"
+    assert all(v == {"generic", "neon"} for v in arm["variants"].values())
+    assert arm["hashes"] == host["hashes"]
