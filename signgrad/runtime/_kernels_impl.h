@@ -71,6 +71,38 @@ FN(neon_block)(const bconv_args *a, const int NV, int valid, const int64_t *xoff
         }
     for (int j = 0; j < NV; j++) vst1q_u64(acc + ob + 2 * j, s[j]);
 }
+
+/* The epilogue of the first O - O % 4 channels, four at a time, with the same IEEE
+ * operations in the same order as the portable loops (multiply, then add: no fused
+ * multiply-add; the activations as compare-and-select, so that -0 and NaN come out as
+ * there); returns the first channel it left to them. The count converts to float
+ * through double, exactly for |count| < 2^53, so with the one rounding of the portable
+ * int64 -> float conversion. */
+static inline __attribute__((always_inline)) int
+FN(neon_epilogue)(const bconv_args *a, const uint64_t *acc, int64_t total, float *y,
+                  const float *rp)
+{
+    const int O4 = a->O & ~3;
+    const int64x2_t t = vdupq_n_s64(total);
+    const float32x4_t zero = vdupq_n_f32(0.0f), lo = vdupq_n_f32(a->lo), hi = vdupq_n_f32(a->hi);
+    for (int o = 0; o < O4; o += 4) {
+        const int64x2_t d0 = vsubq_s64(t, vshlq_n_s64(vreinterpretq_s64_u64(vld1q_u64(acc + o)), 1));
+        const int64x2_t d1 =
+            vsubq_s64(t, vshlq_n_s64(vreinterpretq_s64_u64(vld1q_u64(acc + o + 2)), 1));
+        float32x4_t v = vcombine_f32(vcvt_f32_f64(vcvtq_f64_s64(d0)), vcvt_f32_f64(vcvtq_f64_s64(d1)));
+        v = vaddq_f32(vmulq_f32(v, vld1q_f32(a->scale + o)), vld1q_f32(a->shift + o));
+        if (rp) v = vaddq_f32(v, vld1q_f32(rp + o));
+        if (a->act == ACT_RELU) v = vbslq_f32(vcltq_f32(v, zero), zero, v);
+        else if (a->act == ACT_HARDTANH)
+            v = vbslq_f32(vcltq_f32(v, lo), lo, vbslq_f32(vcgtq_f32(v, hi), hi, v));
+        else if (a->act == ACT_PRELU) {
+            const float32x4_t sl = a->slope_n == 1 ? vdupq_n_f32(a->slope[0]) : vld1q_f32(a->slope + o);
+            v = vbslq_f32(vcgeq_f32(v, zero), v, vmulq_f32(v, sl));
+        }
+        vst1q_f32(y + o, v);
+    }
+    return O4;
+}
 #endif
 
 /* acc[o] = the sum over the valid taps and channel words of popcount(x XOR w[o]). */
@@ -115,19 +147,22 @@ FN(bconv_row_plain)(const bconv_args *a, int64_t r, uint64_t *acc, int64_t *xoff
         FN(popcounts)(a, valid, xoff, woff, acc);
         const int64_t pix = r * a->Wo + ox, total = (int64_t)valid * a->C;
         float *y = a->out + pix * O;
-        for (int o = 0; o < O; o++)
+        const float *rp = a->residual ? a->residual + pix * O : NULL;
+        int o0 = 0;
+#ifdef USE_NEON
+        o0 = FN(neon_epilogue)(a, acc, total, y, rp);
+#endif
+        for (int o = o0; o < O; o++)
             y[o] = (float)(total - 2 * (int64_t)acc[o]) * a->scale[o] + a->shift[o];
-        if (a->residual) {
-            const float *rp = a->residual + pix * O;
-            for (int o = 0; o < O; o++) y[o] += rp[o];
-        }
+        if (rp)
+            for (int o = o0; o < O; o++) y[o] += rp[o];
         /* NaN passes through relu and hardtanh, as in numpy's maximum and clip. */
         if (a->act == ACT_RELU)
-            for (int o = 0; o < O; o++) y[o] = y[o] < 0.0f ? 0.0f : y[o];
+            for (int o = o0; o < O; o++) y[o] = y[o] < 0.0f ? 0.0f : y[o];
         else if (a->act == ACT_HARDTANH)
-            for (int o = 0; o < O; o++) y[o] = y[o] < a->lo ? a->lo : (y[o] > a->hi ? a->hi : y[o]);
+            for (int o = o0; o < O; o++) y[o] = y[o] < a->lo ? a->lo : (y[o] > a->hi ? a->hi : y[o]);
         else if (a->act == ACT_PRELU)
-            for (int o = 0; o < O; o++)
+            for (int o = o0; o < O; o++)
                 y[o] = y[o] >= 0.0f ? y[o] : y[o] * a->slope[a->slope_n == 1 ? 0 : o];
         if (a->out_bits) FN(pack_row)(y, O, a->out_bits + pix * Ow);
     }
