@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,22 @@ def test_neon_kernels_give_the_x86_bytes_under_qemu(host, tmp_path) -> None:
     assert arm["selected"] == "neon"
     assert all(v == {"generic", "neon"} for v in arm["variants"].values())
     assert arm["hashes"] == host["hashes"]
+
+
+def test_the_extension_itself_compiles_for_aarch64_with_its_neon_variant(tmp_path) -> None:
+    """What ``pip install`` compiles on an ARM machine: ``_kernels.c`` with the Python
+    glue, here cross-compiled to an object (this Python's headers: both are LP64) that
+    holds the module's entry point and the NEON convolution."""
+    tools = ("aarch64-linux-gnu-gcc", "aarch64-linux-gnu-nm")
+    missing = [tool for tool in tools if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not installed (Debian: gcc-aarch64-linux-gnu)")
+    obj = tmp_path / "kernels.o"
+    include = sysconfig.get_paths()["include"]
+    source = ROOT / "signgrad" / "runtime" / "_kernels.c"
+    cmd = ["aarch64-linux-gnu-gcc", *FLAGS, "-fPIC", "-I", include, "-c", str(source)]
+    build = subprocess.run([*cmd, "-o", str(obj)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    symbols = subprocess.run(["aarch64-linux-gnu-nm", str(obj)], capture_output=True,
+                             text=True, timeout=60).stdout  # fmt: skip
+    assert " T PyInit__kernels" in symbols and " bconv_neon" in symbols
