@@ -50,6 +50,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     for run in args.runs:
+        if not (run / checkpoint.CONFIG_NAME).is_file():
+            print(f"{run}: not a run directory, left out")
+            continue
         done = checkpoint.load(run)["epoch"]
         cfg = json.loads((run / checkpoint.CONFIG_NAME).read_text())
         if done < cfg["epochs"]:
