@@ -618,11 +618,15 @@ def step_losses(
     ``window`` steps) at a quarter, half and all of the steps every run has, as the mean
     over the group's runs and a 95% interval (1.96 standard errors); the first step at
     which the group's mean reaches the first group's final value (the baseline, e.g.
-    STE); the final test accuracy (mean ± standard error); and seconds per step
-    (evaluation included)."""
+    STE); the final test accuracy (mean ± standard error); seconds per step
+    (evaluation included); and the final loss minus the first group's, paired by seed
+    (runs of the two groups with the same ``seed``): the mean difference ± 1.96 standard
+    errors of the differences, which removes what the seed does to both."""
     runs = _as_run_list(run_dirs)
     groups = _group(runs)
     curves: dict[str, np.ndarray] = {}
+    seeds = {label: [read_config(run).get("seed") for run in members]
+             for label, members in groups.items()}  # fmt: skip
     recorded: dict[str, int] = {}  # steps recorded, over the group's runs
     rows = []
     for label, members in groups.items():
@@ -632,6 +636,7 @@ def step_losses(
         recorded[label] = sum(len(r) for r in recs)
     target = float(next(iter(curves.values())).mean(axis=0)[-1])
     first_label = next(iter(curves))
+    base = dict(zip(seeds[first_label], curves[first_label][:, -1], strict=True))
     for label, members in groups.items():
         losses = curves[label]
         n = losses.shape[1]
@@ -655,18 +660,33 @@ def step_losses(
         rows.append(
             f"| {_md_cell(label)} | {len(members)} | {n} | "
             + " | ".join(cells)
-            + f" | {reach} | {acc} | {per_step:.3f} |"
+            + f" | {reach} | {acc} | {per_step:.3f} | "
+            + ("baseline" if label == first_label else _paired(base, seeds[label], losses[:, -1]))
+            + " |"
         )
     header = [
         f"| config | runs | steps | loss at 1/4 | loss at 1/2 | final loss | steps to "
-        f"{_md_cell(first_label)}'s final loss | final test acc (%) | s / step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"{_md_cell(first_label)}'s final loss | final test acc (%) | s / step | final loss "
+        f"- {_md_cell(first_label)}'s, paired by seed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     note = (
         f"\nLoss: mean over runs of the training loss averaged over the last {window} steps, "
         "± 1.96 standard errors; test accuracy ± one standard error.\n"
     )
     return "\n".join(header + rows) + "\n" + note
+
+
+def _paired(base: dict[Any, float], seeds: list[Any], finals: np.ndarray) -> str:
+    """The mean of (final - the baseline run's of the same seed) ± 1.96 standard errors,
+    and how many pairs; "no shared seed" when the groups have none in common."""
+    diffs = [float(f) - base[s] for s, f in zip(seeds, finals, strict=True) if s in base]
+    if not diffs:
+        return "no shared seed"
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.3f} (1 pair)"
+    half = 1.96 * float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs))
+    return f"{float(np.mean(diffs)):+.3f} ± {half:.3f} ({len(diffs)} pairs)"
 
 
 def _mean_se(values: list[float]) -> str:

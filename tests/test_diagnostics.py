@@ -145,9 +145,18 @@ def test_step_losses_table(tmp_path):
     _fake_run(tmp_path / "ste1", None, [2.0] * 4 + [1.0] * 4, 0.7, 1)
     # Reaches STE's final loss (1.0, averaged over 2 steps) at step 6.
     _fake_run(tmp_path / "fsg0", "fsg", [3.0] * 4 + [1.0] * 4, 0.4, 0)
-    table = report.step_losses(sorted(tmp_path.iterdir(), key=lambda p: p.name)[::-1], window=2)
-    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines()[2:4]}
+    # Paired with STE's seeds 0 and 1: final losses 1.0 and 1.5 against 1.0 and 1.0.
+    _fake_run(tmp_path / "mq0", "metaquant-fc", [3.0] * 8, 0.4, 0)
+    _fake_run(tmp_path / "mq1", "metaquant-fc", [3.0] * 4 + [1.5] * 4, 0.4, 1)
+    order = ["ste0", "ste1", "fsg0", "mq0", "mq1"]
+    table = report.step_losses([tmp_path / r for r in order], window=2)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines()[2:5]}
     ste, fsg = rows["estimator=none"], rows["estimator=fsg"]
     assert ste[2] == str(steps) and ste[5] == "1.000 ± 0.000" and ste[6] == "6"
     assert ste[7] == "60.00 ± 10.00" and fsg[7] == "40.00" and fsg[6] == "6"
     assert fsg[3] == "3.000" and ste[8].startswith("0.500")
+    # Paired by seed: fsg's one run has STE's seed 0 as its partner, equal final losses;
+    # metaquant-fc's differences are +2.0 and +0.5: mean 1.25, 1.96 * 1.0607 / sqrt(2) = 1.47.
+    mq = rows["estimator=metaquant-fc"]
+    assert ste[9] == "baseline |" and fsg[9] == "+0.000 (1 pair) |"
+    assert mq[9] == "+1.250 ± 1.470 (2 pairs) |"
