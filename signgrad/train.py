@@ -353,9 +353,8 @@ def train_epoch(
         seen += len(y)
         if progress and i % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(float(seen))])
-    loss_total, correct_total, seen_total = distributed.all_reduce_sum(ctx, totals).tolist()
-    return loss_total / seen_total, correct_total / seen_total, lr
+    loss, acc = _means_over_ranks(ctx, loss_sum, correct, seen)
+    return loss, acc, lr
 
 
 def _loaders(
@@ -511,6 +510,14 @@ def evaluate(
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         n += len(y)
+    return _means_over_ranks(ctx, loss_sum, correct, n)
+
+
+def _means_over_ranks(
+    ctx: distributed.Context, loss_sum: torch.Tensor, correct: torch.Tensor, n: int
+) -> tuple[float, float]:
+    """(mean loss, accuracy) over every rank's images from this rank's sums, in one
+    collective (one device synchronisation without ranks)."""
     totals = torch.stack([loss_sum, correct.to(loss_sum.dtype), loss_sum.new_tensor(float(n))])
     loss_total, correct_total, n_total = distributed.all_reduce_sum(ctx, totals).tolist()
     return loss_total / n_total, correct_total / n_total
