@@ -15,7 +15,7 @@ import tempfile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-OPTIMIZE = ["-O3", "-fopenmp", "-std=c11"]
+OPTIMIZE = ["-O3", "-std=c11", "-pthread"]
 HARDENING_COMPILE = [
     "-fstack-protector-strong",
     "-fstack-clash-protection",
@@ -80,9 +80,13 @@ setup(
         Extension(
             "signgrad.runtime._kernels",
             ["signgrad/runtime/_kernels.c"],
-            depends=["signgrad/runtime/_kernels_core.h", "signgrad/runtime/_kernels_impl.h"],
+            depends=[
+                "signgrad/runtime/_kernels_core.h",
+                "signgrad/runtime/_kernels_impl.h",
+                "signgrad/runtime/_net.h",
+            ],
             extra_compile_args=OPTIMIZE,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-pthread"],
             optional=True,
         )
     ],

@@ -6,7 +6,10 @@
  * compilers, for aarch64 (run under qemu user-mode emulation): the hashes must agree
  * between the variants and between the machines, bit for bit.
  *
- * Build: cc -O3 -std=c11 -I signgrad/runtime tests/kernels_harness.c -o harness
+ * Each case runs the binary convolution and, on the same shapes, the float one (fused
+ * multiply-adds in a fixed order: every machine must round them alike).
+ *
+ * Build: cc -O3 -std=c11 -I signgrad/runtime tests/kernels_harness.c -o harness -lm
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -58,13 +61,7 @@ static const case_t CASES[] = {
     {1, 4, 4, 2, 24, 1, 1, 0, ACT_NONE, 0, 1, 0, 1},
 };
 
-typedef struct {
-    const char *name;
-    void (*bconv)(const bconv_args *);
-    void (*pack)(const float *, int64_t, int, uint64_t *, int);
-} variant_t;
-
-static void run_case(int k, const case_t *c, const variant_t *v)
+static void run_case(int k, const case_t *c, const kernel_impl *v)
 {
     rng_state = 0x9E3779B97F4A7C15ull + (uint64_t)k;
     bconv_args a;
@@ -74,14 +71,14 @@ static void run_case(int k, const case_t *c, const variant_t *v)
     a.Cw = (a.C + 63) / 64;
     a.Ho = (a.H + 2 * a.ph - a.KH) / a.sh + 1;
     a.Wo = (a.W + 2 * a.pw - a.KW) / a.sw + 1;
-    a.act = c->act, a.lo = -0.75f, a.hi = 1.25f, a.threads = 1;
+    a.act = c->act, a.lo = -0.75f, a.hi = 1.25f;
     const int64_t taps = (int64_t)a.KH * a.KW, pix = (int64_t)a.N * a.Ho * a.Wo;
     const int64_t nx = (int64_t)a.N * a.H * a.W, Ow = (a.O + 63) / 64;
     /* activations as floats (some zeros, to check sign(0) = +1), packed by the variant */
     float *xf = malloc(sizeof(float) * (size_t)(nx * a.C));
     for (int64_t i = 0; i < nx * a.C; i++) xf[i] = (next_u64() % 7 == 0) ? 0.0f : next_float();
     uint64_t *x = malloc(sizeof(uint64_t) * (size_t)(nx * a.Cw));
-    v->pack(xf, nx, a.C, x, 1);
+    v->pack_rows(xf, 0, nx, a.C, x);
     const int64_t nw = taps * a.Cw * a.O;
     uint64_t *w = malloc(sizeof(uint64_t) * (size_t)nw);
     for (int64_t i = 0; i < nw; i++) {
@@ -105,46 +102,54 @@ static void run_case(int k, const case_t *c, const variant_t *v)
     }
     float *out = malloc(sizeof(float) * (size_t)(pix * a.O));
     uint64_t *bits = c->bits ? malloc(sizeof(uint64_t) * (size_t)(pix * Ow)) : NULL;
-    const int64_t stride = 2 * taps + a.O;
-    int64_t *scratch = malloc(sizeof(int64_t) * (size_t)(stride + 2 * taps));
-    int64_t *rel = scratch + stride;
-    for (int64_t t = 0; t < taps; t++) {
-        rel[t] = ((t / a.KW) * a.W + t % a.KW) * a.Cw;
-        rel[taps + t] = t * a.Cw * a.O;
-    }
+    int64_t *scratch = malloc(sizeof(int64_t) * (size_t)(bconv_scratch(taps, a.O) + 2 * taps));
+    bconv_set_offsets(&a, scratch + bconv_scratch(taps, a.O));
     a.x = x, a.w = w, a.scale = scale, a.shift = shift, a.residual = residual;
     a.slope = c->slope_n ? slope : NULL, a.slope_n = c->slope_n;
     a.out = out, a.out_bits = bits;
-    a.scratch = scratch, a.scratch_stride = stride, a.rel = rel, a.woff_all = rel + taps;
-    v->bconv(&a);
+    v->bconv_rows(&a, 0, (int64_t)a.N * a.Ho, scratch);
+    /* The float convolution on the same shapes: float weights, the float input (its
+     * sign on odd cases), into a second output. */
+    float *wf = malloc(sizeof(float) * (size_t)(taps * a.C * a.O));
+    for (int64_t i = 0; i < taps * a.C * a.O; i++) wf[i] = next_float();
+    float *fout = malloc(sizeof(float) * (size_t)(pix * a.O));
+    uint64_t *fbits = c->bits ? malloc(sizeof(uint64_t) * (size_t)(pix * Ow)) : NULL;
+    bconv_args f = a;
+    f.xf = xf, f.wf = wf, f.sign_input = k % 2, f.out = fout, f.out_bits = fbits;
+    v->fconv_rows(&f, 0, (int64_t)a.N * a.Ho);
     uint64_t h = fnv(0xCBF29CE484222325ull, x, sizeof(uint64_t) * (size_t)(nx * a.Cw));
     /* One NaN for all: x86 makes the NaN of an invalid operation (0 * inf) negative, ARM
      * positive; every other bit pattern (the sign of zero included) must agree. */
     const uint32_t canonical_nan = 0x7FC00000u;
     for (int64_t i = 0; i < pix * a.O; i++)
         if (isnan(out[i])) memcpy(&out[i], &canonical_nan, sizeof canonical_nan);
+    for (int64_t i = 0; i < pix * a.O; i++)
+        if (isnan(fout[i])) memcpy(&fout[i], &canonical_nan, sizeof canonical_nan);
     h = fnv(h, out, sizeof(float) * (size_t)(pix * a.O));
+    h = fnv(h, fout, sizeof(float) * (size_t)(pix * a.O));
     if (bits) h = fnv(h, bits, sizeof(uint64_t) * (size_t)(pix * Ow));
+    if (fbits) h = fnv(h, fbits, sizeof(uint64_t) * (size_t)(pix * Ow));
     printf("case %d %016llx %s\n", k, (unsigned long long)h, v->name);
     free(xf), free(x), free(w), free(scale), free(shift), free(slope), free(residual);
-    free(out), free(bits), free(scratch);
+    free(out), free(bits), free(scratch), free(wf), free(fout), free(fbits);
 }
 
 int main(void)
 {
-    variant_t variants[4];
+    kernel_impl variants[4];
     int nv = 0;
-    variants[nv++] = (variant_t){"generic", bconv_generic, pack_generic};
+    variants[nv++] = KERNEL_IMPL("generic", generic);
 #ifdef X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"))
-        variants[nv++] = (variant_t){"avx2-popcnt", bconv_avx2, pack_avx2};
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("popcnt"))
+        variants[nv++] = KERNEL_IMPL("avx2-popcnt", avx2);
     if (__builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-        variants[nv++] = (variant_t){"avx512-vpopcntdq", bconv_avx512, pack_avx512};
+        variants[nv++] = KERNEL_IMPL("avx512-vpopcntdq", avx512);
 #endif
 #ifdef ARM64
-    variants[nv++] = (variant_t){"neon", bconv_neon, pack_neon};
+    variants[nv++] = KERNEL_IMPL("neon", neon);
 #endif
     select_impl();
     printf("selected %s\n", impl_name);

@@ -14,12 +14,94 @@
  * The same C body is compiled for AVX-512 VPOPCNTDQ (8 popcounts per instruction),
  * for POPCNT, for NEON on aarch64 (CNT on 16 bytes) and for plain C on other CPUs; the
  * best one the CPU supports is picked at import time (kernel_name() tells which). The
- * part without Python is _kernels_core.h.
+ * part without Python is _kernels_core.h, and _net.h runs whole networks on it
+ * (run_net).
+ *
+ * Threads: a call that asks for T > 1 threads starts T - 1 of them and joins them before
+ * it returns. Within the call they wait for each other at barriers (spinning briefly,
+ * then yielding the CPU); between calls there is no thread at all, so nothing spins
+ * against other libraries in the process (PyTorch's or onnxruntime's OpenMP pools).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "_kernels_core.h"
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+
+#include "_net.h"
+
+/* The most threads a call may ask for: signgrad.runtime.model.MAX_THREADS checks the same
+ * bound with a clear message; this is the glue's own defence. */
+#define MAX_THREADS 1024
+
+/* ---------------------------------------------------------------- threads */
+
+typedef struct team team;
+typedef void (*team_body)(void *ctx, int tid, int n, team *t);
+
+struct team {
+    team_body body;
+    void *ctx;
+    atomic_int go;      /* 1 once n is known */
+    int n;              /* threads taking part, the caller's included */
+    atomic_int arrived; /* the barrier's count and its sense */
+    atomic_int sense;
+};
+
+typedef struct {
+    team *t;
+    int tid;
+} team_member;
+
+/* Spin a little (the others are usually a few microseconds away), then give the CPU up:
+ * a thread preempted on a busy machine is not waited for at full speed. */
+static void team_wait(atomic_int *flag, int value)
+{
+    for (int spins = 0; atomic_load_explicit(flag, memory_order_acquire) != value; spins++)
+        if (spins > 2000) sched_yield();
+}
+
+/* Every member of the team waits here for the others (a sense-reversing barrier). */
+static void team_barrier(team *t, int *local_sense)
+{
+    if (t == NULL || t->n == 1) return;
+    *local_sense = !*local_sense;
+    if (atomic_fetch_add_explicit(&t->arrived, 1, memory_order_acq_rel) == t->n - 1) {
+        atomic_store_explicit(&t->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&t->sense, *local_sense, memory_order_release);
+    } else {
+        team_wait(&t->sense, *local_sense);
+    }
+}
+
+static void *team_main(void *arg)
+{
+    team_member *m = arg;
+    team_wait(&m->t->go, 1);
+    if (m->tid < m->t->n) m->t->body(m->t->ctx, m->tid, m->t->n, m->t);
+    return NULL;
+}
+
+/* body(ctx, tid, n, team) on n <= threads threads (fewer if the system refuses some),
+ * the calling thread being tid 0. Call without the GIL. */
+static void team_run(int threads, team_body body, void *ctx)
+{
+    team t = {body, ctx, 0, 1, 0, 0};
+    pthread_t ids[MAX_THREADS];
+    team_member members[MAX_THREADS];
+    int started = 0;
+    for (int i = 1; i < threads && i < MAX_THREADS; i++) {
+        members[i] = (team_member){&t, i};
+        if (pthread_create(&ids[i], NULL, team_main, &members[i]) != 0) break;
+        started = i;
+    }
+    t.n = started + 1;
+    atomic_store_explicit(&t.go, 1, memory_order_release);
+    body(ctx, 0, t.n, &t);
+    for (int i = 1; i <= started; i++) pthread_join(ids[i], NULL);
+}
 
 /* ---------------------------------------------------------------- Python glue */
 
@@ -62,19 +144,50 @@ static int get_buf(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t nbyt
     return 0;
 }
 
+/* A binary convolution split by rows among a team. */
+typedef struct {
+    const bconv_args *a;
+    int64_t *scratch; /* per thread stride int64 */
+    int64_t stride, rows;
+} rows_job;
+
+static void bconv_part(void *ctx, int tid, int n, team *Py_UNUSED(t))
+{
+    const rows_job *j = ctx;
+    int64_t lo, hi;
+    net_part(j->rows, tid, n, &lo, &hi);
+    impl.bconv_rows(j->a, lo, hi, j->scratch + tid * j->stride);
+}
+
+typedef struct {
+    const float *x;
+    int64_t P;
+    int C;
+    uint64_t *out;
+} pack_job;
+
+static void pack_part(void *ctx, int tid, int n, team *Py_UNUSED(t))
+{
+    const pack_job *j = ctx;
+    int64_t lo, hi;
+    net_part(j->P, tid, n, &lo, &hi);
+    impl.pack_rows(j->x, lo, hi, j->C, j->out);
+}
+
 static PyObject *py_bconv2d(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *ox, *ow, *oscale, *oshift, *ores, *oslope, *oout, *obits;
     bconv_args a;
+    int threads;
     memset(&a, 0, sizeof a);
     if (!PyArg_ParseTuple(args, "OO(iiiii)(iiii)(ii)OOOiffOOOi", &ox, &ow, &a.N, &a.H, &a.W,
                           &a.C, &a.O, &a.KH, &a.KW, &a.sh, &a.sw, &a.ph, &a.pw, &oscale,
                           &oshift, &ores, &a.act, &a.lo, &a.hi, &oslope, &oout, &obits,
-                          &a.threads))
+                          &threads))
         return NULL;
     if (a.N < 0 || a.H < 1 || a.W < 1 || a.C < 1 || a.O < 1 || a.KH < 1 || a.KW < 1 ||
-        a.sh < 1 || a.sw < 1 || a.ph < 0 || a.pw < 0 || a.threads < 1 ||
-        a.threads > MAX_THREADS || a.act < ACT_NONE || a.act > ACT_PRELU) {
+        a.sh < 1 || a.sw < 1 || a.ph < 0 || a.pw < 0 || threads < 1 ||
+        threads > MAX_THREADS || a.act < ACT_NONE || a.act > ACT_PRELU) {
         PyErr_SetString(PyExc_ValueError, "bconv2d: bad dimensions");
         return NULL;
     }
@@ -99,12 +212,12 @@ static PyObject *py_bconv2d(PyObject *Py_UNUSED(self), PyObject *args)
     if (!PRODUCT(npix, a.N, a.Ho, a.Wo) || !PRODUCT(x_n, a.N, a.H, a.W, a.Cw, 8) ||
         !PRODUCT(w_n, taps, a.Cw, a.O, 8) || !PRODUCT(o_n, npix, a.O, 4) ||
         !PRODUCT(bits_n, npix, Ow, 8) || !PRODUCT(stride, taps, 2) || stride > INT64_MAX - a.O ||
-        !PRODUCT(scratch_n, stride + a.O, a.threads) || scratch_n > INT64_MAX - stride ||
+        !PRODUCT(scratch_n, stride + a.O, threads) || scratch_n > INT64_MAX - stride ||
         !PRODUCT(scratch_b, scratch_n + stride, 8)) {
         PyErr_SetString(PyExc_ValueError, "bconv2d: dimensions too large");
         return NULL;
     }
-    a.scratch_stride = stride + a.O;
+    rows_job job = {&a, NULL, bconv_scratch(taps, a.O), (int64_t)a.N * a.Ho};
     Py_buffer b[8];
     int have[8] = {0};
     PyObject *ret = NULL;
@@ -152,16 +265,10 @@ static PyObject *py_bconv2d(PyObject *Py_UNUSED(self), PyObject *args)
             PyErr_NoMemory();
             goto done;
         }
-        int64_t *rel = scratch + scratch_n;
-        for (int64_t t = 0; t < taps; t++) {
-            rel[t] = ((t / a.KW) * a.W + t % a.KW) * a.Cw;
-            rel[taps + t] = t * a.Cw * a.O;
-        }
-        a.scratch = scratch;
-        a.rel = rel;
-        a.woff_all = rel + taps;
+        bconv_set_offsets(&a, scratch + scratch_n);
+        job.scratch = scratch;
         Py_BEGIN_ALLOW_THREADS
-        bconv_impl(&a);
+        team_run(threads, bconv_part, &job);
         Py_END_ALLOW_THREADS
     }
     ret = Py_None;
@@ -193,8 +300,9 @@ static PyObject *py_pack_signs(PyObject *Py_UNUSED(self), PyObject *args)
     PyObject *ret = NULL;
     if (get_buf(ox, &bx, 0, x_n, "x", &hx) || get_buf(oout, &bo, 1, out_n, "out", &ho))
         goto done;
+    pack_job job = {bx.buf, P, C, bo.buf};
     Py_BEGIN_ALLOW_THREADS
-    pack_impl(bx.buf, P, C, bo.buf, threads);
+    team_run(threads, pack_part, &job);
     Py_END_ALLOW_THREADS
     ret = Py_None;
     Py_INCREF(ret);
@@ -204,13 +312,125 @@ done:
     return ret;
 }
 
+/* A network run by a team: every member runs every operation on its part, and they meet
+ * at a barrier after each one; with times, member 0 notes the clock there. */
+typedef struct {
+    const net_t *net;
+    double *times; /* seconds per operation, or NULL */
+} net_job;
+
+typedef struct {
+    team *t;
+    int sense, tid;
+    const net_job *job;
+    struct timespec last;
+} net_member;
+
+static double seconds_since(struct timespec *last)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    const double s = (double)(now.tv_sec - last->tv_sec) + 1e-9 * (double)(now.tv_nsec - last->tv_nsec);
+    *last = now;
+    return s;
+}
+
+static void net_sync(void *ctx, int64_t i)
+{
+    net_member *m = ctx;
+    team_barrier(m->t, &m->sense);
+    if (m->job->times && m->tid == 0) m->job->times[i] += seconds_since(&m->last);
+}
+
+static void net_part_run(void *ctx, int tid, int n, team *t)
+{
+    const net_job *job = ctx;
+    net_member m = {t, 0, tid, job, {0, 0}};
+    if (job->times && tid == 0) clock_gettime(CLOCK_MONOTONIC, &m.last);
+    const int sync = n > 1 || job->times;
+    net_run(job->net, tid, n, sync ? net_sync : NULL, &m);
+}
+
+static PyObject *py_run_net(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *obj[7];
+    int threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOiO", &obj[0], &obj[1], &obj[2], &obj[3], &obj[4],
+                          &obj[5], &threads, &obj[6]))
+        return NULL;
+    if (threads < 1 || threads > MAX_THREADS) {
+        PyErr_SetString(PyExc_ValueError, "run_net: bad thread count");
+        return NULL;
+    }
+    /* ops, fp, wp, input, then the writable arena, bits and times */
+    static const char *what[7] = {"ops", "fp", "wp", "arena", "bits", "input", "times"};
+    static const Py_ssize_t item[7] = {8, 4, 8, 4, 8, 4, 8};
+    static const int writable[7] = {0, 0, 0, 1, 1, 0, 1};
+    Py_buffer b[7];
+    int have[7] = {0};
+    PyObject *ret = NULL;
+    int64_t *scratch = NULL;
+    for (int i = 0; i < 7; i++) {
+        if (i == 6 && obj[i] == Py_None) break;
+        const int flags = PyBUF_C_CONTIGUOUS | (writable[i] ? PyBUF_WRITABLE : 0);
+        if (PyObject_GetBuffer(obj[i], &b[i], flags) < 0) goto done;
+        have[i] = 1;
+        if (b[i].len % item[i]) {
+            PyErr_Format(PyExc_ValueError, "run_net: %s is not a whole number of items", what[i]);
+            goto done;
+        }
+    }
+    net_t net;
+    memset(&net, 0, sizeof net);
+    net.ops = b[0].buf, net.n_ops = b[0].len / 8 / NET_FIELDS;
+    net.fp = b[1].buf, net.fp_n = b[1].len / 4;
+    net.wp = b[2].buf, net.wp_n = b[2].len / 8;
+    net.arena = b[3].buf, net.arena_n = b[3].len / 4;
+    net.bits = b[4].buf, net.bits_n = b[4].len / 8;
+    net.input = b[5].buf, net.input_n = b[5].len / 4;
+    net.k = impl;
+    if (b[0].len % (8 * NET_FIELDS)) {
+        PyErr_SetString(PyExc_ValueError, "run_net: ops is not a whole number of rows");
+        goto done;
+    }
+    if (have[6] && b[6].len / 8 != net.n_ops) {
+        PyErr_SetString(PyExc_ValueError, "run_net: times needs one number per operation");
+        goto done;
+    }
+    const char *bad = net_check(&net);
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "run_net: %s", bad);
+        goto done;
+    }
+    int64_t scratch_b;
+    net.scratch_stride = net_scratch(&net);
+    if (!PRODUCT(scratch_b, net.scratch_stride, threads, 8)) {
+        PyErr_SetString(PyExc_ValueError, "run_net: dimensions too large");
+        goto done;
+    }
+    /* Allocated here, with the GIL, so that a failure is a MemoryError. */
+    scratch = PyMem_RawMalloc(scratch_b ? (size_t)scratch_b : 1);
+    if (scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    net.scratch = scratch;
+    net_job job = {&net, have[6] ? b[6].buf : NULL};
+    Py_BEGIN_ALLOW_THREADS
+    team_run(threads, net_part_run, &job);
+    Py_END_ALLOW_THREADS
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyMem_RawFree(scratch);
+    for (int i = 0; i < 7; i++)
+        if (have[i]) PyBuffer_Release(&b[i]);
+    return ret;
+}
+
 static PyObject *py_kernel_name(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
 {
-#ifdef _OPENMP
-    return PyUnicode_FromFormat("%s+openmp", impl_name);
-#else
     return PyUnicode_FromString(impl_name);
-#endif
 }
 
 static PyMethodDef methods[] = {
@@ -218,6 +438,8 @@ static PyMethodDef methods[] = {
      "bconv2d(x_bits, w_bits, (N, H, W, C, O), (KH, KW, sh, sw), (ph, pw), scale, shift, "
      "residual, act, lo, hi, slope, out, out_bits, threads)"},
     {"pack_signs", py_pack_signs, METH_VARARGS, "pack_signs(x, P, out, C, threads)"},
+    {"run_net", py_run_net, METH_VARARGS,
+     "run_net(ops, fp, wp, arena, bits, input, threads, times): a whole network (_net.h)"},
     {"kernel_name", py_kernel_name, METH_NOARGS, "the instruction set in use"},
     {NULL, NULL, 0, NULL}};
 

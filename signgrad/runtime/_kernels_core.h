@@ -1,7 +1,8 @@
-/* The kernels without Python: the argument block of the convolution, the variants of
- * _kernels_impl.h for each instruction set, and the choice among them. _kernels.c adds
- * the Python glue; tests/kernels_harness.c drives the same code without Python (it is
- * cross-compiled for aarch64 and run under qemu to check the NEON variant bit for bit).
+/* The kernels without Python: the argument block of a convolution, the variants of
+ * _kernels_impl.h for each instruction set, and the choice among them. _net.h runs whole
+ * networks on them; _kernels.c adds the threads and the Python glue;
+ * tests/kernels_harness.c drives the same code without Python (it is cross-compiled for
+ * aarch64 and run under qemu to check the NEON variant bit for bit).
  */
 #ifndef SIGNGRAD_KERNELS_CORE_H
 #define SIGNGRAD_KERNELS_CORE_H
@@ -9,15 +10,14 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_HARDTANH = 2, ACT_PRELU = 3 };
 
 typedef struct {
-    const uint64_t *x;
+    const uint64_t *x; /* binary convolution: packed input and weights */
     const uint64_t *w;
+    const float *xf, *wf; /* float convolution: NHWC input, KH x KW x C x O weights */
+    int sign_input;       /* float convolution of sign(x) */
     int N, H, W, Cw, C, O, KH, KW, sh, sw, ph, pw, Ho, Wo;
     const float *scale, *shift; /* per output channel, always given */
     const float *residual, *slope;
@@ -25,17 +25,25 @@ typedef struct {
     float lo, hi;
     float *out;
     uint64_t *out_bits; /* optional: the signs of the output, packed (O channels) */
-    int threads;
-    /* Heap scratch, sized by the glue: per thread, scratch_stride int64 (xoff and woff of
-     * KH * KW taps, then O accumulators); shared, the offsets of a window inside the image. */
-    int64_t *scratch;
-    int64_t scratch_stride;
+    /* The offsets of a window's taps inside the image (KH * KW each), set by the caller. */
     const int64_t *rel, *woff_all;
 } bconv_args;
 
-/* The most threads a call may ask for: signgrad.runtime.model.MAX_THREADS checks the same
- * bound with a clear message; this is the glue's own defence. */
-#define MAX_THREADS 1024
+/* Heap scratch (int64) one thread needs for a binary convolution: xoff and woff of
+ * KH * KW taps, then O accumulators. */
+static inline int64_t bconv_scratch(int64_t taps, int64_t O) { return 2 * taps + O; }
+
+/* rel and woff_all of a (2 * KH * KW int64 at rel) for its shape. */
+static inline void bconv_set_offsets(bconv_args *a, int64_t *rel)
+{
+    const int64_t taps = (int64_t)a->KH * a->KW;
+    for (int64_t t = 0; t < taps; t++) {
+        rel[t] = ((t / a->KW) * a->W + t % a->KW) * a->Cw;
+        rel[taps + t] = t * a->Cw * a->O;
+    }
+    a->rel = rel;
+    a->woff_all = rel + taps;
+}
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define X86 1
@@ -51,7 +59,7 @@ typedef struct {
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx2,popcnt")
+#pragma GCC target("avx2,fma,popcnt")
 #define SUFFIX avx2
 #include "_kernels_impl.h"
 #undef SUFFIX
@@ -72,31 +80,37 @@ typedef struct {
 #include "_kernels_impl.h"
 #undef SUFFIX
 
-static void (*bconv_impl)(const bconv_args *) = bconv_generic;
-static void (*pack_impl)(const float *, int64_t, int, uint64_t *, int) = pack_generic;
+/* One instruction set's kernels. */
+typedef struct {
+    const char *name;
+    void (*bconv_rows)(const bconv_args *, int64_t r0, int64_t r1, int64_t *scratch);
+    void (*fconv_rows)(const bconv_args *, int64_t r0, int64_t r1);
+    void (*pack_rows)(const float *x, int64_t p0, int64_t p1, int C, uint64_t *out);
+} kernel_impl;
+
+#define KERNEL_IMPL(label, suffix)                                                         \
+    ((kernel_impl){label, bconv_rows_##suffix, fconv_rows_##suffix, pack_rows_##suffix})
+
+static kernel_impl impl;
 static const char *impl_name = "generic";
 
 /* Pick the best variant this CPU runs: AVX-512 VPOPCNTDQ, then AVX2+POPCNT on x86-64;
  * NEON on aarch64, where every CPU has it. */
 static void select_impl(void)
 {
+    impl = KERNEL_IMPL("generic", generic);
 #ifdef X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-        bconv_impl = bconv_avx512;
-        pack_impl = pack_avx512;
-        impl_name = "avx512-vpopcntdq";
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt")) {
-        bconv_impl = bconv_avx2;
-        pack_impl = pack_avx2;
-        impl_name = "avx2-popcnt";
-    }
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        impl = KERNEL_IMPL("avx512-vpopcntdq", avx512);
+    else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("popcnt"))
+        impl = KERNEL_IMPL("avx2-popcnt", avx2);
 #elif defined(ARM64)
-    bconv_impl = bconv_neon;
-    pack_impl = pack_neon;
-    impl_name = "neon";
+    impl = KERNEL_IMPL("neon", neon);
 #endif
+    impl_name = impl.name;
 }
 
 #endif

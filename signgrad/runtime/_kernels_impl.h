@@ -1,7 +1,8 @@
-/* The kernels' bodies, included by _kernels.c once per instruction set with SUFFIX
- * (a name suffix) defined, and USE_AVX512 for the AVX-512 VPOPCNTDQ variant; each
- * inclusion sits under its own "#pragma GCC target", so every function here, and the
- * OpenMP regions outlined from it, is compiled for that instruction set. */
+/* The kernels' bodies, included by _kernels_core.h once per instruction set with SUFFIX
+ * (a name suffix) defined, USE_AVX512 for the AVX-512 VPOPCNTDQ variant and USE_NEON for
+ * aarch64; each x86 inclusion sits under its own "#pragma GCC target", so every function
+ * here is compiled for that instruction set. Each works on a range of rows: the caller
+ * (the glue's threads, or one thread alone) splits the work. */
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SUFFIX)
@@ -136,11 +137,32 @@ FN(popcounts)(const bconv_args *a, int valid, const int64_t *xoff, const int64_t
         }
 }
 
+/* The end of an output pixel's epilogue, once y holds count * scale + shift (or, for a
+ * float convolution, sum * scale + shift) from channel o0 on: the residual, the activation
+ * and the packed signs. Shared by the binary and the float convolutions so that both
+ * treat -0 and NaN alike. */
+static inline __attribute__((always_inline)) void
+FN(finish_pixel)(const bconv_args *a, int64_t pix, int o0, float *y, const float *rp)
+{
+    const int O = a->O, Ow = (O + 63) / 64;
+    if (rp)
+        for (int o = o0; o < O; o++) y[o] += rp[o];
+    /* NaN passes through relu and hardtanh, as in numpy's maximum and clip. */
+    if (a->act == ACT_RELU)
+        for (int o = o0; o < O; o++) y[o] = y[o] < 0.0f ? 0.0f : y[o];
+    else if (a->act == ACT_HARDTANH)
+        for (int o = o0; o < O; o++) y[o] = y[o] < a->lo ? a->lo : (y[o] > a->hi ? a->hi : y[o]);
+    else if (a->act == ACT_PRELU)
+        for (int o = o0; o < O; o++)
+            y[o] = y[o] >= 0.0f ? y[o] : y[o] * a->slope[a->slope_n == 1 ? 0 : o];
+    if (a->out_bits) FN(pack_row)(y, O, a->out_bits + pix * Ow);
+}
+
 /* Portable row: popcounts into acc, then the epilogue as simple loops (vectorizable). */
 static inline __attribute__((always_inline)) void
 FN(bconv_row_plain)(const bconv_args *a, int64_t r, uint64_t *acc, int64_t *xoff, int64_t *woff)
 {
-    const int O = a->O, Ow = (O + 63) / 64;
+    const int O = a->O;
     const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
     for (int ox = 0; ox < a->Wo; ox++) {
         const int valid = FN(valid_taps)(a, n, oy, ox, xoff, woff);
@@ -154,17 +176,45 @@ FN(bconv_row_plain)(const bconv_args *a, int64_t r, uint64_t *acc, int64_t *xoff
 #endif
         for (int o = o0; o < O; o++)
             y[o] = (float)(total - 2 * (int64_t)acc[o]) * a->scale[o] + a->shift[o];
-        if (rp)
-            for (int o = o0; o < O; o++) y[o] += rp[o];
-        /* NaN passes through relu and hardtanh, as in numpy's maximum and clip. */
-        if (a->act == ACT_RELU)
-            for (int o = o0; o < O; o++) y[o] = y[o] < 0.0f ? 0.0f : y[o];
-        else if (a->act == ACT_HARDTANH)
-            for (int o = o0; o < O; o++) y[o] = y[o] < a->lo ? a->lo : (y[o] > a->hi ? a->hi : y[o]);
-        else if (a->act == ACT_PRELU)
-            for (int o = o0; o < O; o++)
-                y[o] = y[o] >= 0.0f ? y[o] : y[o] * a->slope[a->slope_n == 1 ? 0 : o];
-        if (a->out_bits) FN(pack_row)(y, O, a->out_bits + pix * Ow);
+        FN(finish_pixel)(a, pix, o0, y, rp);
+    }
+}
+
+/* Float convolution rows [r0, r1) (r = n * Ho + oy) of NHWC a->xf with weights a->wf laid
+ * out KH x KW x C x O: for each output pixel the products are accumulated tap by tap and
+ * channel by channel, in that fixed order, with fused multiply-adds, across the output
+ * channels at once. The compiler vectorizes over o without reordering any sum, and fmaf
+ * rounds once wherever it runs, so every variant and machine gives the same bits; this
+ * is also the order and rounding of PyTorch's CPU convolution (oneDNN) for a first
+ * layer, whose results it then matches bit for bit, so that a sign taken of them agrees.
+ * With a->sign_input the input is sign(x) (+1 at 0); padding adds 0. */
+static void FN(fconv_rows)(const bconv_args *a, int64_t r0, int64_t r1)
+{
+    const int O = a->O, C = a->C;
+    for (int64_t r = r0; r < r1; r++) {
+        const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
+        for (int ox = 0; ox < a->Wo; ox++) {
+            const int64_t pix = r * a->Wo + ox;
+            float *restrict y = a->out + pix * O;
+            for (int o = 0; o < O; o++) y[o] = 0.0f;
+            for (int ky = 0; ky < a->KH; ky++) {
+                const int iy = oy * a->sh - a->ph + ky;
+                if (iy < 0 || iy >= a->H) continue;
+                for (int kx = 0; kx < a->KW; kx++) {
+                    const int ix = ox * a->sw - a->pw + kx;
+                    if (ix < 0 || ix >= a->W) continue;
+                    const float *xp = a->xf + (((int64_t)n * a->H + iy) * a->W + ix) * C;
+                    const float *restrict wp = a->wf + (int64_t)(ky * a->KW + kx) * C * O;
+                    for (int c = 0; c < C; c++) {
+                        const float v = a->sign_input ? (xp[c] >= 0.0f ? 1.0f : -1.0f) : xp[c];
+                        const float *restrict wr = wp + (int64_t)c * O;
+                        for (int o = 0; o < O; o++) y[o] = fmaf(v, wr[o], y[o]);
+                    }
+                }
+            }
+            for (int o = 0; o < O; o++) y[o] = y[o] * a->scale[o] + a->shift[o];
+            FN(finish_pixel)(a, pix, 0, y, a->residual ? a->residual + pix * O : NULL);
+        }
     }
 }
 
@@ -221,7 +271,7 @@ FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *wof
     const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho), iy0 = oy * a->sh - a->ph;
     const int rows_inside = iy0 >= 0 && iy0 + a->KH <= a->H;
     /* Inside the image every tap is valid and the offsets follow from the first one
-     * (a->rel, a->woff_all: computed once per call by the glue). */
+     * (a->rel, a->woff_all: computed once per call by the caller). */
     const int64_t *rel = a->rel, *woff_all = a->woff_all;
     for (int ox = 0; ox < a->Wo; ox++) {
         const int ix0 = ox * a->sw - a->pw;
@@ -256,39 +306,27 @@ FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *wof
 }
 #endif
 
-static void FN(bconv)(const bconv_args *a)
+/* Rows [r0, r1) of the binary convolution (r = n * Ho + oy), with one thread's heap
+ * scratch (the glue sizes it: xoff and woff of KH * KW taps, then O accumulators). */
+static void FN(bconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t *scratch)
 {
-    const int64_t rows = (int64_t)a->N * a->Ho;
-#pragma omp parallel num_threads(a->threads)
-    {
-        /* Per-thread scratch on the heap (the glue sized it for a->threads threads, and a
-         * team never has more): nothing on the stack is sized by the model file. */
-#ifdef _OPENMP
-        const int64_t tid = omp_get_thread_num();
-#else
-        const int64_t tid = 0;
-#endif
-        int64_t *xoff = a->scratch + tid * a->scratch_stride;
-        int64_t *woff = xoff + (int64_t)a->KH * a->KW;
+    int64_t *xoff = scratch;
+    int64_t *woff = xoff + (int64_t)a->KH * a->KW;
 #ifdef USE_AVX512
-        if (a->O % 8 == 0) {
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < rows; r++) FN(bconv_row_avx512)(a, r, xoff, woff);
-        } else
-#endif
-        {
-            uint64_t *acc = (uint64_t *)(woff + (int64_t)a->KH * a->KW);
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < rows; r++) FN(bconv_row_plain)(a, r, acc, xoff, woff);
-        }
+    if (a->O % 8 == 0) {
+        for (int64_t r = r0; r < r1; r++) FN(bconv_row_avx512)(a, r, xoff, woff);
+        return;
     }
+#endif
+    uint64_t *acc = (uint64_t *)(woff + (int64_t)a->KH * a->KW);
+    for (int64_t r = r0; r < r1; r++) FN(bconv_row_plain)(a, r, acc, xoff, woff);
 }
 
-static void FN(pack)(const float *x, int64_t P, int C, uint64_t *out, int threads)
+/* Signs of pixels [p0, p1) of x (P x C floats) packed into out (P x ceil(C / 64) words). */
+static void FN(pack_rows)(const float *x, int64_t p0, int64_t p1, int C, uint64_t *out)
 {
     const int Cw = (C + 63) / 64;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < P; p++) FN(pack_row)(x + p * C, C, out + p * Cw);
+    for (int64_t p = p0; p < p1; p++) FN(pack_row)(x + p * C, C, out + p * Cw);
 }
 
 #undef FN

@@ -1,9 +1,9 @@
-"""Array kernels of the runtime on NHWC float32 activations: the compiled bit-packed
-convolution where the C extension was built, and numpy for the rest (and as the
-fallback for everything when it was not).
+"""Array kernels of the runtime on NHWC float32 activations: the compiled ones where the C
+extension was built (the bit-packed convolution and whole networks, :func:`run_net`),
+and numpy for the fallback backend.
 
-The compiled kernels (``_kernels.c``) pick AVX-512 VPOPCNTDQ, AVX2+POPCNT or plain C at
-import time; :data:`COMPILED` names the one in use, or is None with
+The compiled kernels (``_kernels.c``) pick AVX-512 VPOPCNTDQ, AVX2+POPCNT, NEON or plain C
+at import time; :data:`COMPILED` names the one in use, or is None with
 :data:`UNAVAILABLE` saying why.
 """
 
@@ -122,6 +122,21 @@ def bconv2d(
         threads,
     )
     return out, bits
+
+
+def run_net(
+    ops: np.ndarray,
+    fp: np.ndarray,
+    wp: np.ndarray,
+    arena: np.ndarray,
+    bits: np.ndarray,
+    x: np.ndarray,
+    threads: int,
+    times: np.ndarray | None = None,
+) -> None:
+    """Run a table of operations (``signgrad.runtime.network``) on ``x``, writing the
+    arena and the bits; the C side checks every row against the buffers first."""
+    _kernels.run_net(ops, fp, wp, arena, bits, x, threads, times)
 
 
 def im2col(

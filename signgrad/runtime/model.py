@@ -1,12 +1,13 @@
 """A packed model, loaded and ready to run: numpy and the compiled kernels, no PyTorch.
 
-At load time each node of the graph becomes a step over NHWC float32 arrays. 1W1A
-convolution and linear layers run as XNOR + popcount on bit-packed activations and
-weights; their epilogue (scale and shift, i.e. weight scaling and folded batch norm, a
-following residual ``add`` and activation) is fused into the kernel, which also packs
-the signs of its output when the next binary layer needs them. 1W32A layers run as
-float convolutions with the sign-folded weights (+-1 times the scale). Everything else
-is numpy.
+With the compiled kernels (the default where they were built) the whole graph runs in
+one call into C (:mod:`signgrad.runtime.network`): 1W1A convolution and linear layers as
+XNOR + popcount on bit-packed activations and weights, with their epilogue (scale and
+shift, i.e. weight scaling and folded batch norm, a following residual ``add`` and
+activation) fused and the signs of their output packed when the next binary layer
+needs them; the float layers, poolings, shortcuts and the layout change in C as well.
+The numpy backend runs each node as a numpy step over NHWC float32 arrays: binary
+layers as float matrix products of signs, which gives the same integers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from signgrad.errors import SigngradError
 from signgrad.runtime import format as fmt
 from signgrad.runtime import kernels as K
 from signgrad.runtime import validate
+from signgrad.runtime.network import Network
 
 #: threads for the compiled kernels: at most this many, and at most THREADS_PER_CPU per CPU
 #: of the machine (more only oversubscribes the cores; far more exhausts the OpenMP
@@ -38,11 +40,6 @@ BACKENDS = ("auto", "compiled", "numpy")
 _ACTS = ("relu", "hardtanh", "prelu")
 
 
-def _bits_key(value: str) -> str:
-    """Where a value's packed signs sit beside the values (no value name has a NUL)."""
-    return "\0bits:" + value
-
-
 def _pair(v: list[int]) -> tuple[int, int]:
     return int(v[0]), int(v[1])
 
@@ -54,7 +51,6 @@ class _Step:
     name: str
     output: str
     fn: Callable[[dict[str, np.ndarray]], np.ndarray]
-    binary: bool = False  # ran on the bit-packed kernel
 
 
 @dataclass
@@ -62,13 +58,16 @@ class PackedModel:
     """A packed network: call :meth:`run` on normalised N x C x H x W float32 inputs, or
     :meth:`predict` on uint8 images.
 
-    Its layers reuse their output buffers from call to call, so one object serves one
-    caller at a time: load one per thread to run several at once."""
+    It reuses its activation buffers from call to call, so one object serves one caller
+    at a time: load one per thread to run several at once."""
 
     graph: dict[str, Any]
     backend: str
     threads: int
+    #: the numpy backend's steps
     steps: list[_Step] = field(default_factory=list)
+    #: the compiled backend's plan
+    network: Network | None = None
     #: activation bytes one image needs (see :mod:`signgrad.runtime.validate`)
     image_bytes: int = 0
 
@@ -122,11 +121,13 @@ class PackedModel:
                 "the input holds NaN or infinite values (or values beyond "
                 "float32); run() needs finite normalised inputs"
             )
+        if self.network is not None:
+            return self.network.run(np.ascontiguousarray(x))
         values: dict[str, Any] = {self.graph["input"]["name"]: np.transpose(x, (0, 2, 3, 1))}
         for step in self.steps:
             values[step.output] = step.fn(values)
         out = values[self.graph["output"]]
-        # A copy: the steps' buffers are reused by the next call.
+        # A copy: the steps may return a view of their input.
         return np.array(out.reshape(out.shape[0], -1) if out.ndim == 4 else out)
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -215,7 +216,11 @@ def build(
     checked = validate.check(graph, tensors)
     model = PackedModel(graph, backend, threads, image_bytes=checked.image_bytes)
     try:
-        _Planner(model, tensors).plan()
+        planner = _Planner(model, tensors)
+        if backend == "compiled":
+            model.network = Network(graph, checked.shapes, planner.weight, planner.tensor, threads)
+        else:
+            planner.plan()
     except (KeyError, TypeError, ValueError, IndexError) as e:
         # The check above admits only consistent graphs; this is its safety net.
         raise SigngradError(f"packed model: malformed graph ({type(e).__name__}: {e})") from None
@@ -223,7 +228,7 @@ def build(
 
 
 class _Planner:
-    """Turns graph nodes into steps, fusing epilogues into binary convolutions."""
+    """Turns graph nodes into the numpy backend's steps; gives the tensors to both."""
 
     def __init__(self, model: PackedModel, tensors: dict[str, np.ndarray]) -> None:
         self.m = model
@@ -231,15 +236,9 @@ class _Planner:
         self.tensors = tensors
         # validate.check has already checked the whole graph (ops, order, shapes, tensors).
         self.nodes: list[dict[str, Any]] = self.graph["nodes"]
-        self.users: dict[str, list[dict[str, Any]]] = {}
-        for n in self.nodes:
-            for v in n["inputs"]:
-                self.users.setdefault(v, []).append(n)
-        self.fused: set[int] = set()  # ids of nodes absorbed into an earlier step
-        self.packed_values: set[str] = set()  # values whose signs a kernel packs as well
 
     # -- tensors (their names, dtypes and shapes checked by validate.check) -------------
-    def _tensor(self, name: str | None, dtype: type = np.float32) -> np.ndarray | None:
+    def tensor(self, name: str | None, dtype: type = np.float32) -> np.ndarray | None:
         if name is None:
             return None
         t = self.tensors.get(name)
@@ -251,27 +250,16 @@ class _Planner:
         """The layer's weights as float32 (binary ones as +-1)."""
         if n["binary_weight"]:
             shape = self.graph["binary_tensors"][n["weight"]]
-            return fmt.unpack_signs(self._tensor(n["weight"], np.uint8), shape)
-        return self._tensor(n["weight"])
+            return fmt.unpack_signs(self.tensor(n["weight"], np.uint8), shape)
+        return self.tensor(n["weight"])
 
     # -- planning ---------------------------------------------------------------------
     def plan(self) -> None:
         for n in self.nodes:
-            if id(n) in self.fused:
-                continue
-            op = n["op"]
-            if op in ("conv2d", "linear"):
-                self.m.steps.append(self.weight_layer(n))
-            else:
-                self.m.steps.append(_Step(n["name"], n["output"], self.simple(n)))
+            step = self.weight_layer(n) if n["op"] in ("conv2d", "linear") else self.simple(n)
+            self.m.steps.append(_Step(n["name"], n["output"], step))
 
-    def _only_user(self, value: str) -> dict[str, Any] | None:
-        users = self.users.get(value, [])
-        if len(users) == 1 and value != self.graph["output"]:
-            return users[0]
-        return None
-
-    def weight_layer(self, n: dict[str, Any]) -> _Step:
+    def weight_layer(self, n: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
         linear = n["op"] == "linear"
         w = self.weight(n)
         if linear:
@@ -279,16 +267,8 @@ class _Planner:
             kernel, stride, padding = (1, 1), (1, 1), (0, 0)
         else:
             kernel, stride, padding = _pair(n["kernel"]), _pair(n["stride"]), _pair(n["padding"])
-        scale, shift = self._tensor(n["scale"]), self._tensor(n["shift"])
+        scale, shift = self.tensor(n["scale"]), self.tensor(n["shift"])
         x_name = n["inputs"][0]
-        o, c = w.shape[:2]
-        for what, t in (("scale", scale), ("shift", shift)):
-            if t is not None and t.shape != (o,):
-                raise SigngradError(
-                    f"packed model: {what} of layer {n['name']!r} has shape {t.shape}, not ({o},)"
-                )
-        if n["binary_input"] and n["binary_weight"] and self.m.backend == "compiled":
-            return self._binary_step(n, w, c, kernel, stride, padding, scale, shift, linear)
         wmat = K.conv_matrix(w)
         sign_input = n["binary_input"]
 
@@ -304,100 +284,13 @@ class _Planner:
                 y += shift
             return y.reshape(y.shape[0], -1) if linear else y
 
-        return _Step(n["name"], n["output"], run)
-
-    def _binary_step(
-        self,
-        n: dict[str, Any],
-        w: np.ndarray,
-        c: int,
-        kernel: tuple[int, int],
-        stride: tuple[int, int],
-        padding: tuple[int, int],
-        scale: np.ndarray | None,
-        shift: np.ndarray | None,
-        linear: bool,
-    ) -> _Step:
-        w_words = K.pack_weight_words(w)
-        o = w.shape[0]
-        scale = np.ones(o, np.float32) if scale is None else np.ascontiguousarray(scale)
-        shift = np.zeros(o, np.float32) if shift is None else np.ascontiguousarray(shift)
-        x_name = n["inputs"][0]
-        out_name = n["output"]
-        residual_name = None
-        act, act_args = None, (0.0, 0.0, None)
-        # Fuse "conv -> [add residual] -> [activation]" when each link has one user.
-        nxt = self._only_user(out_name)
-        if nxt is not None and nxt["op"] == "add":
-            other = [v for v in nxt["inputs"] if v != out_name]
-            if len(other) == 1 and other[0] in self._available(n):
-                residual_name, out_name = other[0], nxt["output"]
-                self.fused.add(id(nxt))
-                nxt = self._only_user(out_name)
-        if nxt is not None and nxt["op"] in _ACTS:
-            act = nxt["op"]
-            if act == "hardtanh":
-                act_args = (float(nxt["min"]), float(nxt["max"]), None)
-            elif act == "prelu":
-                act_args = (0.0, 0.0, np.ascontiguousarray(self._tensor(nxt["weight"]).ravel()))
-            out_name = nxt["output"]
-            self.fused.add(id(nxt))
-        # Pack the output's signs in the kernel when a binary layer reads this value.
-        want_bits = any(
-            u["op"] in ("conv2d", "linear") and u["binary_input"] and u["binary_weight"]
-            for u in self.users.get(out_name, [])
-        )
-        if want_bits:
-            self.packed_values.add(out_name)
-        have_bits = x_name in self.packed_values
-        threads = self.m.threads
-        buffers = K.Buffers()
-
-        def run(values: dict[str, np.ndarray]) -> np.ndarray:
-            x_bits = values.get(_bits_key(x_name)) if have_bits else None
-            if x_bits is None:
-                x = values[x_name]
-                x = x.reshape(x.shape[0], 1, 1, -1) if linear else x
-                x_bits = K.pack_words(x, threads, buffers)
-            residual = values[residual_name] if residual_name else None
-            if residual is not None:
-                residual = np.ascontiguousarray(residual, dtype=np.float32)
-            y, bits = K.bconv2d(
-                x_bits,
-                w_words,
-                c,
-                kernel,
-                stride,
-                padding,
-                scale,
-                shift,
-                residual,
-                act,
-                act_args,
-                want_bits,
-                threads,
-                buffers,
-            )
-            if bits is not None:
-                values[_bits_key(out_name)] = bits
-            return y.reshape(y.shape[0], -1) if linear else y
-
-        return _Step(n["name"], out_name, run, binary=True)
-
-    def _available(self, node: dict[str, Any]) -> set[str]:
-        """Values computed before ``node`` in execution order (and the input)."""
-        seen = {self.graph["input"]["name"]}
-        for n in self.nodes:
-            if n is node:
-                break
-            seen.add(n["output"])
-        return seen
+        return run
 
     def simple(self, n: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
         op, ins = n["op"], n["inputs"]
         x_name = ins[0]
         if op == "affine":
-            s, t = self._tensor(n["scale"]), self._tensor(n["shift"])
+            s, t = self.tensor(n["scale"]), self.tensor(n["shift"])
             return lambda v: v[x_name] * s + t
         if op == "relu":
             return lambda v: np.maximum(v[x_name], np.float32(0))
@@ -405,7 +298,7 @@ class _Planner:
             lo, hi = np.float32(n["min"]), np.float32(n["max"])
             return lambda v: np.clip(v[x_name], lo, hi)
         if op == "prelu":
-            a = self._tensor(n["weight"])
+            a = self.tensor(n["weight"])
             return lambda v: np.where(v[x_name] >= 0, v[x_name], v[x_name] * a)
         if op == "add":
             return lambda v: v[ins[0]] + v[ins[1]]

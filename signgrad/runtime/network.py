@@ -1,0 +1,279 @@
+"""The compiled backend's plan: a checked graph turned into one table of operations that
+the C extension runs whole (``_net.h``), with no Python between the layers.
+
+Every value of the forward pass gets its own place in one float32 arena (NHWC), every
+value that a binary layer reads its packed signs in one uint64 pool; parameters are
+laid out once, float ones (float convolution weights as KH x KW x C x O, scales, shifts,
+slopes, bounds) in one float32 pool, binary weights in one uint64 pool. The places grow
+linearly with the batch, so a batch size's table is the per-image one scaled; the
+arena is kept from one call to the next while the batch size stays the same.
+
+As in the step-by-step numpy backend, a convolution or linear layer absorbs a following
+residual ``add`` and activation when it is their only reader, and a binary layer's
+output signs are packed by the layer that computes it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from signgrad.runtime import kernels as K
+
+# Operation codes and row fields of _net.h (the C side checks every row it is given).
+INPUT, CONV, BCONV, PACK, AFFINE, ACT, ADD, SHORTCUT, MAXPOOL, AVGPOOL, GAP, FLATTEN = range(1, 13)
+FIELDS = (
+    "op n h w c o kh kw sh sw ph pw ho wo x y res wt scale shift act actp slopen bits flags"
+).split()
+_COL = {name: i for i, name in enumerate(FIELDS)}
+#: the fields that are places in the arena or the bits pool: per image, times the batch
+_SCALED = [_COL[k] for k in ("x", "y", "res", "bits")]
+_ACTS = {"relu": 1, "hardtanh": 2, "prelu": 3}
+_POOLS = {"maxpool2d": MAXPOOL, "avgpool2d": AVGPOOL}
+#: below this many multiply-accumulates (binary ones count 1/32) a call runs on one
+#: thread: starting and joining threads (tens of microseconds) costs more than it saves
+PARALLEL_WORK = 2_000_000
+
+
+def _pair(v: list[int]) -> tuple[int, int]:
+    return int(v[0]), int(v[1])
+
+
+def _chw(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """A value's shape as (C, H, W); features are C x 1 x 1."""
+    return (shape[0], 1, 1) if len(shape) == 1 else (shape[0], shape[1], shape[2])
+
+
+class Network:
+    """A packed graph planned for the compiled kernels; :meth:`run` is the forward pass."""
+
+    def __init__(
+        self,
+        graph: dict[str, Any],
+        shapes: dict[str, tuple[int, ...]],
+        weight: Any,
+        tensor: Any,
+        threads: int,
+    ) -> None:
+        """``shapes``: each value's shape (from :func:`signgrad.runtime.validate.check`);
+        ``weight(node)``: a layer's weights as float32 (binary ones +-1); ``tensor(name)``:
+        a float32 tensor or None for None."""
+        self.graph = graph
+        self.shapes = shapes
+        self.threads = threads
+        self._weight, self._tensor = weight, tensor
+        self.rows: list[list[int]] = []
+        self.names: list[str] = []  # the layer each row computes, for profiles
+        self._fp: list[np.ndarray] = []
+        self._fp_n = 0
+        self._wp: list[np.ndarray] = []
+        self._wp_n = 0
+        self.arena_per_image = 0
+        self.bits_per_image = 0
+        self.place: dict[str, int] = {}
+        self.bits: dict[str, int] = {}
+        self.work_per_image = 0.0
+        self._plan()
+        self.fp = np.concatenate(self._fp) if self._fp else np.zeros(1, np.float32)
+        self.wp = np.concatenate(self._wp) if self._wp else np.zeros(1, np.uint64)
+        self._cache: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    # -- pools ----------------------------------------------------------------------
+    def _param(self, a: np.ndarray) -> int:
+        a = np.ascontiguousarray(a, dtype=np.float32).ravel()
+        self._fp.append(a)
+        self._fp_n += a.size
+        return self._fp_n - a.size
+
+    def _words(self, a: np.ndarray) -> int:
+        a = np.ascontiguousarray(a, dtype=np.uint64).ravel()
+        self._wp.append(a)
+        self._wp_n += a.size
+        return self._wp_n - a.size
+
+    def _value(self, name: str) -> int:
+        """The arena place of a value (per image), given on first use."""
+        if name not in self.place:
+            self.place[name] = self.arena_per_image
+            self.arena_per_image += math.prod(self.shapes[name])
+        return self.place[name]
+
+    def _bits(self, name: str) -> int:
+        if name not in self.bits:
+            c, h, w = _chw(self.shapes[name])
+            self.bits[name] = self.bits_per_image
+            self.bits_per_image += h * w * K.words(c)
+        return self.bits[name]
+
+    def _row(self, name: str, **f: int) -> None:
+        row = [-1] * len(FIELDS)
+        row[_COL["flags"]] = row[_COL["act"]] = row[_COL["slopen"]] = 0
+        for k, v in f.items():
+            row[_COL[k]] = int(v)
+        self.rows.append(row)
+        self.names.append(name)
+
+    def _dims(self, value: str) -> dict[str, int]:
+        c, h, w = _chw(self.shapes[value])
+        return {"h": h, "w": w, "c": c}
+
+    # -- planning -------------------------------------------------------------------
+    def _plan(self) -> None:
+        g = self.graph
+        nodes: list[dict[str, Any]] = g["nodes"]
+        self.users: dict[str, list[dict[str, Any]]] = {}
+        for n in nodes:
+            for v in n["inputs"]:
+                self.users.setdefault(v, []).append(n)
+        self.done: set[str] = {g["input"]["name"]}
+        fused: set[int] = set()
+        self._row("input", op=INPUT, **self._dims(g["input"]["name"]), o=g["input"]["shape"][0],
+                  ho=g["input"]["shape"][1], wo=g["input"]["shape"][2],
+                  y=self._value(g["input"]["name"]))  # fmt: skip
+        for n in nodes:
+            if id(n) not in fused:
+                if n["op"] in ("conv2d", "linear"):
+                    fused |= self._layer(n)
+                else:
+                    self._simple(n)
+            self.done.add(n["output"])
+
+    def _only_user(self, value: str) -> dict[str, Any] | None:
+        users = self.users.get(value, [])
+        return users[0] if len(users) == 1 and value != self.graph["output"] else None
+
+    def _binary_reader(self, value: str) -> bool:
+        return any(
+            u["op"] in ("conv2d", "linear") and u["binary_input"] and u["binary_weight"]
+            for u in self.users.get(value, [])
+        )
+
+    def _layer(self, n: dict[str, Any]) -> set[int]:
+        """Rows of a convolution or linear layer with its epilogue; the ids of the nodes
+        it absorbed."""
+        fused: set[int] = set()
+        linear = n["op"] == "linear"
+        w = self._weight(n)
+        if linear:
+            w = w.reshape(*w.shape, 1, 1)
+            kernel, stride, padding = (1, 1), (1, 1), (0, 0)
+        else:
+            kernel, stride, padding = _pair(n["kernel"]), _pair(n["stride"]), _pair(n["padding"])
+        o, c = w.shape[:2]
+        x_name, out = n["inputs"][0], n["output"]
+        binary = bool(n["binary_input"] and n["binary_weight"])
+        scale, shift = self._tensor(n["scale"]), self._tensor(n["shift"])
+        f: dict[str, int] = {
+            "o": o, "kh": kernel[0], "kw": kernel[1], "sh": stride[0], "sw": stride[1],
+            "ph": padding[0], "pw": padding[1],
+            "scale": self._param(np.ones(o, np.float32) if scale is None else scale),
+            "shift": self._param(np.zeros(o, np.float32) if shift is None else shift),
+        }  # fmt: skip
+        # Absorb "-> [add residual] -> [activation]" when each link has one reader.
+        nxt = self._only_user(out)
+        if nxt is not None and nxt["op"] == "add":
+            other = [v for v in nxt["inputs"] if v != out]
+            if len(other) == 1 and other[0] in self.done:
+                f["res"] = self._value(other[0])
+                out = nxt["output"]
+                fused.add(id(nxt))
+                nxt = self._only_user(out)
+        if nxt is not None and nxt["op"] in _ACTS:
+            f.update(self._act(nxt))
+            out = nxt["output"]
+            fused.add(id(nxt))
+        if self._binary_reader(out):
+            f["bits"] = self._bits(out)
+        ch, hh, ww = _chw(self.shapes[out])
+        dims = {"h": self._dims(x_name)["h"], "w": self._dims(x_name)["w"], "c": c}
+        if binary:
+            if x_name not in self.bits:  # its producer did not pack it: pack it here
+                self._row(n["name"] + ":pack", op=PACK, **self._dims(x_name), o=c,
+                          ho=dims["h"], wo=dims["w"], x=self._value(x_name),
+                          y=self._bits(x_name))  # fmt: skip
+            wt = self._words(K.pack_weight_words(w))
+            self._row(n["name"], op=BCONV, **dims, **f, ho=hh, wo=ww, x=self.bits[x_name],
+                      wt=wt, y=self._value(out))  # fmt: skip
+            self.work_per_image += hh * ww * o * c * kernel[0] * kernel[1] / 32
+        else:
+            wt = self._param(np.transpose(w, (2, 3, 1, 0)))  # KH, KW, C, O
+            self._row(n["name"], op=CONV, **dims, **f, ho=hh, wo=ww, x=self._value(x_name),
+                      wt=wt, y=self._value(out), flags=1 if n["binary_input"] else 0)  # fmt: skip
+            self.work_per_image += hh * ww * o * c * kernel[0] * kernel[1]
+        return fused
+
+    def _act(self, n: dict[str, Any]) -> dict[str, int]:
+        op = n["op"]
+        if op == "relu":
+            return {"act": _ACTS[op]}
+        if op == "hardtanh":
+            return {"act": _ACTS[op], "actp": self._param(np.array([n["min"], n["max"]]))}
+        slopes = self._tensor(n["weight"]).ravel()
+        return {"act": _ACTS[op], "actp": self._param(slopes), "slopen": slopes.size}
+
+    def _simple(self, n: dict[str, Any]) -> None:
+        op, ins, out = n["op"], n["inputs"], n["output"]
+        d = self._dims(ins[0])
+        x = self._value(ins[0])
+        same = {**d, "o": d["c"], "ho": d["h"], "wo": d["w"], "x": x}
+        if op == "affine":
+            self._row(n["name"], op=AFFINE, **same, scale=self._param(self._tensor(n["scale"])),
+                      shift=self._param(self._tensor(n["shift"])), y=self._value(out))  # fmt: skip
+        elif op in _ACTS:
+            self._row(n["name"], op=ACT, **same, **self._act(n), y=self._value(out))
+        elif op == "add":
+            self._row(n["name"], op=ADD, **same, res=self._value(ins[1]), y=self._value(out))
+        else:
+            o, ho, wo = _chw(self.shapes[out])
+            f = {**d, "o": o, "ho": ho, "wo": wo, "x": x}
+            if op == "shortcut_a":
+                f.update(sh=n["stride"], ph=n["pad_before"], pw=n["pad_after"])
+                self._row(n["name"], op=SHORTCUT, **f, y=self._value(out))
+            elif op in _POOLS:
+                (kh, kw), (sh, sw), (ph, pw) = (
+                    _pair(n[k]) for k in ("kernel", "stride", "padding")
+                )
+                self._row(n["name"], op=_POOLS[op], **f, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph,
+                          pw=pw, y=self._value(out))  # fmt: skip
+            elif op == "global_avgpool":
+                self._row(n["name"], op=GAP, **f, y=self._value(out))
+            elif op == "flatten":
+                self._row(n["name"], op=FLATTEN, **f, y=self._value(out))
+            else:
+                raise AssertionError(op)  # validate.check admits only known ops
+        if self._binary_reader(out) and out not in self.bits:
+            c, h, w = _chw(self.shapes[out])
+            self._row(n["name"] + ":pack", op=PACK, h=h, w=w, c=c, o=c, ho=h, wo=w,
+                      x=self._value(out), y=self._bits(out))  # fmt: skip
+
+    # -- running --------------------------------------------------------------------
+    def _for_batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._cache is None or self._cache[0] != n:
+            ops = np.array(self.rows, dtype=np.int64)
+            ops[:, _COL["n"]] = n
+            for col in _SCALED:
+                given = ops[:, col] >= 0
+                ops[given, col] *= n
+            # New arrays only when the batch size changes: fresh large arrays cost page
+            # faults that can take longer than the whole forward pass.
+            arena = np.empty(n * self.arena_per_image, np.float32)
+            bits = np.empty(max(1, n * self.bits_per_image), np.uint64)
+            self._cache = (n, ops, arena, bits)
+        return self._cache[1:]
+
+    def threads_for(self, n: int) -> int:
+        """Threads for a batch of ``n``: one for small work (see :data:`PARALLEL_WORK`)."""
+        return 1 if n * self.work_per_image < PARALLEL_WORK else self.threads
+
+    def run(self, x: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
+        """Logits of a C-contiguous float32 N x C x H x W batch (a new array); with
+        ``times`` (float64, one per row), add each operation's seconds to it."""
+        n = x.shape[0]
+        ops, arena, bits = self._for_batch(n)
+        K.run_net(ops, self.fp, self.wp, arena, bits, x, self.threads_for(n), times)
+        out = self.graph["output"]
+        size = math.prod(self.shapes[out])
+        start = n * self.place[out]
+        return arena[start : start + n * size].reshape(n, size).copy()
