@@ -116,7 +116,9 @@ static void run_case(int k, const case_t *c, const kernel_impl *v)
     uint64_t *fbits = c->bits ? malloc(sizeof(uint64_t) * (size_t)(pix * Ow)) : NULL;
     bconv_args f = a;
     f.xf = xf, f.wf = wf, f.sign_input = k % 2, f.out = fout, f.out_bits = fbits;
-    v->fconv_rows(&f, 0, (int64_t)a.N * a.Ho);
+    float *patch = malloc(sizeof(float) * (size_t)(4 * taps * a.C));
+    v->fconv_rows(&f, 0, (int64_t)a.N * a.Ho, patch);
+    free(patch);
     uint64_t h = fnv(0xCBF29CE484222325ull, x, sizeof(uint64_t) * (size_t)(nx * a.Cw));
     /* One NaN for all: x86 makes the NaN of an invalid operation (0 * inf) negative, ARM
      * positive; every other bit pattern (the sign of zero included) must agree. */

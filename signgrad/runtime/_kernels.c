@@ -404,7 +404,7 @@ static PyObject *py_run_net(PyObject *Py_UNUSED(self), PyObject *args)
     }
     int64_t scratch_b;
     net.scratch_stride = net_scratch(&net);
-    if (!PRODUCT(scratch_b, net.scratch_stride, threads, 8)) {
+    if (net.scratch_stride < 0 || !PRODUCT(scratch_b, net.scratch_stride, threads, 8)) {
         PyErr_SetString(PyExc_ValueError, "run_net: dimensions too large");
         goto done;
     }

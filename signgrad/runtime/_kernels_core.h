@@ -33,6 +33,10 @@ typedef struct {
  * KH * KW taps, then O accumulators. */
 static inline int64_t bconv_scratch(int64_t taps, int64_t O) { return 2 * taps + O; }
 
+/* Heap scratch (int64) one thread needs for a float convolution: four patches of
+ * KH * KW * C floats. */
+static inline int64_t fconv_scratch(int64_t taps, int64_t C) { return 2 * taps * C; }
+
 /* rel and woff_all of a (2 * KH * KW int64 at rel) for its shape. */
 static inline void bconv_set_offsets(bconv_args *a, int64_t *rel)
 {
@@ -61,7 +65,9 @@ static inline void bconv_set_offsets(bconv_args *a, int64_t *rel)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,popcnt")
 #define SUFFIX avx2
+#define USE_AVX2 1
 #include "_kernels_impl.h"
+#undef USE_AVX2
 #undef SUFFIX
 #pragma GCC pop_options
 #endif
@@ -84,7 +90,7 @@ static inline void bconv_set_offsets(bconv_args *a, int64_t *rel)
 typedef struct {
     const char *name;
     void (*bconv_rows)(const bconv_args *, int64_t r0, int64_t r1, int64_t *scratch);
-    void (*fconv_rows)(const bconv_args *, int64_t r0, int64_t r1);
+    void (*fconv_rows)(const bconv_args *, int64_t r0, int64_t r1, float *patch);
     void (*pack_rows)(const float *x, int64_t p0, int64_t p1, int C, uint64_t *out);
 } kernel_impl;
 

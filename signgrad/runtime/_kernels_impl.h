@@ -180,40 +180,120 @@ FN(bconv_row_plain)(const bconv_args *a, int64_t r, uint64_t *acc, int64_t *xoff
     }
 }
 
-/* Float convolution rows [r0, r1) (r = n * Ho + oy) of NHWC a->xf with weights a->wf laid
- * out KH x KW x C x O: for each output pixel the products are accumulated tap by tap and
- * channel by channel, in that fixed order, with fused multiply-adds, across the output
- * channels at once. The compiler vectorizes over o without reordering any sum, and fmaf
- * rounds once wherever it runs, so every variant and machine gives the same bits; this
- * is also the order and rounding of PyTorch's CPU convolution (oneDNN) for a first
- * layer, whose results it then matches bit for bit, so that a sign taken of them agrees.
- * With a->sign_input the input is sign(x) (+1 at 0); padding adds 0. */
-static void FN(fconv_rows)(const bconv_args *a, int64_t r0, int64_t r1)
+/* 16 output channels from ob of four pixels' patches (K values each): the sums in
+ * registers, each a chain of fused multiply-adds in patch order (the same roundings in
+ * every variant: one per multiply-add). */
+static inline __attribute__((always_inline)) void
+FN(fconv_block16)(const float *patch, int K, const float *w, int O, int ob, float acc[4][16])
 {
-    const int O = a->O, C = a->C;
+#if defined(USE_AVX512)
+    __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+    for (int k = 0; k < K; k++) {
+        const __m512 wv = _mm512_loadu_ps(w + (int64_t)k * O + ob);
+        for (int p = 0; p < 4; p++) s[p] = _mm512_fmadd_ps(_mm512_set1_ps(patch[p * K + k]), wv, s[p]);
+    }
+    for (int p = 0; p < 4; p++) _mm512_storeu_ps(acc[p], s[p]);
+#elif defined(USE_AVX2)
+    __m256 s[8];
+    for (int i = 0; i < 8; i++) s[i] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const __m256 w0 = _mm256_loadu_ps(w + (int64_t)k * O + ob);
+        const __m256 w1 = _mm256_loadu_ps(w + (int64_t)k * O + ob + 8);
+        for (int p = 0; p < 4; p++) {
+            const __m256 v = _mm256_set1_ps(patch[p * K + k]);
+            s[2 * p] = _mm256_fmadd_ps(v, w0, s[2 * p]);
+            s[2 * p + 1] = _mm256_fmadd_ps(v, w1, s[2 * p + 1]);
+        }
+    }
+    for (int p = 0; p < 4; p++) {
+        _mm256_storeu_ps(acc[p], s[2 * p]);
+        _mm256_storeu_ps(acc[p] + 8, s[2 * p + 1]);
+    }
+#elif defined(USE_NEON)
+    float32x4_t s[16];
+    for (int i = 0; i < 16; i++) s[i] = vdupq_n_f32(0.0f);
+    for (int k = 0; k < K; k++) {
+        const float *wr = w + (int64_t)k * O + ob;
+        const float32x4_t w0 = vld1q_f32(wr), w1 = vld1q_f32(wr + 4);
+        const float32x4_t w2 = vld1q_f32(wr + 8), w3 = vld1q_f32(wr + 12);
+        for (int p = 0; p < 4; p++) {
+            const float32x4_t v = vdupq_n_f32(patch[p * K + k]);
+            s[4 * p] = vfmaq_f32(s[4 * p], v, w0);
+            s[4 * p + 1] = vfmaq_f32(s[4 * p + 1], v, w1);
+            s[4 * p + 2] = vfmaq_f32(s[4 * p + 2], v, w2);
+            s[4 * p + 3] = vfmaq_f32(s[4 * p + 3], v, w3);
+        }
+    }
+    for (int p = 0; p < 4; p++)
+        for (int q = 0; q < 4; q++) vst1q_f32(acc[p] + 4 * q, s[4 * p + q]);
+#else
+    for (int p = 0; p < 4; p++)
+        for (int j = 0; j < 16; j++) acc[p][j] = 0.0f;
+    for (int k = 0; k < K; k++) {
+        const float *wr = w + (int64_t)k * O + ob;
+        for (int p = 0; p < 4; p++) {
+            const float v = patch[p * K + k];
+            for (int j = 0; j < 16; j++) acc[p][j] = fmaf(v, wr[j], acc[p][j]);
+        }
+    }
+#endif
+}
+
+/* Float convolution rows [r0, r1) (r = n * Ho + oy) of NHWC a->xf with weights a->wf laid
+ * out KH x KW x C x O, four output pixels at a time through a per-thread patch buffer
+ * (4 x KH * KW * C floats). Each output is a chain of fused multiply-adds in patch order,
+ * tap by tap and channel by channel; a tap in the padding holds 0, which adds nothing.
+ * fmaf rounds once wherever it runs and the order is fixed, so every variant and machine
+ * gives the same bits; it is also the order and rounding of PyTorch's CPU convolution
+ * (oneDNN) of a first layer, whose results it then matches bit for bit, so that a sign
+ * taken of them agrees. With a->sign_input the patch holds sign(x) (+1 at 0; the padding
+ * still 0). */
+static void FN(fconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, float *patch)
+{
+    const int O = a->O, C = a->C, K = a->KH * a->KW * a->C;
     for (int64_t r = r0; r < r1; r++) {
         const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
-        for (int ox = 0; ox < a->Wo; ox++) {
-            const int64_t pix = r * a->Wo + ox;
-            float *restrict y = a->out + pix * O;
-            for (int o = 0; o < O; o++) y[o] = 0.0f;
-            for (int ky = 0; ky < a->KH; ky++) {
-                const int iy = oy * a->sh - a->ph + ky;
-                if (iy < 0 || iy >= a->H) continue;
-                for (int kx = 0; kx < a->KW; kx++) {
-                    const int ix = ox * a->sw - a->pw + kx;
-                    if (ix < 0 || ix >= a->W) continue;
-                    const float *xp = a->xf + (((int64_t)n * a->H + iy) * a->W + ix) * C;
-                    const float *restrict wp = a->wf + (int64_t)(ky * a->KW + kx) * C * O;
-                    for (int c = 0; c < C; c++) {
-                        const float v = a->sign_input ? (xp[c] >= 0.0f ? 1.0f : -1.0f) : xp[c];
-                        const float *restrict wr = wp + (int64_t)c * O;
-                        for (int o = 0; o < O; o++) y[o] = fmaf(v, wr[o], y[o]);
+        for (int ox0 = 0; ox0 < a->Wo; ox0 += 4) {
+            const int pb = a->Wo - ox0 < 4 ? a->Wo - ox0 : 4;
+            for (int p = 0; p < 4; p++) {
+                float *pp = patch + (int64_t)p * K;
+                for (int ky = 0; ky < a->KH; ky++) {
+                    const int iy = oy * a->sh - a->ph + ky;
+                    for (int kx = 0; kx < a->KW; kx++, pp += C) {
+                        const int ix = (ox0 + p) * a->sw - a->pw + kx;
+                        if (p >= pb || iy < 0 || iy >= a->H || ix < 0 || ix >= a->W) {
+                            for (int c = 0; c < C; c++) pp[c] = 0.0f;
+                            continue;
+                        }
+                        const float *xp = a->xf + (((int64_t)n * a->H + iy) * a->W + ix) * C;
+                        if (a->sign_input)
+                            for (int c = 0; c < C; c++) pp[c] = xp[c] >= 0.0f ? 1.0f : -1.0f;
+                        else
+                            for (int c = 0; c < C; c++) pp[c] = xp[c];
                     }
                 }
             }
-            for (int o = 0; o < O; o++) y[o] = y[o] * a->scale[o] + a->shift[o];
-            FN(finish_pixel)(a, pix, 0, y, a->residual ? a->residual + pix * O : NULL);
+            float *y[4];
+            for (int p = 0; p < pb; p++) y[p] = a->out + (r * a->Wo + ox0 + p) * O;
+            int ob = 0;
+            for (; ob + 16 <= O; ob += 16) {
+                float acc[4][16];
+                FN(fconv_block16)(patch, K, a->wf, O, ob, acc);
+                for (int p = 0; p < pb; p++)
+                    for (int j = 0; j < 16; j++) y[p][ob + j] = acc[p][j];
+            }
+            for (int p = 0; p < pb; p++) /* the last O % 16 channels */
+                for (int o = ob; o < O; o++) {
+                    float s = 0.0f;
+                    for (int k = 0; k < K; k++) s = fmaf(patch[p * K + k], a->wf[(int64_t)k * O + o], s);
+                    y[p][o] = s;
+                }
+            for (int p = 0; p < pb; p++) {
+                for (int o = 0; o < O; o++) y[p][o] = y[p][o] * a->scale[o] + a->shift[o];
+                const int64_t pix = r * a->Wo + ox0 + p;
+                FN(finish_pixel)(a, pix, 0, y[p], a->residual ? a->residual + pix * O : NULL);
+            }
         }
     }
 }

@@ -89,15 +89,17 @@ static int net_in(int64_t off, int64_t len, int64_t n)
     return off >= 0 && len >= 0 && off <= n && len <= n - off;
 }
 
-/* The int64 scratch one thread needs for the table's binary convolutions: their
- * bconv_scratch, then the window offsets (bconv_set_offsets). Call after net_check. */
+/* The int64 scratch one thread needs for the table's convolutions (binary: their
+ * bconv_scratch, then the window offsets of bconv_set_offsets; float: fconv_scratch), or
+ * -1 if it overflows. Call after net_check. */
 static int64_t net_scratch(const net_t *net)
 {
     int64_t most = 0;
     for (int64_t i = 0; i < net->n_ops; i++) {
-        const int64_t *f = net->ops + i * NET_FIELDS;
-        if (f[F_OP] != NET_BCONV) continue;
-        const int64_t taps = f[F_KH] * f[F_KW], need = bconv_scratch(taps, f[F_O]) + 2 * taps;
+        const int64_t *f = net->ops + i * NET_FIELDS, taps = f[F_KH] * f[F_KW];
+        int64_t need = 0;
+        if (f[F_OP] == NET_BCONV) need = bconv_scratch(taps, f[F_O]) + 2 * taps;
+        if (f[F_OP] == NET_CONV && !net_mul(2 * taps, f[F_C], &need)) return -1;
         if (need > most) most = need;
     }
     return most;
@@ -281,10 +283,10 @@ static void net_op(const net_t *net, const int64_t *f, int tid, int n)
     case NET_BCONV: {
         bconv_args a = net_conv_args(net, f);
         net_part(N * f[F_HO], tid, n, &lo, &hi);
+        int64_t *s = net->scratch + tid * net->scratch_stride;
         if (op == NET_CONV) {
-            net->k.fconv_rows(&a, lo, hi);
+            net->k.fconv_rows(&a, lo, hi, (float *)s);
         } else {
-            int64_t *s = net->scratch + tid * net->scratch_stride;
             const int64_t taps = f[F_KH] * f[F_KW];
             bconv_set_offsets(&a, s + bconv_scratch(taps, f[F_O]));
             net->k.bconv_rows(&a, lo, hi, s);
@@ -314,12 +316,16 @@ static void net_op(const net_t *net, const int64_t *f, int tid, int n)
                 for (int64_t c = 0; c < C; c++) yi[c] = xi[c] * s[c] + t[c];
             else if (act == ACT_RELU)
                 for (int64_t c = 0; c < C; c++) yi[c] = xi[c] < 0.0f ? 0.0f : xi[c];
-            else if (act == ACT_HARDTANH)
+            else if (act == ACT_HARDTANH) {
+                const float lo_v = p[0], hi_v = p[1];
                 for (int64_t c = 0; c < C; c++)
-                    yi[c] = xi[c] < p[0] ? p[0] : (xi[c] > p[1] ? p[1] : xi[c]);
-            else
-                for (int64_t c = 0; c < C; c++)
-                    yi[c] = xi[c] >= 0.0f ? xi[c] : xi[c] * p[f[F_SLOPEN] == 1 ? 0 : c];
+                    yi[c] = xi[c] < lo_v ? lo_v : (xi[c] > hi_v ? hi_v : xi[c]);
+            } else if (f[F_SLOPEN] == 1) {
+                const float a = p[0];
+                for (int64_t c = 0; c < C; c++) yi[c] = xi[c] >= 0.0f ? xi[c] : xi[c] * a;
+            } else {
+                for (int64_t c = 0; c < C; c++) yi[c] = xi[c] >= 0.0f ? xi[c] : xi[c] * p[c];
+            }
         }
         break;
     }

@@ -124,6 +124,7 @@ class Network:
         g = self.graph
         nodes: list[dict[str, Any]] = g["nodes"]
         self.users: dict[str, list[dict[str, Any]]] = {}
+        self.producer: dict[str, dict[str, Any]] = {n["output"]: n for n in nodes}
         for n in nodes:
             for v in n["inputs"]:
                 self.users.setdefault(v, []).append(n)
@@ -175,6 +176,15 @@ class Network:
         nxt = self._only_user(out)
         if nxt is not None and nxt["op"] == "add":
             other = [v for v in nxt["inputs"] if v != out]
+            if len(other) == 1 and other[0] not in self.done:
+                # A shortcut computed after the convolution from earlier values (an
+                # option-A shortcut of the block's input): compute it first, to fuse.
+                p = self.producer.get(other[0])
+                if p is not None and p["op"] not in ("conv2d", "linear", "add"):
+                    if all(v in self.done for v in p["inputs"]):
+                        self._simple(p)
+                        self.done.add(p["output"])
+                        fused.add(id(p))
             if len(other) == 1 and other[0] in self.done:
                 f["res"] = self._value(other[0])
                 out = nxt["output"]
