@@ -1,38 +1,56 @@
-"""Latency of the packed runtime against float PyTorch on the CPU, as ratios in one run.
+"""Whole-network latency of the packed runtime against what a user would pick instead, on
+the CPU, as ratios measured in one run.
 
-* one 1W1A 3x3 convolution, 64 -> 64 channels, on 32x32 and 16x16 maps: the runtime's
-  whole layer (sign-packing the float input, XNOR-popcount, scale/shift epilogue, float
-  output) against ``F.conv2d`` on float tensors;
-* whole 1W1A ResNet-20 and VGG-Small (first and last layer full precision, batch norm
-  statistics from a few training-mode batches): ``PackedModel.run`` against the same
-  architecture in full precision (``nn.Conv2d``, eager, eval, no_grad), and against the
-  binarized PyTorch model it was exported from;
+For 1W1A ResNet-20 and VGG-Small (first and last layer full precision, batch norm
+statistics from a few training-mode batches), at batch 1 and 32 and on 1 and 2 threads,
+each contender is what a user calls, on N x C x H x W float32 input, output included:
 
-at batch 1 and 32, PyTorch and the runtime on the same number of threads. Calls are
-timed round-robin after warm-up and the median is shown, so that drifts of a noisy
-machine hit every contender alike.
+* ``packed``: ``PackedModel.run`` of the packed export (the compiled backend);
+* ``torch``: the same architecture in full precision, eager, eval, ``no_grad``;
+* ``compile``: that model after ``torch.compile`` (compilation not timed);
+* ``onnxruntime``: the ONNX export of the binary network, on an onnxruntime session
+  with as many intra-op threads and spinning switched off.
 
-    python benchmarks/inference.py                   # all, 2 threads
-    python benchmarks/inference.py --threads 1 --rounds 50
-    python benchmarks/inference.py --profile     # + where a packed network's time goes
+The contenders run round-robin after warm-up, so that a noisy machine's drifts hit all
+alike; OpenMP spinning is switched off for all (``OMP_WAIT_POLICY=PASSIVE`` before
+torch loads, onnxruntime's ``allow_spinning=0``; the runtime's threads exist only during
+a call). Each block of rounds gives a median per contender; the block is repeated and
+the tables show the median over the repeats with the range of the ratio.
+
+The roofline: ``popcount_peak`` runs XOR, popcount and add on 8192 bits held in
+registers with the instruction set the kernels use (no memory traffic): the most binary
+multiply-accumulates per second one core can do. A binary convolution's share is its
+useful multiply-accumulates (N x Ho x Wo x O x KH x KW x C) per second, from the
+runtime's per-operation clock, over that peak times the threads it ran on.
+
+    python benchmarks/inference.py                       # 1 and 2 threads, all
+    python benchmarks/inference.py --threads 1 --no-compile --repeats 1
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
-import statistics
-import time
-from collections.abc import Callable
+import os
 
-import numpy as np
-import torch
-from torch.nn import functional as F
+for _var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+    os.environ.setdefault(_var, {"OMP_WAIT_POLICY": "PASSIVE"}.get(_var, "0"))
 
-from signgrad import convert, export, graph, layers, models
-from signgrad.runtime import format as fmt
-from signgrad.runtime import kernels
-from signgrad.runtime import model as runtime
+import argparse  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from signgrad import convert, export, graph, models  # noqa: E402
+from signgrad.runtime import format as fmt  # noqa: E402
+from signgrad.runtime import kernels, network  # noqa: E402
+from signgrad.runtime import model as runtime  # noqa: E402
+
+SHAPE = (3, 32, 32)
+CLASSES = [str(i) for i in range(10)]
 
 
 def timed(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, float]:
@@ -57,45 +75,7 @@ def calibrated(model: torch.nn.Module, shape: tuple[int, int, int]) -> torch.nn.
     return model.eval()
 
 
-def packed_model(model: torch.nn.Module, shape: tuple[int, int, int], threads: int):
-    src = export.Source(
-        model, shape, [str(i) for i in range(10)], [0.0] * shape[0], [1.0] * shape[0], {}
-    )
-    g, tensors = fmt.read_bytes(export.packed(src))
-    return runtime.build(g, tensors, backend="compiled", threads=threads)
-
-
-def single_conv(size: int, batch: int, threads: int, rounds: int, warmup: int) -> list[str]:
-    torch.manual_seed(0)
-    conv = layers.BinaryConv2d(64, 64, 3, padding=1, weight_quantizer="bnn", input_quantizer="bnn")
-    # A packed model ends in N x classes, hence the head; only step 0, the conv, is timed.
-    head = (torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    net = calibrated(torch.nn.Sequential(conv, torch.nn.BatchNorm2d(64), *head), (64, size, size))
-    pm = packed_model(net, (64, size, size), threads)
-    x = torch.randn(batch, 64, size, size)
-    x_nhwc = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
-    w = torch.randn(64, 64, 3, 3)
-    step = pm.steps[0]
-    name = pm.graph["input"]["name"]
-    with torch.no_grad():
-        ms = timed(
-            {
-                "float": lambda: F.conv2d(x, w, padding=1),
-                "packed": lambda: step.fn({name: x_nhwc}),
-            },
-            rounds,
-            warmup,
-        )
-    return [
-        f"| 1W1A conv 64->64 3x3, {size}x{size} | {batch} | {ms['float']:.3f} | "
-        f"{ms['packed']:.3f} | {ms['float'] / ms['packed']:.2f} |"
-    ]
-
-
-SHAPE = (3, 32, 32)
-
-
-def network(arch: str, binary: bool) -> torch.nn.Module:
+def network_of(arch: str, binary: bool) -> torch.nn.Module:
     """``arch`` for CIFAR-sized inputs: float, or 1W1A with calibrated batch norm."""
     torch.manual_seed(0)
     kw = {"image_size": 32} if arch == "vgg-small" else {}
@@ -103,48 +83,140 @@ def network(arch: str, binary: bool) -> torch.nn.Module:
     return calibrated(convert.binarize(model, "bnn", "bnn"), SHAPE) if binary else model.eval()
 
 
-def whole_network(arch: str, batch: int, threads: int, rounds: int, warmup: int) -> list[str]:
-    fp, binary = network(arch, binary=False), network(arch, binary=True)
-    pm = packed_model(binary, SHAPE, threads)
-    x = torch.randn(batch, *SHAPE)
-    xn = x.numpy()
-    with torch.no_grad():
-        ms = timed(
-            {"float": lambda: fp(x), "binary": lambda: binary(x), "packed": lambda: pm.run(xn)},
-            rounds,
-            warmup,
-        )
-    return [
-        f"| 1W1A {arch} | {batch} | {ms['float']:.3f} | {ms['packed']:.3f} | "
-        f"{ms['float'] / ms['packed']:.2f} | {ms['binary']:.3f} |"
-    ]
+def source(model: torch.nn.Module) -> export.Source:
+    return export.Source(model, SHAPE, CLASSES, [0.0] * 3, [1.0] * 3, {})
 
 
-def profile(arch: str, batch: int, threads: int, rounds: int, warmup: int) -> list[str]:
-    """Median milliseconds of each step of the packed network, slowest first."""
-    pm = packed_model(network(arch, binary=True), SHAPE, threads)
-    x = np.transpose(
-        np.random.default_rng(0).standard_normal((batch, *SHAPE), np.float32), (0, 2, 3, 1)
-    )
-    times: dict[str, list[float]] = {s.name: [] for s in pm.steps}
-    for r in range(warmup + rounds):
-        values = {pm.graph["input"]["name"]: x}
-        for s in pm.steps:
-            t0 = time.perf_counter()
-            values[s.output] = s.fn(values)
-            if r >= warmup:
-                times[s.name].append(time.perf_counter() - t0)
-    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-    total = sum(ms.values())
-    kind = {s.name: "binary" if s.binary else "numpy" for s in pm.steps}
-    binary_ms = sum(v for k, v in ms.items() if kind[k] == "binary")
-    lines = [
-        f"\n{arch}, batch {batch}: {total:.3f} ms in {len(ms)} steps, of which binary "
-        f"kernels {binary_ms:.3f} ms"
-    ]
-    for k, v in sorted(ms.items(), key=lambda kv: -kv[1])[:6]:
-        lines.append(f"  {k:24s} {kind[k]:6s} {v:7.3f} ms ({100 * v / total:.0f}%)")
+def packed_model(model: torch.nn.Module, threads: int) -> runtime.PackedModel:
+    g, tensors = fmt.read_bytes(export.packed(source(model)))
+    return runtime.build(g, tensors, backend="compiled", threads=threads)
+
+
+def ort_session(model: torch.nn.Module, threads: int):  # -> onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    data = export.checked(source(model), "onnx").data
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+
+
+def contenders(arch: str, threads: int, use_compile: bool) -> dict[str, Callable]:
+    """For each contender, a function of a numpy batch returning its logits."""
+    fp, binary = network_of(arch, binary=False), network_of(arch, binary=True)
+    pm = packed_model(binary, threads)
+    fns: dict[str, Callable] = {"packed": pm.run}
+
+    def eager(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return fp(torch.from_numpy(x)).numpy()
+
+    fns["torch"] = eager
+    if use_compile:
+        compiled = torch.compile(fp)
+
+        def comp(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return compiled(torch.from_numpy(x)).numpy()
+
+        fns["compile"] = comp
+    try:
+        sess = ort_session(binary, threads)
+        fns["onnxruntime"] = lambda x: sess.run(None, {"input": x})[0]
+    except ImportError:
+        print("(onnxruntime not installed: pip install 'signgrad[onnx]')")
+    return fns
+
+
+def whole_networks(args: argparse.Namespace) -> list[str]:
+    lines = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for arch in args.networks:
+            fns = contenders(arch, threads, not args.no_compile)
+            names = list(fns)
+            for batch in args.batches:
+                x = np.random.default_rng(0).standard_normal((batch, *SHAPE), np.float32)
+                calls = {k: (lambda f=f, x=x: f(x)) for k, f in fns.items()}
+                rounds = args.rounds if batch == 1 else max(5, args.rounds // 4)
+                runs = [timed(calls, rounds, args.warmup) for _ in range(args.repeats)]
+                ms = {k: statistics.median(r[k] for r in runs) for k in names}
+                cells = [f"{ms[k]:.3f}" for k in names]
+                for k in names[1:]:
+                    ratios = [r[k] / r["packed"] for r in runs]
+                    cells.append(
+                        f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+                    )
+                if header(names) not in lines:
+                    lines += ["", header(names), "|---|---:|---:|" + "---:|" * (2 * len(names) - 1)]
+                    print(*lines[-3:], sep="\n")
+                lines.append(f"| {arch} | {threads} | {batch} | " + " | ".join(cells) + " |")
+                print(lines[-1], flush=True)
     return lines
+
+
+def header(names: list[str]) -> str:
+    ms = " | ".join(f"{k} ms" for k in names)
+    ratio = " | ".join(f"{k} / packed" for k in names[1:])
+    return f"| network | threads | batch | {ms} | {ratio} |"
+
+
+def peak_per_thread() -> float:
+    """Binary multiply-accumulates per second of one core (the popcount roofline)."""
+    rounds = 2_000_000
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        kernels.popcount_peak(rounds)
+        best = min(best, time.perf_counter() - t0)
+    return kernels.PEAK_BITS_PER_ROUND * rounds / best
+
+
+def roofline(args: argparse.Namespace, peak: float) -> list[str]:
+    """Per network, batch and thread count: the binary convolutions' share of the
+    popcount roofline, and where the time goes."""
+    lines = [
+        "",
+        f"popcount roofline: {peak / 1e9:.0f} G binary MAC/s per core ({kernels.COMPILED})",
+        "",
+        "| network | threads | batch | forward ms | binary convs ms | binary MAC/s | "
+        "share of roofline | slowest operations |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    print(*lines, sep="\n")
+    for threads in args.threads:
+        for arch in args.networks:
+            net = packed_model(network_of(arch, binary=True), threads).network
+            for batch in args.batches:
+                x = np.random.default_rng(0).standard_normal((batch, *SHAPE), np.float32)
+                reps = args.rounds if batch == 1 else max(5, args.rounds // 4)
+                t = np.zeros(len(net.rows))
+                for _ in range(args.warmup):
+                    net.run(x)
+                for _ in range(reps):
+                    net.run(x, t)
+                t /= reps
+                used = net.threads_for(batch)
+                binary = [i for i, r in enumerate(net.rows) if r[0] == network.BCONV]
+                macs = sum(batch * bconv_macs(net.rows[i]) for i in binary)
+                secs = sum(t[i] for i in binary)
+                top = sorted(range(len(t)), key=lambda i: -t[i])[:3]
+                slow = ", ".join(f"{net.names[i]} {100 * t[i] / t.sum():.0f}%" for i in top)
+                lines.append(
+                    f"| {arch} | {threads} ({used} used) | {batch} | {1000 * t.sum():.3f} | "
+                    f"{1000 * secs:.3f} | {macs / secs / 1e9:.0f} G | "
+                    f"{100 * macs / secs / (peak * used):.0f}% | {slow} |"
+                )
+                print(lines[-1], flush=True)
+    return lines
+
+
+def bconv_macs(row: list[int]) -> int:
+    """Useful binary multiply-accumulates of one image in a binary convolution row."""
+    f = dict(zip(network.FIELDS, row, strict=True))
+    return f["ho"] * f["wo"] * f["o"] * f["kh"] * f["kw"] * f["c"]
 
 
 def sizes() -> list[str]:
@@ -153,48 +225,36 @@ def sizes() -> list[str]:
     m = models.get("resnet20", num_classes=10, in_channels=3, activation="hardtanh")
     convert.binarize(m, "bnn", "bnn")
     m.eval()
-    src = export.Source(m, (3, 32, 32), [str(i) for i in range(10)], [0.0] * 3, [1.0] * 3, {})
-    packed, full = len(export.packed(src, graph.build(m, (3, 32, 32)))), export.float_size(m)
+    packed, full = len(export.packed(source(m), graph.build(m, SHAPE))), export.float_size(m)
     return [
+        "",
         f"1W1A ResNet-20 (first/last full precision): packed file {packed} bytes, float "
-        f"state_dict {full} bytes, {full / packed:.1f}x smaller"
+        f"state_dict {full} bytes, {full / packed:.1f}x smaller",
     ]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--rounds", type=int, default=40, help="per block at batch 1 (/4 at 32)")
+    p.add_argument("--repeats", type=int, default=3, help="blocks of rounds")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--networks", nargs="+", default=["resnet20", "vgg-small"])
-    p.add_argument("--profile", action="store_true", help="also time each packed step")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     args = p.parse_args()
     if kernels.COMPILED is None:
         raise SystemExit(f"the compiled kernels are not built: {kernels.UNAVAILABLE}")
-    torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, CPU "
-        f"capability {torch.backends.cpu.get_cpu_capability()}, runtime kernels "
-        f"{kernels.COMPILED}, {args.threads} threads, median of {args.rounds} rounds\n"
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"runtime kernels {kernels.COMPILED}, median of {args.rounds} rounds (batch 1; "
+        f"{max(5, args.rounds // 4)} at larger batches) x {args.repeats} repeats",
+        flush=True,
     )
-    print("| layer | batch | float PyTorch ms | packed ms | speed-up |")
-    print("|---|---:|---:|---:|---:|")
-    for size in (32, 16):
-        for b in args.batches:
-            print(*single_conv(size, b, args.threads, args.rounds, args.warmup), flush=True)
-    print("\n| network | batch | float PyTorch ms | packed ms | speed-up | binarized PyTorch ms |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for arch in args.networks:
-        for b in args.batches:
-            rounds = max(5, args.rounds // 3) if arch == "vgg-small" and b > 1 else args.rounds
-            print(*whole_network(arch, b, args.threads, rounds, args.warmup), flush=True)
-    if args.profile:
-        for arch in args.networks:
-            for b in args.batches:
-                print(*profile(arch, b, args.threads, args.rounds, args.warmup), sep="\n")
-    print()
-    print(*sizes())
+    whole_networks(args)
+    roofline(args, peak_per_thread())
+    print(*sizes(), sep="\n")
 
 
 if __name__ == "__main__":

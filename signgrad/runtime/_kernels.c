@@ -428,6 +428,21 @@ done:
     return ret;
 }
 
+static PyObject *py_popcount_peak(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    long long iters;
+    if (!PyArg_ParseTuple(args, "L", &iters)) return NULL;
+    if (iters < 1) {
+        PyErr_SetString(PyExc_ValueError, "popcount_peak: iterations must be positive");
+        return NULL;
+    }
+    uint64_t r;
+    Py_BEGIN_ALLOW_THREADS
+    r = impl.popcount_peak(iters);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLongLong(r);
+}
+
 static PyObject *py_kernel_name(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args))
 {
     return PyUnicode_FromString(impl_name);
@@ -440,6 +455,8 @@ static PyMethodDef methods[] = {
     {"pack_signs", py_pack_signs, METH_VARARGS, "pack_signs(x, P, out, C, threads)"},
     {"run_net", py_run_net, METH_VARARGS,
      "run_net(ops, fp, wp, arena, bits, input, threads, times): a whole network (_net.h)"},
+    {"popcount_peak", py_popcount_peak, METH_VARARGS,
+     "popcount_peak(rounds): XOR-popcount-add on 8192 bits a round, in registers (roofline)"},
     {"kernel_name", py_kernel_name, METH_NOARGS, "the instruction set in use"},
     {NULL, NULL, 0, NULL}};
 

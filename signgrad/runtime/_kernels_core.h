@@ -92,10 +92,12 @@ typedef struct {
     void (*bconv_rows)(const bconv_args *, int64_t r0, int64_t r1, int64_t *scratch);
     void (*fconv_rows)(const bconv_args *, int64_t r0, int64_t r1, float *patch);
     void (*pack_rows)(const float *x, int64_t p0, int64_t p1, int C, uint64_t *out);
+    uint64_t (*popcount_peak)(int64_t iters); /* 8192 bit operations per round */
 } kernel_impl;
 
 #define KERNEL_IMPL(label, suffix)                                                         \
-    ((kernel_impl){label, bconv_rows_##suffix, fconv_rows_##suffix, pack_rows_##suffix})
+    ((kernel_impl){label, bconv_rows_##suffix, fconv_rows_##suffix, pack_rows_##suffix,       \
+                   popcount_peak_##suffix})
 
 static kernel_impl impl;
 static const char *impl_name = "generic";

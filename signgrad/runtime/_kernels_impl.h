@@ -409,6 +409,47 @@ static void FN(pack_rows)(const float *x, int64_t p0, int64_t p1, int C, uint64_
     for (int64_t p = p0; p < p1; p++) FN(pack_row)(x + p * C, C, out + p * Cw);
 }
 
+/* The popcount roofline of this variant: `iters` rounds of XOR, popcount and add on
+ * 8192 bits held in registers (independent accumulators, no memory traffic): the
+ * most binary multiply-accumulates per second its instructions can do. Returns a sum
+ * that depends on every round, so that nothing is left out. */
+static uint64_t FN(popcount_peak)(int64_t iters)
+{
+#if defined(USE_AVX512)
+    __m512i s[16], w = _mm512_set1_epi64(0x5555), one = _mm512_set1_epi64(1);
+    for (int j = 0; j < 16; j++) s[j] = _mm512_set1_epi64(j);
+    for (int64_t i = 0; i < iters; i++) {
+        for (int j = 0; j < 16; j++)
+            s[j] = _mm512_add_epi64(s[j], _mm512_popcnt_epi64(_mm512_xor_si512(s[j], w)));
+        w = _mm512_add_epi64(w, one);
+    }
+    for (int j = 1; j < 16; j++) s[0] = _mm512_add_epi64(s[0], s[j]);
+    return (uint64_t)_mm512_reduce_add_epi64(s[0]);
+#elif defined(USE_NEON)
+    uint64x2_t s[32];
+    uint64x2_t w = vdupq_n_u64(0x5555), one = vdupq_n_u64(1);
+    for (int j = 0; j < 32; j++) s[j] = vdupq_n_u64((uint64_t)j);
+    for (int64_t i = 0; i < iters; i++) {
+        for (int j = 0; j < 32; j++)
+            s[j] = vpadalq_u32(s[j], vpaddlq_u16(vpaddlq_u8(vcntq_u8(vreinterpretq_u8_u64(veorq_u64(s[j], w))))));
+        w = vaddq_u64(w, one);
+    }
+    uint64_t total = 0;
+    for (int j = 0; j < 32; j++) total += vgetq_lane_u64(s[j], 0) + vgetq_lane_u64(s[j], 1);
+    return total;
+#else
+    uint64_t s[128], w = 0x5555;
+    for (int j = 0; j < 128; j++) s[j] = (uint64_t)j;
+    for (int64_t i = 0; i < iters; i++) {
+        for (int j = 0; j < 128; j++) s[j] += (uint64_t)__builtin_popcountll(s[j] ^ w);
+        w++;
+    }
+    uint64_t total = 0;
+    for (int j = 0; j < 128; j++) total += s[j];
+    return total;
+#endif
+}
+
 #undef FN
 #undef CAT
 #undef CAT_

@@ -139,6 +139,17 @@ def run_net(
     _kernels.run_net(ops, fp, wp, arena, bits, x, threads, times)
 
 
+#: bit operations (binary multiply-accumulates) one round of :func:`popcount_peak` does
+PEAK_BITS_PER_ROUND = 8192
+
+
+def popcount_peak(rounds: int) -> int:
+    """XOR, popcount and add on :data:`PEAK_BITS_PER_ROUND` bits held in registers,
+    ``rounds`` times, with the kernels' instruction set: time it for the popcount
+    roofline of one core. Returns a checksum of the work."""
+    return _kernels.popcount_peak(rounds)
+
+
 def im2col(
     x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
 ) -> np.ndarray:
