@@ -34,7 +34,7 @@ from signgrad.errors import SigngradError
 from signgrad.runtime import format as fmt
 from signgrad.runtime import kernels as K
 from signgrad.runtime import model as runtime
-from signgrad.runtime import validate
+from signgrad.runtime import network, validate
 
 needs_compiled = pytest.mark.skipif(K.COMPILED is None, reason=f"no kernels: {K.UNAVAILABLE}")
 Doc = dict[str, Any]
@@ -661,6 +661,72 @@ def test_the_kernel_glue_checks_sizes_and_threads_itself():
         K._kernels.pack_signs(np.zeros(4, np.float32), 2**62, np.zeros(1, np.uint64), 2, 1)
     with pytest.raises(ValueError):
         K._kernels.pack_signs(np.zeros(4, np.float32), 1, np.zeros(1, np.uint64), 4, 5000)
+
+
+@needs_compiled
+def test_the_network_glue_checks_every_row_against_its_buffers(bases):
+    """run_net trusts no row of its table: an edit that would reach outside the buffers it
+    was handed, or make the shapes disagree, is a ValueError before anything runs; an edit
+    it accepts (a field the row does not use, a place still inside) writes nowhere else:
+    guard zones around the arena and the bits stay untouched."""
+    net = runtime.load(bases["mixed"], backend="compiled", threads=1).network
+    x = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    ops, arena, bits = net._for_batch(2)
+    guard = 4096
+    arena_all = np.full(arena.size + 2 * guard, 7.0, np.float32)
+    bits_all = np.full(bits.size + 2 * guard, 7, np.uint64)
+    arena, bits = arena_all[guard:-guard], bits_all[guard:-guard]
+    col = {name: i for i, name in enumerate(network.FIELDS)}
+    args = (net.fp, net.wp, arena, bits, x, 1, None)
+    K.run_net(ops, *args)
+    kinds = {int(r[0]) for r in ops}
+    assert {network.CONV, network.BCONV, network.PACK} <= kinds and len(kinds) >= 6
+    edits = [
+        ("x", 10**9), ("y", arena.size), ("y", -2), ("res", arena.size - 1), ("wt", net.wp.size),
+        ("scale", net.fp.size), ("shift", -5), ("bits", bits.size), ("n", 3), ("n", 0),
+        ("c", 4096), ("o", 1 << 31), ("ho", 1), ("kh", 0), ("sh", -1), ("ph", 1 << 40),
+        ("act", 7), ("actp", net.fp.size - 1), ("op", 99), ("flags", 2), ("h", 1 << 20),
+    ]  # fmt: skip
+    refused = 0
+    for i in range(len(ops)):
+        for field, value in edits:
+            bad = ops.copy()
+            bad[i, col[field]] = value
+            try:
+                K.run_net(bad, *args)
+            except ValueError as e:
+                assert str(e).startswith("run_net: "), e
+                refused += 1
+            else:
+                assert (field, value) not in (("op", 99), ("y", -2), ("n", 0)), (i, field)
+            for zone in (arena_all[:guard], arena_all[-guard:]):
+                assert np.all(zone == 7.0), (i, field, value)
+            for zone in (bits_all[:guard], bits_all[-guard:]):
+                assert np.all(zone == 7), (i, field, value)
+    assert refused > len(ops) * len(edits) // 2, refused
+    for bad_args in (
+        (net.fp, net.wp, arena, bits, x, 1, np.zeros(1)),  # times: one per row
+        (net.fp, net.wp, arena, bits, x[:1], 1, None),  # the input of another batch
+        (net.fp, net.wp, arena[:-1], bits, x, 1, None),  # an arena too small
+        (net.fp, net.wp, arena, bits, x, 5000, None),  # threads
+    ):
+        with pytest.raises(ValueError, match="run_net"):
+            K.run_net(ops, *bad_args)
+
+
+@needs_compiled
+def test_threads_give_the_same_bits_and_none_outlive_the_call(bases):
+    """A forward pass on 1 or 2 threads computes every output in the same order, and the
+    threads of a call are gone when it returns: nothing idles or spins between calls."""
+    x = np.random.default_rng(5).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    tasks = Path("/proc/self/task")
+    before = len(list(tasks.iterdir())) if tasks.is_dir() else None
+    one = runtime.load(bases["resnet20"], backend="compiled", threads=1)
+    two = runtime.load(bases["resnet20"], backend="compiled", threads=2)
+    two.network.threads_for = lambda n: 2  # whatever the work: two threads
+    assert np.array_equal(one.run(x), two.run(x))
+    if before is not None:
+        assert len(list(tasks.iterdir())) == before
 
 
 # --------------------------------------------------------------------------- threads
