@@ -318,15 +318,28 @@ def _summary(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from signgrad import export
 
-    src = _source(args, strict=True)
-    built = export.checked(src, args.format)  # refuses before anything is written
     run_dir = Path(args.target) if Path(args.target).is_dir() else Path(args.target).parent
+    options = {}
+    if export.FORMATS.canonical(args.format) == "c":
+        # The .c file's name gives the symbols' prefix and the header's name.
+        from signgrad import c_export
+
+        if args.out and Path(args.out).suffix != ".c":
+            raise SigngradError(f"--out {args.out}: the C export writes a .c file (and its .h)")
+        options["prefix"] = c_export.check_name(Path(args.out).stem if args.out else "model")
+    src = _source(args, strict=True)
+    built = export.checked(src, args.format, **options)  # refuses before anything is written
     out = Path(args.out or run_dir / built.filename)
+    for name, data in built.companions.items():
+        export.write(out.with_name(name), data)
     export.write(out, built.data)
     full = export.float_size(src.model)
     size = len(built.data)
     ratio = f", {full / size:.1f}x smaller" if args.format == "packed" else ""
-    print(f"wrote {out}: {size:,} bytes (float state_dict {full:,} bytes{ratio})")
+    also = "".join(f" and {out.with_name(n)}" for n in built.companions)
+    print(f"wrote {out}{also}: {size:,} bytes (float state_dict {full:,} bytes{ratio})")
+    for note in built.notes:
+        print(note)
     print(
         f"checked with {built.checker} against PyTorch on {export.CHECK_INPUTS} random "
         f"inputs: every class agrees, largest logit difference {built.max_diff:.2e}"

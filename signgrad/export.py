@@ -1,4 +1,5 @@
-"""Export a trained network: the packed 1-bit file for :mod:`signgrad.runtime`, or ONNX.
+"""Export a trained network: the packed 1-bit file for :mod:`signgrad.runtime`, ONNX, or
+dependency-free C (:mod:`signgrad.c_export`).
 
 :func:`checked` is the way in: it builds the export in any format of :data:`FORMATS` and
 runs it against PyTorch before handing it back, so a Python caller gets the same check as
@@ -13,7 +14,7 @@ import io
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +134,25 @@ class Built:
     checker: str
     max_diff: float
     agree: float
+    #: more files written beside the main one (the C export's header), name -> bytes
+    companions: dict[str, bytes] = field(default_factory=dict)
+    #: what the format reports besides its size (the C export's flash and RAM)
+    notes: list[str] = field(default_factory=list)
 
 
 #: The export formats by name: builders of (source, graph, check inputs) -> :class:`Built`.
 FORMATS: Registry[Callable[..., Built]] = Registry("export format", inputs=("src", "g", "x"))
+
+
+def _reference(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """PyTorch's logits of ``x`` in eval mode, leaving the caller's model as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x).numpy()
+    finally:
+        model.train(was_training)
 
 
 @FORMATS.register("packed")
@@ -146,13 +162,7 @@ def _packed_format(src: Source, g: graph.Graph, x: torch.Tensor) -> Built:
 
     blob = packed(src, g)
     pm = runtime.build(*fmt.read_bytes(blob, "the packed export"))
-    was_training = src.model.training
-    src.model.eval()
-    try:
-        with torch.no_grad():
-            ref = src.model(x).numpy()
-    finally:
-        src.model.train(was_training)  # leave the caller's model as it was
+    ref = _reference(src.model, x)
     got = pm.run(x.numpy())
     diff = float(np.abs(got - ref).max())
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
@@ -172,17 +182,57 @@ def _onnx_format(src: Source, g: graph.Graph, x: torch.Tensor) -> Built:
     return Built(proto.SerializeToString(), "model.onnx", "onnxruntime", diff, agree)
 
 
-def checked(src: Source, format: str = "packed") -> Built:
-    """The export of ``src`` in ``format`` (see :data:`FORMATS`), run against PyTorch on
-    :data:`CHECK_INPUTS` seeded random inputs first: a network with non-finite weights or
-    outputs, or whose export changes the class of any check input, is a SigngradError
-    and nothing is returned."""
+@FORMATS.register("c")
+def _c_format(src: Source, g: graph.Graph, x: torch.Tensor, prefix: str = "model") -> Built:
+    """One C99 source and its header: the network with signgrad's kernels, const tables
+    and static buffers, for firmware (``prefix`` prefixes its symbols and names its
+    files: ``model.c``, ``model.h``, ``model_run``)."""
+    from signgrad import c_export
+    from signgrad.runtime import model as runtime
+
+    doc, tensors = fmt.read_bytes(packed(src, g), "the packed export")
+    cx = c_export.generate(doc, tensors, prefix)
+    pm = runtime.build(doc, tensors)
+    want = pm.run(x.numpy())
+    cc = c_export.compiler()
+    if cc is None:
+        checker = "the packed runtime's plan (no C compiler here to build the export)"
+        got = want
+    else:
+        got = c_export.compile_and_run(cx, x.numpy(), [cc, "-std=c99", "-O2"])
+        same = np.array_equal(got.view(np.uint32), want.view(np.uint32))
+        if pm.backend == "compiled" and not same:
+            raise SigngradError(
+                "the compiled C export's logits differ from the packed runtime's on the "
+                "check inputs; nothing written"
+            )
+        checker = f"the C export built with {cc}" + (
+            ", bit-identical to the packed runtime" if pm.backend == "compiled" else ""
+        )
+    ref = _reference(src.model, x)
+    diff = float(np.abs(got - ref).max())
+    agree = float((got.argmax(1) == ref.argmax(1)).mean())
+    notes = [
+        f"flash: {cx.flash:,} bytes of tables and weights, plus the code; RAM: "
+        f"{cx.ram:,} bytes of static buffers; no heap"
+    ]
+    return Built(
+        cx.source.encode(), f"{prefix}.c", checker, diff, agree,
+        companions={f"{prefix}.h": cx.header.encode()}, notes=notes,
+    )  # fmt: skip
+
+
+def checked(src: Source, format: str = "packed", **options: Any) -> Built:
+    """The export of ``src`` in ``format`` (see :data:`FORMATS`; ``options`` go to its
+    builder, e.g. ``prefix`` for C), run against PyTorch on :data:`CHECK_INPUTS` seeded
+    random inputs first: a network with non-finite weights or outputs, or whose export
+    changes the class of any check input, is a SigngradError and nothing is returned."""
     name = FORMATS.canonical(format)
     check_finite(src.model)  # before anything is built
     g = graph.build(src.model, src.input_shape)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((CHECK_INPUTS, *src.input_shape), generator=gen)
-    built = FORMATS.build(name, src, g, x)
+    built = FORMATS.build(name, src, g, x, **options)
     if not math.isfinite(built.max_diff):
         # Finite weights can still overflow; NaN logits would "agree" on every argmax.
         raise SigngradError(

@@ -11,6 +11,20 @@
 #include <stdint.h>
 #include <string.h>
 
+/* GCC and Clang take the attributes and builtins used below; any other C99 compiler (the
+ * C export goes into firmware built with whatever compiler it uses) gets plain forms. */
+#if !defined(__GNUC__)
+#define __attribute__(x)
+static inline int sg_popcount64(uint64_t v)
+{
+    v = v - ((v >> 1) & 0x5555555555555555ull);
+    v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
+    v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+    return (int)((v * 0x0101010101010101ull) >> 56);
+}
+#define __builtin_popcountll(v) sg_popcount64(v)
+#endif
+
 enum { ACT_NONE = 0, ACT_RELU = 1, ACT_HARDTANH = 2, ACT_PRELU = 3 };
 
 typedef struct {
@@ -49,7 +63,8 @@ static inline void bconv_set_offsets(bconv_args *a, int64_t *rel)
     a->woff_all = rel + taps;
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+/* (GCC's target pragmas: Clang and other compilers build the portable variant) */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SIGNGRAD_PORTABLE)
 #define X86 1
 #include <immintrin.h>
 
@@ -72,7 +87,7 @@ static inline void bconv_set_offsets(bconv_args *a, int64_t *rel)
 #pragma GCC pop_options
 #endif
 
-#if defined(__aarch64__) && defined(__GNUC__)
+#if defined(__aarch64__) && defined(__GNUC__) && !defined(SIGNGRAD_PORTABLE)
 #define ARM64 1
 #include <arm_neon.h>
 #define SUFFIX neon

@@ -227,6 +227,18 @@ def build(
     return model
 
 
+def plan(graph: dict[str, Any], tensors: dict[str, np.ndarray], threads: int = 1) -> Network:
+    """The compiled backend's plan of a graph, after checking it as a whole: what the C
+    export writes out (it needs no compiled kernels here)."""
+    checked = validate.check(graph, tensors)
+    model = PackedModel(graph, "compiled", threads, image_bytes=checked.image_bytes)
+    planner = _Planner(model, tensors)
+    try:
+        return Network(graph, checked.shapes, planner.weight, planner.tensor, threads)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise SigngradError(f"packed model: malformed graph ({type(e).__name__}: {e})") from None
+
+
 class _Planner:
     """Turns graph nodes into the numpy backend's steps; gives the tensors to both."""
 

@@ -1,8 +1,9 @@
 """The compiled backend's plan: a checked graph turned into one table of operations that
 the C extension runs whole (``_net.h``), with no Python between the layers.
 
-Every value of the forward pass gets its own place in one float32 arena (NHWC), every
-value that a binary layer reads its packed signs in one uint64 pool; parameters are
+Every value of the forward pass gets a place in one float32 arena (NHWC), reused once
+the value's last reader has run; every value that a binary layer reads gets its packed
+signs in one uint64 pool; parameters are
 laid out once, float ones (float convolution weights as KH x KW x C x O, scales, shifts,
 slopes, bounds) in one float32 pool, binary weights in one uint64 pool. The places grow
 linearly with the batch, so a batch size's table is the per-image one scaled; the
@@ -72,10 +73,13 @@ class Network:
         self._wp_n = 0
         self.arena_per_image = 0
         self.bits_per_image = 0
-        self.place: dict[str, int] = {}
+        self.place: dict[str, int] = {}  # each value's place in the arena, per image
+        self._token: dict[str, int] = {}
+        self._names: list[str] = []
         self.bits: dict[str, int] = {}
         self.work_per_image = 0.0
         self._plan()
+        self._allocate()
         self.fp = np.concatenate(self._fp) if self._fp else np.zeros(1, np.float32)
         self.wp = np.concatenate(self._wp) if self._wp else np.zeros(1, np.uint64)
         self._cache: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -94,11 +98,49 @@ class Network:
         return self._wp_n - a.size
 
     def _value(self, name: str) -> int:
-        """The arena place of a value (per image), given on first use."""
-        if name not in self.place:
-            self.place[name] = self.arena_per_image
-            self.arena_per_image += math.prod(self.shapes[name])
-        return self.place[name]
+        """A value's token in the rows, until :meth:`_allocate` gives it its place."""
+        if name not in self._token:
+            self._token[name] = len(self._names)
+            self._names.append(name)
+        return self._token[name]
+
+    def _allocate(self) -> None:
+        """Places in the arena (per image), first fit: a value's place is free again after
+        the last operation that reads it (never during it: no operation writes where it
+        reads). The graph's output lives to the end, where run() reads it."""
+        arena_x = [r[0] not in (BCONV, INPUT) for r in self.rows]  # x is in the bits
+        arena_y = [r[0] != PACK for r in self.rows]  # y is in the bits
+        last: dict[int, int] = {}
+        for i, r in enumerate(self.rows):
+            for col, here in ((_COL["x"], arena_x[i]), (_COL["res"], True)):
+                if here and r[col] >= 0:
+                    last[r[col]] = i
+        last[self._token[self.graph["output"]]] = len(self.rows)
+        live: list[tuple[int, int, int]] = []  # (offset, size, token), by offset
+        place: dict[int, int] = {}
+        for i, r in enumerate(self.rows):
+            live = [v for v in live if last.get(v[2], -1) >= i]
+            if not arena_y[i]:
+                continue
+            size = math.prod(self.shapes[self._names[r[_COL["y"]]]])
+            offset = 0
+            for start, length, _ in live:  # the first gap that holds it
+                if start - offset >= size:
+                    break
+                offset = max(offset, start + length)
+            live.append((offset, size, r[_COL["y"]]))
+            live.sort()
+            place[r[_COL["y"]]] = offset
+            self.arena_per_image = max(self.arena_per_image, offset + size)
+        for i, r in enumerate(self.rows):
+            for col, here in (
+                (_COL["x"], arena_x[i]),
+                (_COL["y"], arena_y[i]),
+                (_COL["res"], True),
+            ):
+                if here and r[col] >= 0:
+                    r[col] = place[r[col]]
+        self.place = {self._names[t]: p for t, p in place.items()}
 
     def _bits(self, name: str) -> int:
         if name not in self.bits:
@@ -259,13 +301,30 @@ class Network:
                       x=self._value(out), y=self._bits(out))  # fmt: skip
 
     # -- running --------------------------------------------------------------------
+    def table(self, n: int) -> np.ndarray:
+        """The operations' rows (int64, ``len(FIELDS)`` per row) for a batch of ``n``."""
+        ops = np.array(self.rows, dtype=np.int64)
+        ops[:, _COL["n"]] = n
+        for col in _SCALED:
+            given = ops[:, col] >= 0
+            ops[given, col] *= n
+        return ops
+
+    def scratch_per_thread(self) -> int:
+        """The int64 scratch one thread needs (as ``net_scratch`` in ``_net.h``)."""
+        need = [0]
+        for r in self.rows:
+            f = dict(zip(FIELDS, r, strict=True))
+            taps = f["kh"] * f["kw"]
+            if f["op"] == BCONV:
+                need.append(4 * taps + f["o"])
+            elif f["op"] == CONV:
+                need.append(2 * taps * f["c"])
+        return max(need)
+
     def _for_batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._cache is None or self._cache[0] != n:
-            ops = np.array(self.rows, dtype=np.int64)
-            ops[:, _COL["n"]] = n
-            for col in _SCALED:
-                given = ops[:, col] >= 0
-                ops[given, col] *= n
+            ops = self.table(n)
             # New arrays only when the batch size changes: fresh large arrays cost page
             # faults that can take longer than the whole forward pass.
             arena = np.empty(n * self.arena_per_image, np.float32)
