@@ -295,7 +295,7 @@ def _source(args: argparse.Namespace, strict: bool) -> export.Source:
     target = args.target
     _check_data_root(args.data_root)
     if Path(target).exists():
-        return export.from_checkpoint(target, data_root=args.data_root)
+        return export.from_checkpoint(target, data_root=args.data_root, check_images=strict)
     if strict:
         raise SigngradError(f"no checkpoint or run directory at {target}")
     names = ("quantizer", "input_quantizer", "scaling", "keep", "hyper", "data")
@@ -340,10 +340,7 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {out}{also}: {size:,} bytes (float state_dict {full:,} bytes{ratio})")
     for note in built.notes:
         print(note)
-    print(
-        f"checked with {built.checker} against PyTorch on {export.CHECK_INPUTS} random "
-        f"inputs: every class agrees, largest logit difference {built.max_diff:.2e}"
-    )
+    print(export.check_report(src, built))
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm",

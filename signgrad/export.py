@@ -27,8 +27,14 @@ from signgrad.errors import SigngradError
 from signgrad.registry import Registry
 from signgrad.runtime import format as fmt
 
-#: How many random inputs :func:`checked` runs through the export and PyTorch.
+#: How many random inputs :func:`checked` runs through the export and PyTorch when it has
+#: no real images.
 CHECK_INPUTS = 64
+#: At most this many of the run's test images check an export (the first ones).
+CHECK_IMAGES = 2000
+#: An export whose class differs from PyTorch's on more than this share of the check
+#: inputs is refused (a few flips are float rounding next to a sign; more is a fault).
+MAX_DIFFERING = 0.01
 
 
 @dataclass
@@ -42,14 +48,21 @@ class Source:
     std: list[float]
     description: dict[str, Any]
     crop: float | None = None  # the evaluation's centre crop, if the model was trained so
+    #: real images (uint8 N x C x H x W) to check the export on, and what they are; None:
+    #: random inputs (see :func:`test_images`)
+    images: np.ndarray | None = None
+    images_from: str = ""
 
 
-def from_checkpoint(path: str | os.PathLike, data_root: str | None = None) -> Source:
+def from_checkpoint(
+    path: str | os.PathLike, data_root: str | None = None, check_images: bool = False
+) -> Source:
     """The model of a checkpoint or run directory, in its final state, on the CPU.
 
     Its classes, input shape and normalisation come from the checkpoint: no data set is
-    read, except for a checkpoint written before signgrad recorded them (then from
-    ``data_root``, else its configuration's)."""
+    needed, except for a checkpoint written before signgrad recorded them (then from
+    ``data_root``, else its configuration's). With ``check_images``, the run's test
+    images are read when they are at hand (:func:`test_images`), to check an export on."""
     from signgrad import builders
 
     t = builders.load_trained(path, device="cpu", data_root=data_root, with_data=False)
@@ -66,10 +79,31 @@ def from_checkpoint(path: str | os.PathLike, data_root: str | None = None) -> So
         "scaling": cfg.scaling,
     }
     shape = (d["in_channels"], d["height"], d["width"])
+    images, where = test_images(cfg, shape) if check_images else (None, "")
     return Source(
         t.model.eval(), shape, list(d["classes"]), list(d["mean"]), list(d["std"]), desc,
-        d.get("crop"),
+        d.get("crop"), images, where,
     )  # fmt: skip
+
+
+def test_images(cfg: Any, shape: tuple[int, int, int]) -> tuple[np.ndarray | None, str]:
+    """The first :data:`CHECK_IMAGES` test images of a run's data set (uint8 N x C x H x W)
+    and what they are, when the data set is at hand in the input size (nothing is
+    downloaded); else None and why not."""
+    import dataclasses
+
+    from signgrad import builders, data
+
+    if cfg.data.startswith("imagefolder:") and cfg.data_mode == "stream":
+        return None, "a streamed image folder"
+    try:
+        ds = builders.load_data(dataclasses.replace(cfg, download=False))
+    except SigngradError as e:
+        return None, f"its data set is not at hand: {str(e).split(';')[0]}"
+    if not isinstance(ds, data.DataSet) or tuple(ds.test_images.shape[1:]) != shape:
+        return None, "its test images are not in the model's input size"
+    n = min(len(ds.test_images), CHECK_IMAGES)
+    return ds.test_images[:n].numpy(), f"{n:,} test images of {cfg.data}"
 
 
 def check_finite(model: nn.Module) -> None:
@@ -222,16 +256,28 @@ def _c_format(src: Source, g: graph.Graph, x: torch.Tensor, prefix: str = "model
     )  # fmt: skip
 
 
+def check_inputs(src: Source) -> torch.Tensor:
+    """What :func:`checked` runs: ``src.images`` normalised as in training, else
+    :data:`CHECK_INPUTS` seeded random inputs."""
+    if src.images is not None:
+        mean = torch.tensor(src.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(src.std, dtype=torch.float32).view(1, -1, 1, 1)
+        return (torch.from_numpy(src.images).float() / 255.0 - mean) / std
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn((CHECK_INPUTS, *src.input_shape), generator=gen)
+
+
 def checked(src: Source, format: str = "packed", **options: Any) -> Built:
     """The export of ``src`` in ``format`` (see :data:`FORMATS`; ``options`` go to its
-    builder, e.g. ``prefix`` for C), run against PyTorch on :data:`CHECK_INPUTS` seeded
-    random inputs first: a network with non-finite weights or outputs, or whose export
-    changes the class of any check input, is a SigngradError and nothing is returned."""
+    builder, e.g. ``prefix`` for C), run against PyTorch first on :func:`check_inputs`
+    (the run's test images when they are at hand): a network with non-finite weights or
+    outputs, or whose export changes the class of more than :data:`MAX_DIFFERING` of the
+    check inputs, is a SigngradError and nothing is returned. ``Built.agree`` says how
+    many classes agree."""
     name = FORMATS.canonical(format)
     check_finite(src.model)  # before anything is built
     g = graph.build(src.model, src.input_shape)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn((CHECK_INPUTS, *src.input_shape), generator=gen)
+    x = check_inputs(src)
     built = FORMATS.build(name, src, g, x, **options)
     if not math.isfinite(built.max_diff):
         # Finite weights can still overflow; NaN logits would "agree" on every argmax.
@@ -239,10 +285,24 @@ def checked(src: Source, format: str = "packed", **options: Any) -> Built:
             f"the network's outputs on the check inputs are not finite (largest logit "
             f"difference {built.max_diff}); nothing written"
         )
-    if built.agree < 1.0:
-        wrong = f"{100 * (1 - built.agree):.0f}%"
+    if 1.0 - built.agree > MAX_DIFFERING:
+        wrong = round((1.0 - built.agree) * len(x))
         raise SigngradError(
-            f"the exported model disagrees with PyTorch on {wrong} of the check inputs; "
-            "nothing written"
+            f"the exported model's class differs from PyTorch's on {wrong} of {len(x)} check "
+            f"inputs ({src.images_from or 'random inputs'}), more than "
+            f"{100 * MAX_DIFFERING:g}%; nothing written"
         )
     return built
+
+
+def check_report(src: Source, built: Built) -> str:
+    """What the check of :func:`checked` found, in one line."""
+    n = len(src.images) if src.images is not None else CHECK_INPUTS
+    on = src.images_from if src.images is not None else f"{n} random inputs"
+    differ = round((1.0 - built.agree) * n)
+    classes = "every class agrees" if differ == 0 else f"the class differs on {differ:,}"
+    why = "" if src.images is not None or not src.images_from else f" ({src.images_from})"
+    return (
+        f"checked with {built.checker} against PyTorch on {on}{why}: {classes}, largest "
+        f"logit difference {built.max_diff:.2e}"
+    )

@@ -10,7 +10,15 @@ operators only, so any ONNX runtime can run it without custom kernels:
   batch norm are a ``Mul`` and an ``Add`` per output channel after it;
 * a binary input is ``Where(x >= 0, 1, -1)``: sign(0) = +1 as in training (ONNX's own
   ``Sign`` gives 0 there), and the convolution's zero padding is added after it, so it
-  stays 0.
+  stays 0;
+* where a binary layer's output (after its activation) is read only by binary layers,
+  its sign is decided on the integer the convolution computes, d = sum of +-1 products
+  (exact in float32 whatever the engine's order): ``Where(d * dir >= t * dir, 1, -1)``
+  with per-channel integer thresholds :func:`thresholds` computed from the float32
+  formula the packed runtime evaluates (d * scale + shift, then the activation). An
+  engine that folds ``Mul`` and ``Add`` into the convolution's weights (onnxruntime
+  does) would round that formula differently and flip signs next to zero; with the
+  thresholds, these decisions are the packed runtime's and the C export's, bit for bit.
 
 :func:`check_onnx` runs an exported model with onnxruntime next to the PyTorch model
 and reports how far the logits are apart.
@@ -53,6 +61,49 @@ def _require(module: str) -> Any:
         ) from None
 
 
+_ACTIVATIONS = ("relu", "hardtanh", "prelu")
+
+
+def thresholds(
+    k: int,
+    scale: np.ndarray | None,
+    shift: np.ndarray | None,
+    acts: list[tuple[str, dict[str, Any], np.ndarray | None]],
+    channels: int,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per channel, (direction, threshold) such that the sign the packed runtime gives
+    the output, sign(act(float32(d) * scale + shift)), is +1 exactly when
+    ``direction * d >= direction * threshold``, for every integer d in [-k, k] (a binary
+    layer's dot products of k terms); None if some channel's sign is not monotone in d.
+    ``acts``: the activations in order, (op, node, slopes)."""
+    d = np.arange(-k, k + 1, dtype=np.float32)[None, :]
+    s = np.ones((channels, 1), np.float32) if scale is None else scale.reshape(-1, 1)
+    t = np.zeros((channels, 1), np.float32) if shift is None else shift.reshape(-1, 1)
+    y = d * s.astype(np.float32) + t.astype(np.float32)  # float32: as the runtime rounds
+    for op, node, slope in acts:
+        if op == "relu":
+            y = np.maximum(y, np.float32(0))
+        elif op == "hardtanh":
+            y = np.clip(y, np.float32(node["min"]), np.float32(node["max"]))
+        else:
+            a = slope.reshape(-1, 1).astype(np.float32)
+            y = np.where(y >= 0, y, y * a)
+    pos = y >= 0  # NaN: negative, as sign() gives it
+    direction = np.ones(channels, np.float32)
+    threshold = np.empty(channels, np.float32)
+    for c in range(channels):
+        p = pos[c]
+        if p.all() or not p.any():
+            threshold[c] = -k if p.all() else k + 1  # always, or never, positive
+        elif np.all(p[1:] >= p[:-1]):  # negative, then positive
+            threshold[c] = np.argmax(p) - k
+        elif np.all(p[1:] <= p[:-1]):  # positive, then negative
+            direction[c], threshold[c] = -1, len(p) - 1 - np.argmax(p[::-1]) - k
+        else:
+            return None
+    return direction, threshold
+
+
 class _Emitter:
     """Collects ONNX nodes and initializers with unique names while the graph is walked."""
 
@@ -68,6 +119,14 @@ class _Emitter:
         self.node_names: set[str] = set()
         self.values = {g.input: INPUT_NAME}  # graph value name -> ONNX value name
         self.constants: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
+        self.users: dict[str, list[dict[str, Any]]] = {}
+        for n in g.nodes:
+            for v in n["inputs"]:
+                self.users.setdefault(v, []).append(n)
+        #: ids of activation nodes absorbed into a layer's thresholds
+        self.absorbed: set[int] = set()
+        #: how many layers decide their output's sign by integer thresholds
+        self.thresholded = 0
 
     def fresh(self, base: str, taken: set[str] | None = None) -> str:
         taken = self.used if taken is None else taken
@@ -133,6 +192,58 @@ class _Emitter:
             y = self.op(op_type, [y, t], node["name"], out if i == len(steps) - 1 else None)
         return y
 
+    def _sign_chain(self, node: dict[str, Any]) -> tuple[list[dict[str, Any]], str] | None:
+        """The activations after a binary layer and the value they end in, if every
+        reader of that value is a binary layer (so only its sign matters)."""
+        if not (node.get("binary_input") and node.get("binary_weight")):
+            return None
+        chain, v = [], node["output"]
+        while v != self.g.output:
+            users = self.users.get(v, [])
+            if len(users) == 1 and users[0]["op"] in _ACTIVATIONS:
+                chain.append(users[0])
+                v = users[0]["output"]
+                continue
+            readers_binary = all(
+                u["op"] in ("conv2d", "linear") and u.get("binary_input") for u in users
+            )
+            return (chain, v) if users and readers_binary else None
+        return None
+
+    def thresholded_sign(
+        self, node: dict[str, Any], d: str, k: int, shape: list[int], out: str
+    ) -> str | None:
+        """``Where(d * dir >= t * dir, 1, -1)`` for a binary layer whose output only binary
+        layers read (see :func:`thresholds`), writing the chain's last value; None where it
+        does not apply."""
+        found = self._sign_chain(node)
+        if found is None:
+            return None
+        chain, last = found
+        channels = shape[1]
+        acts = [
+            (a["op"], a, self.tensor(a, "weight") if a["op"] == "prelu" else None) for a in chain
+        ]
+        scale = self.tensor(node, "scale") if node.get("scale") else None
+        shift = self.tensor(node, "shift") if node.get("shift") else None
+        found_t = thresholds(k, scale, shift, acts, channels)
+        if found_t is None:
+            return None
+        direction, threshold = found_t
+        name = node["name"]
+        dir_c = self.const(f"{name}.sign_direction", direction.reshape(shape))
+        thr_c = self.const(f"{name}.sign_threshold", (direction * threshold).reshape(shape))
+        one = self.const("one", np.ones((), np.float32))
+        minus_one = self.const("minus_one", -np.ones((), np.float32))
+        ge = self.op("GreaterOrEqual", [self.op("Mul", [d, dir_c], name), thr_c], name)
+        out = OUTPUT_NAME if last == self.g.output else self.fresh(last)
+        y = self.op("Where", [ge, one, minus_one], name, out)
+        for a in chain:
+            self.absorbed.add(id(a))
+        self.values[last] = y
+        self.thresholded += 1
+        return y
+
     def conv2d(self, node: dict[str, Any], x: str, out: str) -> str:
         name = node["name"]
         if node.get("binary_input"):
@@ -147,7 +258,11 @@ class _Emitter:
             strides=list(node["stride"]),
             pads=[ph, pw, ph, pw],
         )
-        return self.scale_shift(node, y, [1, w.shape[0], 1, 1], out)
+        k = int(np.prod(w.shape[1:]))
+        shape = [1, w.shape[0], 1, 1]
+        return self.thresholded_sign(node, y, k, shape, out) or self.scale_shift(
+            node, y, shape, out
+        )
 
     def linear(self, node: dict[str, Any], x: str, out: str) -> str:
         name = node["name"]
@@ -158,6 +273,9 @@ class _Emitter:
         if rank == 2:
             y = self.op("Gemm", [x, self.const(node["weight"], w)], name, transB=1)
             shape = [1, w.shape[0]]
+            signed = self.thresholded_sign(node, y, w.shape[1], shape, out)
+            if signed is not None:
+                return signed
         else:  # Gemm takes 2-D inputs only; MatMul broadcasts over leading dimensions
             wt = np.ascontiguousarray(w.T)
             y = self.op("MatMul", [x, self.const(node["weight"], wt)], name)
@@ -257,22 +375,30 @@ class _Emitter:
                 f"node '{node.get('name')}': op '{node['op']}' has no ONNX "
                 f"mapping; known ops: {', '.join(graph.OPS)}"
             )
+        if id(node) in self.absorbed:  # computed by a layer's thresholds
+            return
         for v in node["inputs"]:
             if v not in self.values:
                 raise SigngradError(f"node '{node['name']}': input '{v}' is not computed before it")
         v = node["output"]
         # The graph's output value becomes the model output directly (no extra Identity).
         out = OUTPUT_NAME if v == self.g.output else self.fresh(v)
-        self.values[v] = emit(node, self.values[node["inputs"][0]], out)
+        y = emit(node, self.values[node["inputs"][0]], out)
+        self.values.setdefault(v, y)  # (a thresholded layer has named its chain's value)
 
 
 def to_onnx(
-    g: graph.Graph, *, opset: int = 17, metadata: dict[str, str] | None = None
+    g: graph.Graph,
+    *,
+    opset: int = 17,
+    metadata: dict[str, str] | None = None,
+    expose: list[str] | None = None,
 ) -> onnx.ModelProto:
     """The ONNX model (standard operators, opset ``opset`` >= 12) computing graph ``g``:
     input ``input`` (float32, N x C x H x W, N symbolic), output ``logits``.
 
-    ``metadata`` (string keys and values) goes into the model's ``metadata_props``.
+    ``metadata`` (string keys and values) goes into the model's ``metadata_props``;
+    ``expose`` names graph values to add as outputs after ``logits`` (to inspect them).
     The model passes ``onnx.checker.check_model`` (with shape inference).
     """
     onnx_mod = _require("onnx")
@@ -303,7 +429,14 @@ def to_onnx(
     outp = helper.make_tensor_value_info(
         OUTPUT_NAME, float32, None if out_shape is None else ["N", *out_shape]
     )
-    onnx_graph = helper.make_graph(em.nodes, "signgrad", [inp], [outp], em.initializers)
+    extra = []
+    for v in expose or []:
+        if v not in em.values:
+            raise SigngradError(f"cannot expose '{v}': the ONNX model does not compute it")
+        shape = g.shapes.get(v)
+        dims = None if shape is None else ["N", *shape]
+        extra.append(helper.make_tensor_value_info(em.values[v], float32, dims))
+    onnx_graph = helper.make_graph(em.nodes, "signgrad", [inp], [outp, *extra], em.initializers)
     opset_ids = [helper.make_opsetid("", opset)]
     model = helper.make_model(
         onnx_graph,

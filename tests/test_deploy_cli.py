@@ -90,3 +90,20 @@ def test_a_soft_quantizer_mid_training_is_not_exported(tmp_path, cifar_root, run
     proc = run_child("export", str(out))
     assert proc.returncode == 2 and "not give +-1 yet" in proc.stderr
     assert not (out / "model-packed.safetensors").exists()  # nothing half-written
+
+
+def test_export_checks_on_the_run_s_test_images_when_they_are_at_hand(
+    tiny_run, tmp_path, run_child
+):
+    """With the run's data set at hand the check runs on its test images and says how
+    many classes differ; without it, on random inputs, saying why."""
+    run_dir = shutil.copytree(tiny_run, tmp_path / "run")
+    for fmt_name in ("packed", "onnx"):
+        proc = run_child("export", run_dir, "--format", fmt_name)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "against PyTorch on 1,017 test images of cifar10: " in proc.stdout, proc.stdout
+        assert "every class agrees" in proc.stdout or "the class differs on " in proc.stdout
+    (tmp_path / "empty").mkdir()  # a data root without the data set
+    proc = run_child("export", run_dir, "--data-root", tmp_path / "empty")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "on 64 random inputs (its data set is not at hand: cifar10" in proc.stdout

@@ -181,3 +181,109 @@ def test_missing_onnxruntime_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes the import fail
     with pytest.raises(SigngradError, match=r"signgrad\[onnx\]"):
         check_onnx(om, nn.Identity(), torch.zeros(1, 1, 4, 4))
+
+
+# ------------------------------------------------------------------ integer thresholds
+
+
+def _runtime_signs(k, scale, shift, acts):
+    """sign(act(float32(d) * scale + shift)) for every integer d in [-k, k], per channel:
+    the packed runtime's formula, written out independently of the exporter."""
+    d = np.arange(-k, k + 1).astype(np.float32)
+    y = d[None, :] * scale[:, None] + shift[:, None]
+    for op, lo_hi_or_slope in acts:
+        if op == "relu":
+            y = np.maximum(y, np.float32(0))
+        elif op == "hardtanh":
+            y = np.minimum(
+                np.maximum(y, np.float32(lo_hi_or_slope[0])), np.float32(lo_hi_or_slope[1])
+            )
+        else:
+            y = np.where(y >= 0, y, y * lo_hi_or_slope[:, None])
+    return y >= 0
+
+
+ACTS = {
+    "none": [],
+    "hardtanh": [("hardtanh", (-1.0, 1.0))],
+    "relu": [("relu", None)],
+    "prelu": [("prelu", "slopes")],
+    "hardtanh-above-0": [("hardtanh", (0.5, 2.0))],
+}
+
+
+@pytest.mark.parametrize("acts", list(ACTS.values()), ids=list(ACTS))
+def test_thresholds_reproduce_the_runtime_sign_for_every_integer(acts):
+    from signgrad.onnx_export import thresholds
+
+    rng = np.random.default_rng(0)
+    k, c = 144, 12
+    # Scales of both signs and 0, shifts that put the sign change between integers, on an
+    # integer, and outside the range; tiny scales where rounding decides.
+    scale = rng.standard_normal(c).astype(np.float32)
+    scale[:3] = [0.0, -1e-7, 3e-8]
+    shift = (rng.standard_normal(c) * 20).astype(np.float32)
+    shift[3:6] = [5.0, -1000.0, 1000.0]
+    slopes = np.where(np.arange(c) % 2 == 0, -0.25, 0.25).astype(np.float32)
+    concrete = [(op, slopes if arg == "slopes" else arg) for op, arg in acts]
+    graph_acts = []
+    for op, arg in concrete:
+        node = {"min": arg[0], "max": arg[1]} if op == "hardtanh" else {}
+        graph_acts.append((op, node, slopes if op == "prelu" else None))
+    direction, threshold = thresholds(k, scale, shift, graph_acts, c)
+    d = np.arange(-k, k + 1).astype(np.float32)
+    got = direction[:, None] * d[None, :] >= (direction * threshold)[:, None]
+    np.testing.assert_array_equal(got, _runtime_signs(k, scale, shift, concrete))
+    assert set(direction.tolist()) <= {-1.0, 1.0}
+
+
+def test_binary_layers_read_only_by_binary_layers_decide_their_sign_by_thresholds(cifar_root):
+    """In a 1W1A ResNet-20 the first convolution of each block feeds only the second: its
+    batch norm and hardtanh become integer thresholds (9 layers); the second feeds the
+    residual add and keeps its float epilogue. Wherever a layer's input signs agree,
+    onnxruntime's output signs there are the numpy runtime's, decision for decision, on
+    real CIFAR-10 images (where its input differs, a float path upstream flipped a sign)."""
+    from signgrad import data, export
+    from signgrad.runtime import format as fmt
+    from signgrad.runtime import model as runtime
+
+    torch.manual_seed(0)
+    m = models.get("resnet20", num_classes=10, in_channels=3, activation="hardtanh")
+    convert.binarize(m, "bnn", "bnn")
+    ds = data.load("cifar10", root=cifar_root, download=False)
+    mean, std = torch.tensor(ds.mean).view(1, -1, 1, 1), torch.tensor(ds.std).view(1, -1, 1, 1)
+    x = (ds.test_images[:256].float() / 255.0 - mean) / std
+    m.train()
+    with torch.no_grad():
+        m((ds.train_images[:512].float() / 255.0 - mean) / std)
+    m.eval()
+    g = graph.build(m, (3, 32, 32))
+    producer = {n["output"]: n for n in g.nodes}
+    chains = [
+        n["output"]
+        for n in g.nodes
+        if n["op"] == "hardtanh" and producer[n["inputs"][0]]["name"].endswith(".conv1")
+    ]
+    assert len(chains) == 9
+    # Each such layer's input: what it decides on must be the same in both engines first.
+    ins = [producer[producer[c]["inputs"][0]]["inputs"][0] for c in chains]
+    om = to_onnx(g, expose=chains + ins)
+    kinds = [n.op_type for n in om.graph.node]
+    assert kinds.count("Where") == 18 + 9  # 18 binary inputs, 9 thresholded outputs
+    src = export.Source(m, (3, 32, 32), [str(i) for i in range(10)], [0.0] * 3, [1.0] * 3, {})
+    pm = runtime.build(*fmt.read_bytes(export.packed(src)), backend="numpy")
+    values = {pm.graph["input"]["name"]: np.transpose(x.numpy(), (0, 2, 3, 1))}
+    for step in pm.steps:
+        values[step.output] = step.fn(values)
+    sess = ort.InferenceSession(om.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {"input": x.numpy()})[1:]
+    decisions = 0
+    for j, name in enumerate(chains):
+        got, got_in = outs[j], outs[len(chains) + j]
+        assert set(np.unique(got).tolist()) <= {-1.0, 1.0}
+        want_in = np.transpose(values[ins[j]], (0, 3, 1, 2)) >= 0
+        same_in = ((got_in >= 0) == want_in).reshape(len(x), -1).all(1)
+        want = np.where(np.transpose(values[name], (0, 3, 1, 2)) >= 0, 1.0, -1.0)
+        np.testing.assert_array_equal(got[same_in], want[same_in])
+        decisions += got[same_in].size
+    assert decisions > 1_000_000
