@@ -273,14 +273,19 @@ def compile_and_run(
         (d / "main.c").write_text(driver(cx.name))
         exe = d / "net"
         cmd = [*cc, str(d / "main.c"), str(d / f"{cx.name}.c"), "-o", str(exe), "-lm"]
-        built = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if built.returncode != 0:
-            tail = " ".join(built.stderr.split())[-300:]
-            raise SigngradError(f"the C export did not compile with {' '.join(cc)}: {tail}")
         data = np.ascontiguousarray(x, dtype=np.float32).tobytes()
-        proc = subprocess.run(
-            [*(run or []), str(exe)], input=data, capture_output=True, timeout=timeout
-        )
+        try:
+            built = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            if built.returncode != 0:
+                tail = " ".join(built.stderr.split())[-300:]
+                raise SigngradError(f"the C export did not compile with {' '.join(cc)}: {tail}")
+            proc = subprocess.run(
+                [*(run or []), str(exe)], input=data, capture_output=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as e:
+            raise SigngradError(
+                f"building or running the C export took over {e.timeout:g} s"
+            ) from None
         if proc.returncode != 0:
             raise SigngradError(f"the compiled C export failed (exit status {proc.returncode})")
         return np.frombuffer(proc.stdout, np.float32).reshape(len(x), -1)

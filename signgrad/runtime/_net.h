@@ -177,6 +177,8 @@ static const char *net_check(const net_t *net)
                 (!net_mul4(N, Ho, Wo, Ow, &len) || !net_in(f[F_BITS], len, net->bits_n)))
                 return "output signs outside the bits";
             if (op == NET_CONV && (f[F_FLAGS] & ~(int64_t)NET_SIGN_INPUT)) return "bad flags";
+            /* the float convolution indexes four patches of taps * C floats with ints */
+            if (op == NET_CONV && (taps > NET_MAXDIM / 4 / C)) return "patch too large";
         }
         const int scaled = op == NET_CONV || op == NET_BCONV || op == NET_AFFINE;
         if (scaled && (!net_in(f[F_SCALE], O, net->fp_n) || !net_in(f[F_SHIFT], O, net->fp_n)))

@@ -24,7 +24,7 @@ from signgrad.errors import SigngradError
 from signgrad.runtime import format as fmt
 from signgrad.runtime import kernels as K
 from signgrad.runtime import validate
-from signgrad.runtime.network import Network
+from signgrad.runtime.network import Network, pair, window
 
 #: threads for the compiled kernels: at most this many, and at most THREADS_PER_CPU per CPU
 #: of the machine (more only oversubscribes the cores; far more exhausts the OpenMP
@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "compiled", "numpy")
 _ACTS = ("relu", "hardtanh", "prelu")
-
-
-def _pair(v: list[int]) -> tuple[int, int]:
-    return int(v[0]), int(v[1])
 
 
 @dataclass
@@ -273,12 +269,7 @@ class _Planner:
 
     def weight_layer(self, n: dict[str, Any]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
         linear = n["op"] == "linear"
-        w = self.weight(n)
-        if linear:
-            w = w.reshape(*w.shape, 1, 1)
-            kernel, stride, padding = (1, 1), (1, 1), (0, 0)
-        else:
-            kernel, stride, padding = _pair(n["kernel"]), _pair(n["stride"]), _pair(n["padding"])
+        w, kernel, stride, padding = window(n, self.weight(n))
         scale, shift = self.tensor(n["scale"]), self.tensor(n["shift"])
         x_name = n["inputs"][0]
         wmat = K.conv_matrix(w)
@@ -320,7 +311,7 @@ class _Planner:
                 v[x_name][:, ::st, ::st], ((0, 0), (0, 0), (0, 0), (before, after))
             )
         if op in ("maxpool2d", "avgpool2d"):
-            k, s, p = _pair(n["kernel"]), _pair(n["stride"]), _pair(n["padding"])
+            k, s, p = pair(n["kernel"]), pair(n["stride"]), pair(n["padding"])
             kind = "max" if op == "maxpool2d" else "avg"
             return lambda v: K.pool(v[x_name], k, s, p, kind)
         if op == "global_avgpool":

@@ -38,8 +38,19 @@ _POOLS = {"maxpool2d": MAXPOOL, "avgpool2d": AVGPOOL}
 PARALLEL_WORK = 2_000_000
 
 
-def _pair(v: list[int]) -> tuple[int, int]:
+def pair(v: list[int]) -> tuple[int, int]:
+    """A graph's [h, w] attribute as a pair of ints."""
     return int(v[0]), int(v[1])
+
+
+def window(
+    n: dict[str, Any], w: np.ndarray
+) -> tuple[np.ndarray, tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """A conv2d or linear node's weights as O x C x KH x KW (a linear layer's as 1 x 1)
+    with its kernel, stride and padding."""
+    if n["op"] == "linear":
+        return w.reshape(*w.shape, 1, 1), (1, 1), (1, 1), (0, 0)
+    return w, pair(n["kernel"]), pair(n["stride"]), pair(n["padding"])
 
 
 def _chw(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -197,13 +208,7 @@ class Network:
         """Rows of a convolution or linear layer with its epilogue; the ids of the nodes
         it absorbed."""
         fused: set[int] = set()
-        linear = n["op"] == "linear"
-        w = self._weight(n)
-        if linear:
-            w = w.reshape(*w.shape, 1, 1)
-            kernel, stride, padding = (1, 1), (1, 1), (0, 0)
-        else:
-            kernel, stride, padding = _pair(n["kernel"]), _pair(n["stride"]), _pair(n["padding"])
+        w, kernel, stride, padding = window(n, self._weight(n))
         o, c = w.shape[:2]
         x_name, out = n["inputs"][0], n["output"]
         binary = bool(n["binary_input"] and n["binary_weight"])
@@ -284,9 +289,7 @@ class Network:
                 f.update(sh=n["stride"], ph=n["pad_before"], pw=n["pad_after"])
                 self._row(n["name"], op=SHORTCUT, **f, y=self._value(out))
             elif op in _POOLS:
-                (kh, kw), (sh, sw), (ph, pw) = (
-                    _pair(n[k]) for k in ("kernel", "stride", "padding")
-                )
+                (kh, kw), (sh, sw), (ph, pw) = (pair(n[k]) for k in ("kernel", "stride", "padding"))
                 self._row(n["name"], op=_POOLS[op], **f, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph,
                           pw=pw, y=self._value(out))  # fmt: skip
             elif op == "global_avgpool":
