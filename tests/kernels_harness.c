@@ -53,6 +53,10 @@ static const case_t CASES[] = {
     {1, 4, 4, 200, 24, 3, 1, 1, ACT_NONE, 1, 1, 0},
     {3, 1, 1, 512, 10, 1, 1, 0, ACT_NONE, 0, 0, 0},
     {1, 7, 7, 16, 35, 5, 2, 2, ACT_RELU, 0, 1, 0},
+    /* narrow layers: 16 and 32 channels, 5 x 5 taps over 20 channels */
+    {2, 9, 9, 16, 16, 3, 1, 1, ACT_HARDTANH, 1, 1, 0},
+    {1, 8, 8, 32, 64, 3, 2, 1, ACT_RELU, 0, 1, 0},
+    {1, 7, 7, 20, 24, 5, 1, 2, ACT_NONE, 1, 1, 0},
     /* special values: NaN and infinite scales, -0 shifts, so that outputs are -0 and NaN
      * (each engine must keep the sign of zero and pass NaN through the activations) */
     {1, 4, 4, 2, 24, 1, 1, 0, ACT_RELU, 0, 1, 0, 1},
@@ -102,8 +106,9 @@ static void run_case(int k, const case_t *c, const kernel_impl *v)
     }
     float *out = malloc(sizeof(float) * (size_t)(pix * a.O));
     uint64_t *bits = c->bits ? malloc(sizeof(uint64_t) * (size_t)(pix * Ow)) : NULL;
-    int64_t *scratch = malloc(sizeof(int64_t) * (size_t)(bconv_scratch(taps, a.O) + 2 * taps));
-    bconv_set_offsets(&a, scratch + bconv_scratch(taps, a.O));
+    const int64_t need = bconv_scratch(taps, a.O);
+    int64_t *scratch = malloc(sizeof(int64_t) * (size_t)(need + 2 * taps));
+    bconv_set_offsets(&a, scratch + need);
     a.x = x, a.w = w, a.scale = scale, a.shift = shift, a.residual = residual;
     a.slope = c->slope_n ? slope : NULL, a.slope_n = c->slope_n;
     a.out = out, a.out_bits = bits;
