@@ -103,6 +103,7 @@ def test_arm_builds_under_qemu_give_the_x86_runtime_s_logits_bit_for_bit(resnet2
     assert _same_bits(got, pm.run(x))
 
 
+@pytest.mark.slow  # child processes export and compile
 @needs_cc
 def test_the_export_command_writes_both_files_and_reports_flash_and_ram(
     tiny_run, tmp_path, run_child, one_line_error

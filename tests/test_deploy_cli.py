@@ -92,6 +92,7 @@ def test_a_soft_quantizer_mid_training_is_not_exported(tmp_path, cifar_root, run
     assert not (out / "model-packed.safetensors").exists()  # nothing half-written
 
 
+@pytest.mark.slow  # child processes export and compile
 def test_export_checks_on_the_run_s_test_images_when_they_are_at_hand(
     tiny_run, tmp_path, run_child
 ):
