@@ -258,8 +258,20 @@ static void FN(fconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, float *p
             const int pb = a->Wo - ox0 < 4 ? a->Wo - ox0 : 4;
             for (int p = 0; p < 4; p++) {
                 float *pp = patch + (int64_t)p * K;
+                const int ix0 = (ox0 + p) * a->sw - a->pw;
                 for (int ky = 0; ky < a->KH; ky++) {
                     const int iy = oy * a->sh - a->ph + ky;
+                    if (p < pb && iy >= 0 && iy < a->H && ix0 >= 0 && ix0 + a->KW <= a->W) {
+                        /* the window's row inside the image: KW pixels side by side */
+                        const float *xp = a->xf + (((int64_t)n * a->H + iy) * a->W + ix0) * C;
+                        const int len = a->KW * C;
+                        if (a->sign_input)
+                            for (int i = 0; i < len; i++) pp[i] = xp[i] >= 0.0f ? 1.0f : -1.0f;
+                        else
+                            for (int i = 0; i < len; i++) pp[i] = xp[i];
+                        pp += len;
+                        continue;
+                    }
                     for (int kx = 0; kx < a->KW; kx++, pp += C) {
                         const int ix = (ox0 + p) * a->sw - a->pw + kx;
                         if (p >= pb || iy < 0 || iy >= a->H || ix < 0 || ix >= a->W) {
