@@ -30,8 +30,13 @@ from signgrad.runtime import format as fmt
 #: How many random inputs :func:`checked` runs through the export and PyTorch when it has
 #: no real images.
 CHECK_INPUTS = 64
-#: At most this many of the run's test images check an export (the first ones).
+#: At most this many of the run's test images check an export (the first ones), and at
+#: most CHECK_VALUES input values' worth of them (but CHECK_INPUTS at least): all 1,017 of
+#: the CIFAR-10 subset, 64 ImageNet-sized ones.
 CHECK_IMAGES = 2000
+CHECK_VALUES = 2000 * 3 * 32 * 32
+#: the check runs the export and PyTorch on this many inputs at a time
+CHECK_CHUNK = 64
 #: An export whose class differs from PyTorch's on more than this share of the check
 #: inputs is refused (a few flips are float rounding next to a sign; more is a fault).
 MAX_DIFFERING = 0.01
@@ -102,7 +107,8 @@ def test_images(cfg: Any, shape: tuple[int, int, int]) -> tuple[np.ndarray | Non
         return None, f"its data set is not at hand: {str(e).split(';')[0]}"
     if not isinstance(ds, data.DataSet) or tuple(ds.test_images.shape[1:]) != shape:
         return None, "its test images are not in the model's input size"
-    n = min(len(ds.test_images), CHECK_IMAGES)
+    per_image = math.prod(shape)
+    n = min(len(ds.test_images), CHECK_IMAGES, max(CHECK_INPUTS, CHECK_VALUES // per_image))
     return ds.test_images[:n].numpy(), f"{n:,} test images of {cfg.data}"
 
 
@@ -179,14 +185,20 @@ FORMATS: Registry[Callable[..., Built]] = Registry("export format", inputs=("src
 
 
 def _reference(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    """PyTorch's logits of ``x`` in eval mode, leaving the caller's model as it was."""
+    """PyTorch's logits of ``x`` in eval mode (:data:`CHECK_CHUNK` inputs at a time),
+    leaving the caller's model as it was."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return model(x).numpy()
+            return np.concatenate([model(c).numpy() for c in x.split(CHECK_CHUNK)])
     finally:
         model.train(was_training)
+
+
+def _run_packed(pm: Any, x: torch.Tensor) -> np.ndarray:
+    """The packed runtime's logits of ``x``, :data:`CHECK_CHUNK` inputs at a time."""
+    return np.concatenate([pm.run(c.numpy()) for c in x.split(CHECK_CHUNK)])
 
 
 @FORMATS.register("packed")
@@ -197,7 +209,7 @@ def _packed_format(src: Source, g: graph.Graph, x: torch.Tensor) -> Built:
     blob = packed(src, g)
     pm = runtime.build(*fmt.read_bytes(blob, "the packed export"))
     ref = _reference(src.model, x)
-    got = pm.run(x.numpy())
+    got = _run_packed(pm, x)
     diff = float(np.abs(got - ref).max())
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
     return Built(blob, "model-packed.safetensors", f"the runtime ({pm.backend})", diff, agree)
@@ -227,7 +239,7 @@ def _c_format(src: Source, g: graph.Graph, x: torch.Tensor, prefix: str = "model
     doc, tensors = fmt.read_bytes(packed(src, g), "the packed export")
     cx = c_export.generate(doc, tensors, prefix)
     pm = runtime.build(doc, tensors)
-    want = pm.run(x.numpy())
+    want = _run_packed(pm, x)
     cc = c_export.compiler()
     if cc is None:
         checker = "the packed runtime's plan (no C compiler here to build the export)"

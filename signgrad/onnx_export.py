@@ -46,6 +46,8 @@ if TYPE_CHECKING:  # only for annotations: onnx is an optional dependency
 #: the oldest opset every operator used here exists in (GreaterOrEqual came with 12)
 MIN_OPSET = 12
 INPUT_NAME = "input"
+#: :func:`check_onnx` runs this many inputs at a time
+CHECK_CHUNK = 64
 OUTPUT_NAME = "logits"
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -461,14 +463,18 @@ def check_onnx(
     ort = _require("onnxruntime")
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feed_name = session.get_inputs()[0].name
-    x_np = x.detach().to("cpu", torch.float32).numpy()
-    (got,) = session.run([session.get_outputs()[0].name], {feed_name: x_np})
+    out_name = session.get_outputs()[0].name
+    x = x.detach().to("cpu", torch.float32)
+    chunks = x.split(CHECK_CHUNK) if len(x) else [x]  # bounded memory for many inputs
+    got = np.concatenate([session.run([out_name], {feed_name: c.numpy()})[0] for c in chunks])
 
     was_training = torch_model.training
     torch_model.eval()
     try:
         with torch.no_grad():
-            ref = torch_model(x).detach().to("cpu", torch.float32).numpy()
+            ref = np.concatenate(
+                [torch_model(c).detach().to("cpu", torch.float32).numpy() for c in chunks]
+            )
     finally:
         torch_model.train(was_training)  # leave the caller's model as it was
     if got.shape != ref.shape:
