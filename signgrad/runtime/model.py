@@ -27,8 +27,8 @@ from signgrad.runtime import validate
 from signgrad.runtime.network import Network, pair, window
 
 #: threads for the compiled kernels: at most this many, and at most THREADS_PER_CPU per CPU
-#: of the machine (more only oversubscribes the cores; far more exhausts the OpenMP
-#: runtime). The C glue refuses more than 1024 itself.
+#: of the machine (more only oversubscribes the cores; far more, and the system refuses
+#: to start them). The C glue refuses more than 1024 itself.
 MAX_THREADS = 1024
 THREADS_PER_CPU = 8
 #: predict() splits its images into batches whose activations fit in this many bytes
