@@ -5,9 +5,10 @@ The source holds the runtime's own kernels (``signgrad/runtime/_kernels_core.h``
 ``_kernels_impl.h``, ``_net.h``, pasted in), the network's operation table as the
 compiled runtime plans it for one image, its parameters as ``const`` arrays (binary
 weights as packed 64-bit words, floats as exact hexadecimal literals), and static
-buffers sized here: no heap, no threads, no file or clock. The only library function it
-calls is ``fmaf`` (libm), and only where the target has no fused multiply-add
-instruction for the compiler to use instead (x86-64 and aarch64 have one).
+buffers sized here: no heap, no threads, no file or clock. Besides ``memset`` and
+``memcpy``, the one library function it calls is ``fmaf`` (libm), in its portable
+variant; the compiler makes it one instruction where the target has fused multiply-add
+(aarch64; x86-64 with ``-mfma``), and the x86 SIMD variants use the instruction itself.
 
 Because it runs the same code on the same table, its logits are the packed runtime's bit
 for bit, on any machine, provided the compiler does not fuse a multiplication and an
