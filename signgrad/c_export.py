@@ -132,7 +132,7 @@ def generate(graph: dict[str, Any], tensors: dict[str, np.ndarray], name: str) -
             f"/* {name}.c: a binary network exported by signgrad ({len(ops)} operations).",
             " * Generated: edit the network, not this file. Its header tells how to call it.",
             " * The kernels below are signgrad's runtime kernels (signgrad/runtime/_net.h and",
-            " * the headers it includes). C99 (GCC or Clang for the SIMD variants); compile",
+            " * the headers it includes). C99; SIMD variants with GCC (NEON also Clang); compile",
             " * with -O2 or -O3. Do not let the compiler fuse multiplications and additions",
             " * (-ffp-contract=fast): the pragmas below switch it off where they are honoured,",
             " * and the ISO modes (-std=c99, -std=c11) never fuse. */",
