@@ -43,6 +43,7 @@ from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from timing import timed  # noqa: E402  (benchmarks/timing.py)
 
 from signgrad import convert, export, graph, models  # noqa: E402
 from signgrad.runtime import format as fmt  # noqa: E402
@@ -51,18 +52,6 @@ from signgrad.runtime import model as runtime  # noqa: E402
 
 SHAPE = (3, 32, 32)
 CLASSES = [str(i) for i in range(10)]
-
-
-def timed(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds per call of each function, measured round-robin."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(warmup + rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
 def calibrated(model: torch.nn.Module, shape: tuple[int, int, int]) -> torch.nn.Module:

@@ -27,26 +27,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from timing import timed  # noqa: E402  (benchmarks/timing.py: no torch needed)
 
 NETWORKS = ("resnet20", "vgg-small")
-
-
-def timed(fns: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds per call of each function, measured round-robin."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(warmup + rounds):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r >= warmup:
-                times[k].append(time.perf_counter() - t0)
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
 def export_models(out: Path) -> None:
