@@ -208,16 +208,18 @@ static PyObject *py_bconv2d(PyObject *Py_UNUSED(self), PyObject *args)
     a.Ho = (int)((hp - a.KH) / a.sh + 1);
     a.Wo = (int)((wp - a.KW) / a.sw + 1);
     const int64_t Ow = (a.O + 63) / 64;
-    int64_t npix, x_n, w_n, o_n, bits_n, stride, scratch_n, scratch_b;
+    /* Per thread bconv_scratch, then the window offsets (2 x taps) that all share; taps
+     * and O are below INT_MAX here, so these two do not overflow. */
+    const int64_t stride = bconv_scratch(taps, a.O), offsets = 2 * taps;
+    int64_t npix, x_n, w_n, o_n, bits_n, scratch_n, scratch_b;
     if (!PRODUCT(npix, a.N, a.Ho, a.Wo) || !PRODUCT(x_n, a.N, a.H, a.W, a.Cw, 8) ||
         !PRODUCT(w_n, taps, a.Cw, a.O, 8) || !PRODUCT(o_n, npix, a.O, 4) ||
-        !PRODUCT(bits_n, npix, Ow, 8) || !PRODUCT(stride, taps, 2) || stride > INT64_MAX - a.O ||
-        !PRODUCT(scratch_n, stride + a.O, threads) || scratch_n > INT64_MAX - stride ||
-        !PRODUCT(scratch_b, scratch_n + stride, 8)) {
+        !PRODUCT(bits_n, npix, Ow, 8) || !PRODUCT(scratch_n, stride, threads) ||
+        scratch_n > INT64_MAX - offsets || !PRODUCT(scratch_b, scratch_n + offsets, 8)) {
         PyErr_SetString(PyExc_ValueError, "bconv2d: dimensions too large");
         return NULL;
     }
-    rows_job job = {&a, NULL, bconv_scratch(taps, a.O), (int64_t)a.N * a.Ho};
+    rows_job job = {&a, NULL, stride, (int64_t)a.N * a.Ho};
     Py_buffer b[8];
     int have[8] = {0};
     PyObject *ret = NULL;
