@@ -209,6 +209,22 @@ def build(
         backend = "numpy" if K.COMPILED is None else "compiled"
     _check_threads(threads)
     threads = threads or min(len(os.sched_getaffinity(0)), max_threads())
+    return _planned(graph, tensors, backend, threads)
+
+
+def plan(graph: dict[str, Any], tensors: dict[str, np.ndarray], threads: int = 1) -> Network:
+    """The compiled backend's plan of a graph, after checking it as a whole: what the C
+    export writes out (it needs no compiled kernels here)."""
+    network = _planned(graph, tensors, "compiled", threads).network
+    assert network is not None
+    return network
+
+
+def _planned(
+    graph: dict[str, Any], tensors: dict[str, np.ndarray], backend: str, threads: int
+) -> PackedModel:
+    """The graph checked as a whole, then planned for ``backend``: the compiled one's
+    network, or the numpy one's steps."""
     checked = validate.check(graph, tensors)
     model = PackedModel(graph, backend, threads, image_bytes=checked.image_bytes)
     try:
@@ -221,18 +237,6 @@ def build(
         # The check above admits only consistent graphs; this is its safety net.
         raise SigngradError(f"packed model: malformed graph ({type(e).__name__}: {e})") from None
     return model
-
-
-def plan(graph: dict[str, Any], tensors: dict[str, np.ndarray], threads: int = 1) -> Network:
-    """The compiled backend's plan of a graph, after checking it as a whole: what the C
-    export writes out (it needs no compiled kernels here)."""
-    checked = validate.check(graph, tensors)
-    model = PackedModel(graph, "compiled", threads, image_bytes=checked.image_bytes)
-    planner = _Planner(model, tensors)
-    try:
-        return Network(graph, checked.shapes, planner.weight, planner.tensor, threads)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise SigngradError(f"packed model: malformed graph ({type(e).__name__}: {e})") from None
 
 
 class _Planner:

@@ -244,12 +244,10 @@ class Network:
         if self._binary_reader(out):
             f["bits"] = self._bits(out)
         ch, hh, ww = _chw(self.shapes[out])
-        dims = {"h": self._dims(x_name)["h"], "w": self._dims(x_name)["w"], "c": c}
+        dims = {**self._dims(x_name), "c": c}  # (a linear layer's input: c features)
         if binary:
-            if x_name not in self.bits:  # its producer did not pack it: pack it here
-                self._row(n["name"] + ":pack", op=PACK, **self._dims(x_name), o=c,
-                          ho=dims["h"], wo=dims["w"], x=self._value(x_name),
-                          y=self._bits(x_name))  # fmt: skip
+            if x_name not in self.bits:  # the graph's input: no operation packed it
+                self._pack(n["name"], x_name)
             wt = self._words(K.pack_weight_words(w))
             self._row(n["name"], op=BCONV, **dims, **f, ho=hh, wo=ww, x=self.bits[x_name],
                       wt=wt, y=self._value(out))  # fmt: skip
@@ -299,9 +297,13 @@ class Network:
             else:
                 raise AssertionError(op)  # validate.check admits only known ops
         if self._binary_reader(out) and out not in self.bits:
-            c, h, w = _chw(self.shapes[out])
-            self._row(n["name"] + ":pack", op=PACK, h=h, w=w, c=c, o=c, ho=h, wo=w,
-                      x=self._value(out), y=self._bits(out))  # fmt: skip
+            self._pack(n["name"], out)
+
+    def _pack(self, label: str, value: str) -> None:
+        """A row packing the signs of ``value`` for the binary layers that read it."""
+        d = self._dims(value)
+        self._row(label + ":pack", op=PACK, **d, o=d["c"], ho=d["h"], wo=d["w"],
+                  x=self._value(value), y=self._bits(value))  # fmt: skip
 
     # -- running --------------------------------------------------------------------
     def table(self, n: int) -> np.ndarray:
