@@ -37,26 +37,12 @@ def sign(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, np.float32(1), np.float32(-1))
 
 
-class Buffers:
-    """Output arrays kept from one call to the next (while the shape stays the same):
-    fresh large arrays cost page faults that can take longer than the kernel itself."""
-
-    def __init__(self) -> None:
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def get(self, key: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-        a = self._arrays.get(key)
-        if a is None or a.shape != shape:
-            a = self._arrays[key] = np.empty(shape, dtype=dtype)
-        return a
-
-
-def pack_words(x: np.ndarray, threads: int, buffers: Buffers | None = None) -> np.ndarray:
+def pack_words(x: np.ndarray, threads: int) -> np.ndarray:
     """Signs of the last axis of ``x`` (float32) packed into uint64 words, 1 = negative."""
     c = x.shape[-1]
     x = np.ascontiguousarray(x, dtype=np.float32)
     shape = (*x.shape[:-1], words(c))
-    out = buffers.get("in_bits", shape, np.uint64) if buffers else np.empty(shape, np.uint64)
+    out = np.empty(shape, np.uint64)
     _kernels.pack_signs(x, x.size // c, out, c, threads)
     return out
 
@@ -85,24 +71,22 @@ def bconv2d(
     act_args: tuple[float, float, np.ndarray | None],
     want_bits: bool,
     threads: int,
-    buffers: Buffers | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """XNOR-popcount convolution of packed inputs [N, H, W, Cw] with packed weights,
     then * scale + shift (+ residual), then the activation; also the output's packed
-    signs when ``want_bits``. Compiled kernels only; with ``buffers`` the arrays returned
-    are reused by the next call."""
+    signs when ``want_bits``. Compiled kernels only (the runtime itself runs whole
+    networks through :func:`run_net`; this one layer is for tests and tools)."""
     n, h, w, _ = x_bits.shape
     o = w_words.shape[-1]
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    new = buffers.get if buffers else lambda _, shape, dtype: np.empty(shape, dtype)
-    out = new("out", (n, ho, wo, o), np.float32)
+    out = np.empty((n, ho, wo, o), np.float32)
     if residual is not None and residual.shape != out.shape:
         raise SigngradError(
             f"residual of shape {residual.shape} added to an output of shape "
             f"{out.shape}: the runtime does not broadcast"
         )
-    bits = new("out_bits", (n, ho, wo, words(o)), np.uint64) if want_bits else None
+    bits = np.empty((n, ho, wo, words(o)), np.uint64) if want_bits else None
     lo, hi, slope = act_args
     _kernels.bconv2d(
         x_bits,
