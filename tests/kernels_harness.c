@@ -57,12 +57,22 @@ static const case_t CASES[] = {
     {2, 9, 9, 16, 16, 3, 1, 1, ACT_HARDTANH, 1, 1, 0},
     {1, 8, 8, 32, 64, 3, 2, 1, ACT_RELU, 0, 1, 0},
     {1, 7, 7, 20, 24, 5, 1, 2, ACT_NONE, 1, 1, 0},
+    /* AVX-512's sixteen-pixel path (C <= 32, O % 16 == 0, stride 1 along x): rows of more
+     * than 16 pixels, several blocks of 16 channels, a second output word, 1 x 1 and
+     * 5 x 5 windows, per-channel PReLU */
+    {1, 5, 21, 32, 32, 3, 1, 1, ACT_PRELU, 1, 1, 32},
+    {2, 6, 19, 7, 48, 1, 1, 0, ACT_RELU, 0, 1, 0},
+    {1, 3, 18, 30, 80, 3, 1, 1, ACT_HARDTANH, 1, 1, 0},
+    {1, 7, 7, 20, 32, 5, 1, 2, ACT_NONE, 0, 1, 0},
     /* special values: NaN and infinite scales, -0 shifts, so that outputs are -0 and NaN
      * (each engine must keep the sign of zero and pass NaN through the activations) */
     {1, 4, 4, 2, 24, 1, 1, 0, ACT_RELU, 0, 1, 0, 1},
     {1, 4, 4, 2, 24, 1, 1, 0, ACT_HARDTANH, 1, 1, 0, 1},
     {1, 4, 4, 2, 24, 1, 1, 0, ACT_PRELU, 0, 1, 24, 1},
     {1, 4, 4, 2, 24, 1, 1, 0, ACT_NONE, 0, 1, 0, 1},
+    {1, 4, 4, 2, 16, 1, 1, 0, ACT_RELU, 1, 1, 0, 1},
+    {1, 4, 4, 2, 16, 1, 1, 0, ACT_HARDTANH, 0, 1, 0, 1},
+    {1, 4, 4, 2, 32, 1, 1, 0, ACT_PRELU, 1, 1, 32, 1},
 };
 
 static void run_case(int k, const case_t *c, const kernel_impl *v)

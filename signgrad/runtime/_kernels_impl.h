@@ -355,46 +355,156 @@ FN(avx512_block)(const bconv_args *a, const int NV, int valid, const int64_t *xo
     return bits;
 }
 
-/* AVX-512 row for O % 8 == 0: output channels in blocks of 64 (eight registers). */
+/* Output pixel (n, oy, ox) of row r through avx512_block: any shape with O % 8 == 0. */
 static inline __attribute__((always_inline)) void
-FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *woff)
+FN(avx512_pixel)(const bconv_args *a, int64_t r, int ox, int rows_inside, int64_t *xoff,
+                 int64_t *woff)
 {
     const int O = a->O, Ow = (O + 63) / 64, taps = a->KH * a->KW;
     const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho), iy0 = oy * a->sh - a->ph;
-    const int rows_inside = iy0 >= 0 && iy0 + a->KH <= a->H;
+    const int ix0 = ox * a->sw - a->pw;
+    int valid;
+    const int64_t *wo = woff;
     /* Inside the image every tap is valid and the offsets follow from the first one
      * (a->rel, a->woff_all: computed once per call by the caller). */
-    const int64_t *rel = a->rel, *woff_all = a->woff_all;
-    for (int ox = 0; ox < a->Wo; ox++) {
-        const int ix0 = ox * a->sw - a->pw;
-        int valid;
-        const int64_t *wo = woff;
-        if (rows_inside && ix0 >= 0 && ix0 + a->KW <= a->W) {
-            const int64_t base = (((int64_t)n * a->H + iy0) * a->W + ix0) * a->Cw;
-            for (int t = 0; t < taps; t++) xoff[t] = base + rel[t];
-            valid = taps;
-            wo = woff_all;
-        } else {
-            valid = FN(valid_taps)(a, n, oy, ox, xoff, woff);
+    if (rows_inside && ix0 >= 0 && ix0 + a->KW <= a->W) {
+        const int64_t base = (((int64_t)n * a->H + iy0) * a->W + ix0) * a->Cw;
+        for (int t = 0; t < taps; t++) xoff[t] = base + a->rel[t];
+        valid = taps;
+        wo = a->woff_all;
+    } else {
+        valid = FN(valid_taps)(a, n, oy, ox, xoff, woff);
+    }
+    const int64_t pix = r * a->Wo + ox;
+    float *y = a->out + pix * O;
+    const float *rp = a->residual ? a->residual + pix * O : NULL;
+    for (int ob = 0; ob < O; ob += 64) {
+        uint64_t bits;
+        switch (O - ob >= 64 ? 8 : (O - ob) / 8) {
+        case 8: bits = FN(avx512_block)(a, 8, valid, xoff, wo, ob, y, rp); break;
+        case 7: bits = FN(avx512_block)(a, 7, valid, xoff, wo, ob, y, rp); break;
+        case 6: bits = FN(avx512_block)(a, 6, valid, xoff, wo, ob, y, rp); break;
+        case 5: bits = FN(avx512_block)(a, 5, valid, xoff, wo, ob, y, rp); break;
+        case 4: bits = FN(avx512_block)(a, 4, valid, xoff, wo, ob, y, rp); break;
+        case 3: bits = FN(avx512_block)(a, 3, valid, xoff, wo, ob, y, rp); break;
+        case 2: bits = FN(avx512_block)(a, 2, valid, xoff, wo, ob, y, rp); break;
+        default: bits = FN(avx512_block)(a, 1, valid, xoff, wo, ob, y, rp); break;
         }
-        const int64_t pix = r * a->Wo + ox;
-        float *y = a->out + pix * O;
-        const float *rp = a->residual ? a->residual + pix * O : NULL;
-        for (int ob = 0; ob < O; ob += 64) {
-            uint64_t bits;
-            switch (O - ob >= 64 ? 8 : (O - ob) / 8) {
-            case 8: bits = FN(avx512_block)(a, 8, valid, xoff, wo, ob, y, rp); break;
-            case 7: bits = FN(avx512_block)(a, 7, valid, xoff, wo, ob, y, rp); break;
-            case 6: bits = FN(avx512_block)(a, 6, valid, xoff, wo, ob, y, rp); break;
-            case 5: bits = FN(avx512_block)(a, 5, valid, xoff, wo, ob, y, rp); break;
-            case 4: bits = FN(avx512_block)(a, 4, valid, xoff, wo, ob, y, rp); break;
-            case 3: bits = FN(avx512_block)(a, 3, valid, xoff, wo, ob, y, rp); break;
-            case 2: bits = FN(avx512_block)(a, 2, valid, xoff, wo, ob, y, rp); break;
-            default: bits = FN(avx512_block)(a, 1, valid, xoff, wo, ob, y, rp); break;
+        if (a->out_bits) a->out_bits[pix * Ow + ob / 64] = bits;
+    }
+}
+
+/* Transposes 16 x 16 int32: r[i] lane j becomes r[j] lane i (unpacks of 32 and 64 bits,
+ * then two rounds of 128-bit lane shuffles). */
+static inline __attribute__((always_inline)) void FN(transpose16)(__m512i r[16])
+{
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    /* u[4i + k], 128-bit lane L: rows 4i..4i+3 at column 4L + k */
+    for (int i = 0; i < 4; i++) {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44);
+        const __m512i v1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44);
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
+        r[k] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        r[4 + k] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+        r[8 + k] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        r[12 + k] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+    }
+}
+
+/* Output pixels [ox, ox + m) (m <= 16) of row r of a convolution of stride 1 along x with C <= 32
+ * and O % 16 == 0, every one of whose taps along x lies inside the image; taps along y
+ * from ky0 to ky1. Sixteen pixels sit side by side in one register, a 32-bit lane each
+ * (the low half of the pixel's one channel word: C <= 32 bits, the rest 0), so that one
+ * VPOPCNTD counts 16 pixels x 32 input bits against one broadcast weight word, where
+ * the per-pixel path's VPOPCNTQ counts 8 channels x 64 bits of which only C are used.
+ * The counts are then transposed to a pixel's 16 channels and finished with the same
+ * operations, in the same order, as avx512_block. */
+static inline __attribute__((always_inline)) void
+FN(avx512_lanes)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int m)
+{
+    const int O = a->O, Ow = (O + 63) / 64, KW = a->KW;
+    const int n = (int)(r / a->Ho), iy0 = (int)(r % a->Ho) * a->sh - a->ph;
+    const __mmask8 m0 = m >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << m) - 1);
+    const __mmask8 m1 = m >= 16 ? (__mmask8)0xFF : m > 8 ? (__mmask8)((1u << (m - 8)) - 1) : 0;
+    /* the low 32 bits of 16 words held in two registers */
+    const __m512i low = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i total = _mm512_set1_epi32((ky1 - ky0) * KW * a->C);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int ob = 0; ob < O; ob += 16) {
+        __m512i acc[16];
+        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_si512();
+        for (int ky = ky0; ky < ky1; ky++) {
+            const uint64_t *row = a->x + ((int64_t)n * a->H + iy0 + ky) * a->W;
+            for (int kx = 0; kx < KW; kx++) {
+                const uint64_t *xp = row + ox - a->pw + kx;
+                const __m512i x = _mm512_permutex2var_epi32(_mm512_maskz_loadu_epi64(m0, xp), low,
+                                                            _mm512_maskz_loadu_epi64(m1, xp + 8));
+                const uint64_t *wr = a->w + (int64_t)(ky * KW + kx) * O + ob;
+                for (int j = 0; j < 16; j++)
+                    acc[j] = _mm512_add_epi32(acc[j], _mm512_popcnt_epi32(_mm512_xor_si512(
+                                 x, _mm512_set1_epi32((int)(uint32_t)wr[j]))));
             }
-            if (a->out_bits) a->out_bits[pix * Ow + ob / 64] = bits;
+        }
+        FN(transpose16)(acc);
+        const __m512 scale = _mm512_loadu_ps(a->scale + ob), shift = _mm512_loadu_ps(a->shift + ob);
+        const __m512 slope = a->act != ACT_PRELU ? zero
+                             : a->slope_n == 1 ? _mm512_set1_ps(a->slope[0])
+                                               : _mm512_loadu_ps(a->slope + ob);
+        for (int p = 0; p < m; p++) {
+            const int64_t pix = r * a->Wo + ox + p;
+            const __m512i d = _mm512_sub_epi32(total, _mm512_slli_epi32(acc[p], 1));
+            __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), scale), shift);
+            if (a->residual) v = _mm512_add_ps(v, _mm512_loadu_ps(a->residual + pix * O + ob));
+            /* as in avx512_block: v the second operand, so that NaN passes through */
+            if (a->act == ACT_RELU) v = _mm512_max_ps(zero, v);
+            else if (a->act == ACT_HARDTANH)
+                v = _mm512_min_ps(_mm512_set1_ps(a->hi), _mm512_max_ps(_mm512_set1_ps(a->lo), v));
+            else if (a->act == ACT_PRELU)
+                v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ),
+                                         _mm512_mul_ps(v, slope), v);
+            _mm512_storeu_ps(a->out + pix * O + ob, v);
+            if (a->out_bits) {
+                const uint64_t bits = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ) << (ob % 64);
+                uint64_t *word = a->out_bits + pix * Ow + ob / 64;
+                *word = ob % 64 ? *word | bits : bits;
+            }
         }
     }
+}
+
+/* AVX-512 row for O % 8 == 0. Convolutions of C <= 32 channels, O % 16 == 0 and stride 1
+ * along x take their pixels whose taps along x all lie inside the image sixteen at a time
+ * (avx512_lanes); every other pixel goes through avx512_pixel. */
+static inline __attribute__((always_inline)) void
+FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *woff)
+{
+    const int oy = (int)(r % a->Ho), iy0 = oy * a->sh - a->ph;
+    const int rows_inside = iy0 >= 0 && iy0 + a->KH <= a->H;
+    int lo = a->Wo, hi = a->Wo; /* the columns avx512_lanes takes */
+    if (a->C <= 32 && a->O % 16 == 0 && a->sw == 1) {
+        lo = a->pw < a->Wo ? a->pw : a->Wo;
+        hi = a->W - a->KW + a->pw + 1;
+        hi = hi < lo ? lo : hi > a->Wo ? a->Wo : hi;
+    }
+    for (int ox = 0; ox < lo; ox++) FN(avx512_pixel)(a, r, ox, rows_inside, xoff, woff);
+    if (lo < hi) {
+        const int ky0 = iy0 < 0 ? -iy0 : 0;
+        const int ky1 = a->H - iy0 < a->KH ? a->H - iy0 : a->KH;
+        for (int ox = lo; ox < hi; ox += 16)
+            FN(avx512_lanes)(a, r, ky0, ky1, ox, hi - ox < 16 ? hi - ox : 16);
+    }
+    for (int ox = hi; ox < a->Wo; ox++) FN(avx512_pixel)(a, r, ox, rows_inside, xoff, woff);
 }
 #endif
 
