@@ -64,6 +64,8 @@ static const case_t CASES[] = {
     {2, 6, 19, 7, 48, 1, 1, 0, ACT_RELU, 0, 1, 0},
     {1, 3, 18, 30, 80, 3, 1, 1, ACT_HARDTANH, 1, 1, 0},
     {1, 7, 7, 20, 32, 5, 1, 2, ACT_NONE, 0, 1, 0},
+    /* padding beyond the kernel: rows whose window lies wholly in the padding */
+    {1, 4, 6, 8, 16, 2, 1, 3, ACT_RELU, 1, 1, 0},
     /* special values: NaN and infinite scales, -0 shifts, so that outputs are -0 and NaN
      * (each engine must keep the sign of zero and pass NaN through the activations) */
     {1, 4, 4, 2, 24, 1, 1, 0, ACT_RELU, 0, 1, 0, 1},

@@ -180,26 +180,34 @@ FN(bconv_row_plain)(const bconv_args *a, int64_t r, uint64_t *acc, int64_t *xoff
     }
 }
 
-/* 16 output channels from ob of four pixels' patches (K values each): the sums in
+/* nc <= 16 output channels from ob of four pixels' patches (K values each): the sums in
  * registers, each a chain of fused multiply-adds in patch order (the same roundings in
- * every variant: one per multiply-add). */
+ * every variant: one per multiply-add). acc[p][j] for j >= nc is left undefined. `full`
+ * (nc == 16, a constant after inlining) keeps masks out of the loop. */
 static inline __attribute__((always_inline)) void
-FN(fconv_block16)(const float *patch, int K, const float *w, int O, int ob, float acc[4][16])
+FN(fconv_block)(const float *patch, int K, const float *w, int O, int ob, int nc,
+                 float acc[4][16], const int full)
 {
 #if defined(USE_AVX512)
     __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                    _mm512_setzero_ps()};
+    const __mmask16 m = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1);
     for (int k = 0; k < K; k++) {
-        const __m512 wv = _mm512_loadu_ps(w + (int64_t)k * O + ob);
+        const __m512 wv = full ? _mm512_loadu_ps(w + (int64_t)k * O + ob)
+                                : _mm512_maskz_loadu_ps(m, w + (int64_t)k * O + ob);
         for (int p = 0; p < 4; p++) s[p] = _mm512_fmadd_ps(_mm512_set1_ps(patch[p * K + k]), wv, s[p]);
     }
     for (int p = 0; p < 4; p++) _mm512_storeu_ps(acc[p], s[p]);
 #elif defined(USE_AVX2)
     __m256 s[8];
     for (int i = 0; i < 8; i++) s[i] = _mm256_setzero_ps();
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nc), lane);
+    const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(nc - 8), lane);
     for (int k = 0; k < K; k++) {
-        const __m256 w0 = _mm256_loadu_ps(w + (int64_t)k * O + ob);
-        const __m256 w1 = _mm256_loadu_ps(w + (int64_t)k * O + ob + 8);
+        const float *wr = w + (int64_t)k * O + ob;
+        const __m256 w0 = full ? _mm256_loadu_ps(wr) : _mm256_maskload_ps(wr, m0);
+        const __m256 w1 = full ? _mm256_loadu_ps(wr + 8) : _mm256_maskload_ps(wr + 8, m1);
         for (int p = 0; p < 4; p++) {
             const __m256 v = _mm256_set1_ps(patch[p * K + k]);
             s[2 * p] = _mm256_fmadd_ps(v, w0, s[2 * p]);
@@ -211,6 +219,16 @@ FN(fconv_block16)(const float *patch, int K, const float *w, int O, int ob, floa
         _mm256_storeu_ps(acc[p] + 8, s[2 * p + 1]);
     }
 #elif defined(USE_NEON)
+    if (!full) { /* the portable loop below */
+        for (int p = 0; p < 4; p++)
+            for (int j = 0; j < nc; j++) acc[p][j] = 0.0f;
+        for (int k = 0; k < K; k++) {
+            const float *wr = w + (int64_t)k * O + ob;
+            for (int p = 0; p < 4; p++)
+                for (int j = 0; j < nc; j++) acc[p][j] = fmaf(patch[p * K + k], wr[j], acc[p][j]);
+        }
+        return;
+    }
     float32x4_t s[16];
     for (int i = 0; i < 16; i++) s[i] = vdupq_n_f32(0.0f);
     for (int k = 0; k < K; k++) {
@@ -228,13 +246,14 @@ FN(fconv_block16)(const float *patch, int K, const float *w, int O, int ob, floa
     for (int p = 0; p < 4; p++)
         for (int q = 0; q < 4; q++) vst1q_f32(acc[p] + 4 * q, s[4 * p + q]);
 #else
+    (void)full;
     for (int p = 0; p < 4; p++)
-        for (int j = 0; j < 16; j++) acc[p][j] = 0.0f;
+        for (int j = 0; j < nc; j++) acc[p][j] = 0.0f;
     for (int k = 0; k < K; k++) {
         const float *wr = w + (int64_t)k * O + ob;
         for (int p = 0; p < 4; p++) {
             const float v = patch[p * K + k];
-            for (int j = 0; j < 16; j++) acc[p][j] = fmaf(v, wr[j], acc[p][j]);
+            for (int j = 0; j < nc; j++) acc[p][j] = fmaf(v, wr[j], acc[p][j]);
         }
     }
 #endif
@@ -291,16 +310,16 @@ static void FN(fconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, float *p
             int ob = 0;
             for (; ob + 16 <= O; ob += 16) {
                 float acc[4][16];
-                FN(fconv_block16)(patch, K, a->wf, O, ob, acc);
+                FN(fconv_block)(patch, K, a->wf, O, ob, 16, acc, 1);
                 for (int p = 0; p < pb; p++)
                     for (int j = 0; j < 16; j++) y[p][ob + j] = acc[p][j];
             }
-            for (int p = 0; p < pb; p++) /* the last O % 16 channels */
-                for (int o = ob; o < O; o++) {
-                    float s = 0.0f;
-                    for (int k = 0; k < K; k++) s = fmaf(patch[p * K + k], a->wf[(int64_t)k * O + o], s);
-                    y[p][o] = s;
-                }
+            if (ob < O) { /* the last O % 16 channels */
+                float acc[4][16];
+                FN(fconv_block)(patch, K, a->wf, O, ob, O - ob, acc, 0);
+                for (int p = 0; p < pb; p++)
+                    for (int j = 0; j < O - ob; j++) y[p][ob + j] = acc[p][j];
+            }
             for (int p = 0; p < pb; p++) {
                 for (int o = 0; o < O; o++) y[p][o] = y[p][o] * a->scale[o] + a->shift[o];
                 const int64_t pix = r * a->Wo + ox0 + p;
@@ -311,63 +330,76 @@ static void FN(fconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, float *p
 }
 
 #ifdef USE_AVX512
-/* One block of NV x 8 output channels (NV a constant after inlining, so the accumulators
- * stay in registers and no lane is tested per tap): the popcounts, then the epilogue.
- * One VPOPCNTQ does 8 channels x 64 input bits. Returns the block's output sign bits. */
+/* The epilogue of 8 channels from o whose counts are acc; returns their 8 sign bits. */
 static inline __attribute__((always_inline)) uint64_t
-FN(avx512_block)(const bconv_args *a, const int NV, int valid, const int64_t *xoff,
-                 const int64_t *woff, int ob, float *y, const float *rp)
+FN(avx512_finish8)(const bconv_args *a, __m512i acc, __m512i total, int o, float *y,
+                   const float *rp)
 {
-    const int O = a->O, Cw = a->Cw;
     const __m256 zero = _mm256_setzero_ps();
-    __m512i acc[8];
-    for (int j = 0; j < NV; j++) acc[j] = _mm512_setzero_si512();
-    for (int t = 0; t < valid; t++)
-        for (int c = 0; c < Cw; c++) {
-            const __m512i v = _mm512_set1_epi64((long long)a->x[xoff[t] + c]);
-            const uint64_t *wr = a->w + woff[t] + (int64_t)c * O + ob;
-            for (int j = 0; j < NV; j++)
-                acc[j] = _mm512_add_epi64(acc[j], _mm512_popcnt_epi64(_mm512_xor_si512(
-                             v, _mm512_loadu_si512((const void *)(wr + 8 * j)))));
-        }
-    const __m512i total = _mm512_set1_epi64((int64_t)valid * a->C);
-    uint64_t bits = 0;
-    for (int j = 0; j < NV; j++) {
-        const int o = ob + 8 * j;
-        const __m512i d = _mm512_sub_epi64(total, _mm512_slli_epi64(acc[j], 1));
-        __m256 v = _mm512_cvtepi64_ps(d);
-        v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(a->scale + o)),
-                          _mm256_loadu_ps(a->shift + o));
-        if (rp) v = _mm256_add_ps(v, _mm256_loadu_ps(rp + o));
-        /* max/min return their second operand when one is NaN: v second, so a NaN
-         * passes through as in numpy's maximum and clip (the numpy backend). */
-        if (a->act == ACT_RELU) v = _mm256_max_ps(zero, v);
-        else if (a->act == ACT_HARDTANH)
-            v = _mm256_min_ps(_mm256_set1_ps(a->hi), _mm256_max_ps(_mm256_set1_ps(a->lo), v));
-        else if (a->act == ACT_PRELU) {
-            const __m256 s = a->slope_n == 1 ? _mm256_set1_ps(a->slope[0])
-                                             : _mm256_loadu_ps(a->slope + o);
-            v = _mm256_blendv_ps(_mm256_mul_ps(v, s), v, _mm256_cmp_ps(v, zero, _CMP_GE_OQ));
-        }
-        _mm256_storeu_ps(y + o, v);
-        bits |= (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NGE_UQ)) << (8 * j);
+    const __m512i d = _mm512_sub_epi64(total, _mm512_slli_epi64(acc, 1));
+    __m256 v = _mm512_cvtepi64_ps(d);
+    v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(a->scale + o)), _mm256_loadu_ps(a->shift + o));
+    if (rp) v = _mm256_add_ps(v, _mm256_loadu_ps(rp + o));
+    /* max/min return their second operand when one is NaN: v second, so a NaN passes
+     * through as in numpy's maximum and clip (the numpy backend). */
+    if (a->act == ACT_RELU) v = _mm256_max_ps(zero, v);
+    else if (a->act == ACT_HARDTANH)
+        v = _mm256_min_ps(_mm256_set1_ps(a->hi), _mm256_max_ps(_mm256_set1_ps(a->lo), v));
+    else if (a->act == ACT_PRELU) {
+        const __m256 s = a->slope_n == 1 ? _mm256_set1_ps(a->slope[0]) : _mm256_loadu_ps(a->slope + o);
+        v = _mm256_blendv_ps(_mm256_mul_ps(v, s), v, _mm256_cmp_ps(v, zero, _CMP_GE_OQ));
     }
-    return bits;
+    _mm256_storeu_ps(y + o, v);
+    return (uint64_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NGE_UQ));
 }
 
-/* Output pixel (n, oy, ox) of row r through avx512_block: any shape with O % 8 == 0. */
+/* One block of NV x 8 output channels of PX pixels (1 or 2; NV and PX constants after
+ * inlining, so the accumulators stay in registers and no lane is tested per tap): the
+ * popcounts, then the epilogue. One VPOPCNTQ does 8 channels x 64 input bits; with two
+ * pixels, whose words lie `step` apart, each weight load serves both. Sets each pixel's
+ * output sign bits of the block. */
 static inline __attribute__((always_inline)) void
-FN(avx512_pixel)(const bconv_args *a, int64_t r, int ox, int rows_inside, int64_t *xoff,
-                 int64_t *woff)
+FN(avx512_block)(const bconv_args *a, const int NV, const int PX, int valid, const int64_t *xoff,
+                 int64_t step, const int64_t *woff, int ob, float *const *y,
+                 const float *const *rp, uint64_t *bits)
+{
+    const int O = a->O, Cw = a->Cw;
+    __m512i acc[2][8];
+    for (int p = 0; p < PX; p++)
+        for (int j = 0; j < NV; j++) acc[p][j] = _mm512_setzero_si512();
+    for (int t = 0; t < valid; t++)
+        for (int c = 0; c < Cw; c++) {
+            __m512i v[2];
+            for (int p = 0; p < PX; p++) v[p] = _mm512_set1_epi64((long long)a->x[xoff[t] + c + p * step]);
+            const uint64_t *wr = a->w + woff[t] + (int64_t)c * O + ob;
+            for (int j = 0; j < NV; j++) {
+                const __m512i w = _mm512_loadu_si512((const void *)(wr + 8 * j));
+                for (int p = 0; p < PX; p++)
+                    acc[p][j] = _mm512_add_epi64(acc[p][j], _mm512_popcnt_epi64(_mm512_xor_si512(v[p], w)));
+            }
+        }
+    const __m512i total = _mm512_set1_epi64((int64_t)valid * a->C);
+    for (int p = 0; p < PX; p++) {
+        bits[p] = 0;
+        for (int j = 0; j < NV; j++)
+            bits[p] |= FN(avx512_finish8)(a, acc[p][j], total, ob + 8 * j, y[p], rp[p]) << (8 * j);
+    }
+}
+
+/* Output pixels ox .. ox + PX - 1 (PX 1, or 2 when both have every tap inside the image)
+ * of row r through avx512_block: any shape with O % 8 == 0. */
+static inline __attribute__((always_inline)) void
+FN(avx512_pixels)(const bconv_args *a, const int PX, int64_t r, int ox, int inside,
+                  int64_t *xoff, int64_t *woff)
 {
     const int O = a->O, Ow = (O + 63) / 64, taps = a->KH * a->KW;
-    const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho), iy0 = oy * a->sh - a->ph;
-    const int ix0 = ox * a->sw - a->pw;
+    const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
     int valid;
     const int64_t *wo = woff;
     /* Inside the image every tap is valid and the offsets follow from the first one
      * (a->rel, a->woff_all: computed once per call by the caller). */
-    if (rows_inside && ix0 >= 0 && ix0 + a->KW <= a->W) {
+    if (inside) {
+        const int iy0 = oy * a->sh - a->ph, ix0 = ox * a->sw - a->pw;
         const int64_t base = (((int64_t)n * a->H + iy0) * a->W + ix0) * a->Cw;
         for (int t = 0; t < taps; t++) xoff[t] = base + a->rel[t];
         valid = taps;
@@ -375,22 +407,28 @@ FN(avx512_pixel)(const bconv_args *a, int64_t r, int ox, int rows_inside, int64_
     } else {
         valid = FN(valid_taps)(a, n, oy, ox, xoff, woff);
     }
-    const int64_t pix = r * a->Wo + ox;
-    float *y = a->out + pix * O;
-    const float *rp = a->residual ? a->residual + pix * O : NULL;
+    float *y[2];
+    const float *rp[2];
+    uint64_t bits[2];
+    for (int p = 0; p < PX; p++) {
+        const int64_t pix = r * a->Wo + ox + p;
+        y[p] = a->out + pix * O;
+        rp[p] = a->residual ? a->residual + pix * O : NULL;
+    }
+    const int64_t step = (int64_t)a->sw * a->Cw;
     for (int ob = 0; ob < O; ob += 64) {
-        uint64_t bits;
         switch (O - ob >= 64 ? 8 : (O - ob) / 8) {
-        case 8: bits = FN(avx512_block)(a, 8, valid, xoff, wo, ob, y, rp); break;
-        case 7: bits = FN(avx512_block)(a, 7, valid, xoff, wo, ob, y, rp); break;
-        case 6: bits = FN(avx512_block)(a, 6, valid, xoff, wo, ob, y, rp); break;
-        case 5: bits = FN(avx512_block)(a, 5, valid, xoff, wo, ob, y, rp); break;
-        case 4: bits = FN(avx512_block)(a, 4, valid, xoff, wo, ob, y, rp); break;
-        case 3: bits = FN(avx512_block)(a, 3, valid, xoff, wo, ob, y, rp); break;
-        case 2: bits = FN(avx512_block)(a, 2, valid, xoff, wo, ob, y, rp); break;
-        default: bits = FN(avx512_block)(a, 1, valid, xoff, wo, ob, y, rp); break;
+        case 8: FN(avx512_block)(a, 8, PX, valid, xoff, step, wo, ob, y, rp, bits); break;
+        case 7: FN(avx512_block)(a, 7, PX, valid, xoff, step, wo, ob, y, rp, bits); break;
+        case 6: FN(avx512_block)(a, 6, PX, valid, xoff, step, wo, ob, y, rp, bits); break;
+        case 5: FN(avx512_block)(a, 5, PX, valid, xoff, step, wo, ob, y, rp, bits); break;
+        case 4: FN(avx512_block)(a, 4, PX, valid, xoff, step, wo, ob, y, rp, bits); break;
+        case 3: FN(avx512_block)(a, 3, PX, valid, xoff, step, wo, ob, y, rp, bits); break;
+        case 2: FN(avx512_block)(a, 2, PX, valid, xoff, step, wo, ob, y, rp, bits); break;
+        default: FN(avx512_block)(a, 1, PX, valid, xoff, step, wo, ob, y, rp, bits); break;
         }
-        if (a->out_bits) a->out_bits[pix * Ow + ob / 64] = bits;
+        if (a->out_bits)
+            for (int p = 0; p < PX; p++) a->out_bits[(r * a->Wo + ox + p) * Ow + ob / 64] = bits[p];
     }
 }
 
@@ -485,7 +523,8 @@ FN(avx512_lanes)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int m
 
 /* AVX-512 row for O % 8 == 0. Convolutions of C <= 32 channels, O % 16 == 0 and stride 1
  * along x take their pixels whose taps along x all lie inside the image sixteen at a time
- * (avx512_lanes); every other pixel goes through avx512_pixel. */
+ * (avx512_lanes); the other pixels go through avx512_pixels, two at a time where both
+ * have every tap inside the image. */
 static inline __attribute__((always_inline)) void
 FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *woff)
 {
@@ -497,14 +536,26 @@ FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *wof
         hi = a->W - a->KW + a->pw + 1;
         hi = hi < lo ? lo : hi > a->Wo ? a->Wo : hi;
     }
-    for (int ox = 0; ox < lo; ox++) FN(avx512_pixel)(a, r, ox, rows_inside, xoff, woff);
-    if (lo < hi) {
-        const int ky0 = iy0 < 0 ? -iy0 : 0;
-        const int ky1 = a->H - iy0 < a->KH ? a->H - iy0 : a->KH;
-        for (int ox = lo; ox < hi; ox += 16)
-            FN(avx512_lanes)(a, r, ky0, ky1, ox, hi - ox < 16 ? hi - ox : 16);
+    for (int ox = 0; ox < a->Wo;) {
+        if (ox == lo && lo < hi) {
+            /* the taps along y inside the image (none, with padding beyond the kernel) */
+            const int ky0 = iy0 < 0 ? -iy0 : 0;
+            int ky1 = a->H - iy0 < a->KH ? a->H - iy0 : a->KH;
+            ky1 = ky1 < ky0 ? ky0 : ky1;
+            for (; ox < hi; ox += 16) FN(avx512_lanes)(a, r, ky0, ky1, ox, hi - ox < 16 ? hi - ox : 16);
+            ox = hi;
+            continue;
+        }
+        const int ix0 = ox * a->sw - a->pw, end = ox < lo ? lo : a->Wo;
+        const int inside = rows_inside && ix0 >= 0 && ix0 + a->KW <= a->W;
+        if (inside && ox + 1 < end && ix0 + a->sw + a->KW <= a->W) {
+            FN(avx512_pixels)(a, 2, r, ox, 1, xoff, woff);
+            ox += 2;
+        } else {
+            FN(avx512_pixels)(a, 1, r, ox, inside, xoff, woff);
+            ox += 1;
+        }
     }
-    for (int ox = hi; ox < a->Wo; ox++) FN(avx512_pixel)(a, r, ox, rows_inside, xoff, woff);
 }
 #endif
 

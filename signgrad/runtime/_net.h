@@ -231,6 +231,21 @@ static bconv_args net_conv_args(const net_t *net, const int64_t *f)
     return a;
 }
 
+/* y = max(y, x) (NaN wins, as in numpy's max) and y += x over C channels; restrict: the
+ * window's pixel never overlaps the output, and saying so lets the loops vectorize. */
+static inline void net_max_into(float *restrict y, const float *restrict x, int64_t C)
+{
+    for (int64_t c = 0; c < C; c++) {
+        const float a = y[c], b = x[c];
+        y[c] = (a != a) | (b <= a) ? a : b; /* |, not ||: no branch, so it vectorizes */
+    }
+}
+
+static inline void net_add_into(float *restrict y, const float *restrict x, int64_t C)
+{
+    for (int64_t c = 0; c < C; c++) y[c] += x[c];
+}
+
 static void net_pool(const net_t *net, const int64_t *f, int64_t r0, int64_t r1)
 {
     const int64_t H = f[F_H], W = f[F_W], C = f[F_C], KH = f[F_KH], KW = f[F_KW];
@@ -250,11 +265,8 @@ static void net_pool(const net_t *net, const int64_t *f, int64_t r0, int64_t r1)
                     const int64_t ix = ox * f[F_SW] - f[F_PW] + kx;
                     if (ix < 0 || ix >= W) continue;
                     const float *xp = x + ((n * H + iy) * W + ix) * C;
-                    if (max) /* NaN wins, as in numpy's max */
-                        for (int64_t c = 0; c < C; c++)
-                            y[c] = (y[c] != y[c] || xp[c] <= y[c]) ? y[c] : xp[c];
-                    else
-                        for (int64_t c = 0; c < C; c++) y[c] += xp[c];
+                    if (max) net_max_into(y, xp, C);
+                    else net_add_into(y, xp, C);
                 }
             }
             if (!max)
