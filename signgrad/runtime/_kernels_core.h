@@ -69,7 +69,7 @@ static inline void bconv_set_offsets(bconv_args *a, int64_t *rel)
 #include <immintrin.h>
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx2,fma,popcnt")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx2,fma,popcnt")
 #define SUFFIX avx512
 #define USE_AVX512 1
 #include "_kernels_impl.h"
@@ -124,8 +124,9 @@ static void select_impl(void)
     impl = KERNEL_IMPL("generic", generic);
 #ifdef X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    if (__builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bitalg") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq"))
         impl = KERNEL_IMPL("avx512-vpopcntdq", avx512);
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("popcnt"))

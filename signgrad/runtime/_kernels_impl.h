@@ -460,25 +460,57 @@ static inline __attribute__((always_inline)) void FN(transpose16)(__m512i r[16])
     }
 }
 
-/* Output pixels [ox, ox + m) (m <= 16) of row r of a convolution of stride 1 along x with C <= 32
- * and O % 16 == 0, every one of whose taps along x lies inside the image; taps along y
- * from ky0 to ky1. Sixteen pixels sit side by side in one register, a 32-bit lane each
- * (the low half of the pixel's one channel word: C <= 32 bits, the rest 0), so that one
- * VPOPCNTD counts 16 pixels x 32 input bits against one broadcast weight word, where
- * the per-pixel path's VPOPCNTQ counts 8 channels x 64 bits of which only C are used.
- * The counts are then transposed to a pixel's 16 channels and finished with the same
- * operations, in the same order, as avx512_block. */
+/* The epilogue of channels ob .. ob + 15 of output pixels [ox, ox + m) of row r, from
+ * their counts (counts[p][j]: pixel ox + p, channel ob + j), with the operations of
+ * avx512_block in the same order. */
+static inline __attribute__((always_inline)) void
+FN(avx512_lanes_finish)(const bconv_args *a, int64_t r, int ox, int m, int ob, int total,
+                        const int32_t (*counts)[16])
+{
+    const int O = a->O, Ow = (O + 63) / 64;
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512i tot = _mm512_set1_epi32(total);
+    const __m512 scale = _mm512_loadu_ps(a->scale + ob), shift = _mm512_loadu_ps(a->shift + ob);
+    const __m512 slope = a->act != ACT_PRELU ? zero
+                         : a->slope_n == 1 ? _mm512_set1_ps(a->slope[0])
+                                           : _mm512_loadu_ps(a->slope + ob);
+    for (int p = 0; p < m; p++) {
+        const int64_t pix = r * a->Wo + ox + p;
+        const __m512i d =
+            _mm512_sub_epi32(tot, _mm512_slli_epi32(_mm512_load_si512((const void *)counts[p]), 1));
+        __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), scale), shift);
+        if (a->residual) v = _mm512_add_ps(v, _mm512_loadu_ps(a->residual + pix * O + ob));
+        /* as in avx512_block: v the second operand, so that NaN passes through */
+        if (a->act == ACT_RELU) v = _mm512_max_ps(zero, v);
+        else if (a->act == ACT_HARDTANH)
+            v = _mm512_min_ps(_mm512_set1_ps(a->hi), _mm512_max_ps(_mm512_set1_ps(a->lo), v));
+        else if (a->act == ACT_PRELU)
+            v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ), _mm512_mul_ps(v, slope), v);
+        _mm512_storeu_ps(a->out + pix * O + ob, v);
+        if (a->out_bits) {
+            const uint64_t bits = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ) << (ob % 64);
+            uint64_t *word = a->out_bits + pix * Ow + ob / 64;
+            *word = ob % 64 ? *word | bits : bits;
+        }
+    }
+}
+
+/* Output pixels [ox, ox + m) (m <= 16) of row r of a convolution of stride 1 along x
+ * with C <= 32 and O % 16 == 0, every one of whose taps along x lies inside the image;
+ * taps along y from ky0 to ky1. Sixteen pixels sit side by side in one register, a 32-bit
+ * lane each (the low half of the pixel's one channel word: C <= 32 bits, the rest 0), so
+ * that one VPOPCNTD counts 16 pixels x 32 input bits against one broadcast weight word,
+ * where the per-pixel path's VPOPCNTQ counts 8 channels x 64 bits of which only C are
+ * used. The counts are then transposed to a pixel's 16 channels. */
 static inline __attribute__((always_inline)) void
 FN(avx512_lanes)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int m)
 {
-    const int O = a->O, Ow = (O + 63) / 64, KW = a->KW;
+    const int O = a->O, KW = a->KW;
     const int n = (int)(r / a->Ho), iy0 = (int)(r % a->Ho) * a->sh - a->ph;
     const __mmask8 m0 = m >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << m) - 1);
     const __mmask8 m1 = m >= 16 ? (__mmask8)0xFF : m > 8 ? (__mmask8)((1u << (m - 8)) - 1) : 0;
     /* the low 32 bits of 16 words held in two registers */
     const __m512i low = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    const __m512i total = _mm512_set1_epi32((ky1 - ky0) * KW * a->C);
-    const __m512 zero = _mm512_setzero_ps();
     for (int ob = 0; ob < O; ob += 16) {
         __m512i acc[16];
         for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_si512();
@@ -495,38 +527,71 @@ FN(avx512_lanes)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int m
             }
         }
         FN(transpose16)(acc);
-        const __m512 scale = _mm512_loadu_ps(a->scale + ob), shift = _mm512_loadu_ps(a->shift + ob);
-        const __m512 slope = a->act != ACT_PRELU ? zero
-                             : a->slope_n == 1 ? _mm512_set1_ps(a->slope[0])
-                                               : _mm512_loadu_ps(a->slope + ob);
-        for (int p = 0; p < m; p++) {
-            const int64_t pix = r * a->Wo + ox + p;
-            const __m512i d = _mm512_sub_epi32(total, _mm512_slli_epi32(acc[p], 1));
-            __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), scale), shift);
-            if (a->residual) v = _mm512_add_ps(v, _mm512_loadu_ps(a->residual + pix * O + ob));
-            /* as in avx512_block: v the second operand, so that NaN passes through */
-            if (a->act == ACT_RELU) v = _mm512_max_ps(zero, v);
-            else if (a->act == ACT_HARDTANH)
-                v = _mm512_min_ps(_mm512_set1_ps(a->hi), _mm512_max_ps(_mm512_set1_ps(a->lo), v));
-            else if (a->act == ACT_PRELU)
-                v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ),
-                                         _mm512_mul_ps(v, slope), v);
-            _mm512_storeu_ps(a->out + pix * O + ob, v);
-            if (a->out_bits) {
-                const uint64_t bits = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ) << (ob % 64);
-                uint64_t *word = a->out_bits + pix * Ow + ob / 64;
-                *word = ob % 64 ? *word | bits : bits;
+        /* through memory: indexed by pixel, the registers would be spilled in the loop */
+        int32_t counts[16][16] __attribute__((aligned(64)));
+        for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[j], acc[j]);
+        FN(avx512_lanes_finish)(a, r, ox, m, ob, (ky1 - ky0) * KW * a->C, counts);
+    }
+}
+
+/* As avx512_lanes for C <= 16, with 32 pixels [ox, ox + m) (m <= 32) in 16-bit lanes
+ * (VPOPCNTW, AVX512-BITALG): half the instructions per pixel. w16 holds each weight word
+ * of the convolution twice in 32 bits (w16[t * O + o]), so that the XOR broadcasts it
+ * from memory. */
+static inline __attribute__((always_inline)) void
+FN(avx512_lanes16)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int m,
+                   const uint32_t *w16)
+{
+    const int O = a->O, KW = a->KW;
+    const int n = (int)(r / a->Ho), iy0 = (int)(r % a->Ho) * a->sh - a->ph;
+    __mmask8 mk[4];
+    for (int q = 0; q < 4; q++) {
+        const int left = m - 8 * q;
+        mk[q] = left >= 8 ? (__mmask8)0xFF : left > 0 ? (__mmask8)((1u << left) - 1) : 0;
+    }
+    /* the low 16 bits of 16 words held in two registers */
+    const __m512i low = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 60, 56,
+                                         52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
+    for (int ob = 0; ob < O; ob += 16) {
+        __m512i acc[16];
+        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_si512();
+        for (int ky = ky0; ky < ky1; ky++) {
+            const uint64_t *row = a->x + ((int64_t)n * a->H + iy0 + ky) * a->W;
+            for (int kx = 0; kx < KW; kx++) {
+                const uint64_t *xp = row + ox - a->pw + kx;
+                const __m512i lo = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi64(mk[0], xp), low,
+                                                             _mm512_maskz_loadu_epi64(mk[1], xp + 8));
+                const __m512i hi = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi64(mk[2], xp + 16), low,
+                                                             _mm512_maskz_loadu_epi64(mk[3], xp + 24));
+                const __m512i x = _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
+                const uint32_t *wr = w16 + (int64_t)(ky * KW + kx) * O + ob;
+                for (int j = 0; j < 16; j++)
+                    acc[j] = _mm512_add_epi16(acc[j], _mm512_popcnt_epi16(_mm512_xor_si512(
+                                 x, _mm512_set1_epi32((int)wr[j]))));
             }
         }
+        /* to 32 bits, then per half of the pixels as in avx512_lanes */
+        uint16_t c16[16][32] __attribute__((aligned(64)));
+        for (int j = 0; j < 16; j++) _mm512_store_si512((void *)c16[j], acc[j]);
+        int32_t counts[32][16] __attribute__((aligned(64)));
+        for (int half = 0; half < 2; half++) {
+            __m512i v[16];
+            for (int j = 0; j < 16; j++)
+                v[j] = _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(c16[j] + 16 * half)));
+            FN(transpose16)(v);
+            for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[16 * half + j], v[j]);
+        }
+        FN(avx512_lanes_finish)(a, r, ox, m, ob, (ky1 - ky0) * KW * a->C, counts);
     }
 }
 
 /* AVX-512 row for O % 8 == 0. Convolutions of C <= 32 channels, O % 16 == 0 and stride 1
  * along x take their pixels whose taps along x all lie inside the image sixteen at a time
- * (avx512_lanes); the other pixels go through avx512_pixels, two at a time where both
- * have every tap inside the image. */
+ * (avx512_lanes), or 32 with w16 (avx512_lanes16); the other pixels go through
+ * avx512_pixels, two at a time where both have every tap inside the image. */
 static inline __attribute__((always_inline)) void
-FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *woff)
+FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *woff,
+                     const uint32_t *w16)
 {
     const int oy = (int)(r % a->Ho), iy0 = oy * a->sh - a->ph;
     const int rows_inside = iy0 >= 0 && iy0 + a->KH <= a->H;
@@ -542,7 +607,11 @@ FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *wof
             const int ky0 = iy0 < 0 ? -iy0 : 0;
             int ky1 = a->H - iy0 < a->KH ? a->H - iy0 : a->KH;
             ky1 = ky1 < ky0 ? ky0 : ky1;
-            for (; ox < hi; ox += 16) FN(avx512_lanes)(a, r, ky0, ky1, ox, hi - ox < 16 ? hi - ox : 16);
+            if (w16)
+                for (; ox < hi; ox += 32)
+                    FN(avx512_lanes16)(a, r, ky0, ky1, ox, hi - ox < 32 ? hi - ox : 32, w16);
+            else
+                for (; ox < hi; ox += 16) FN(avx512_lanes)(a, r, ky0, ky1, ox, hi - ox < 16 ? hi - ox : 16);
             ox = hi;
             continue;
         }
@@ -567,7 +636,12 @@ static void FN(bconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t 
     int64_t *woff = xoff + (int64_t)a->KH * a->KW;
 #ifdef USE_AVX512
     if (a->O % 8 == 0) {
-        for (int64_t r = r0; r < r1; r++) FN(bconv_row_avx512)(a, r, xoff, woff);
+        /* avx512_lanes16's weights, for up to 2048 (tap, channel) pairs (8 KiB of stack) */
+        uint32_t w16[2048];
+        const int64_t pairs = (int64_t)a->KH * a->KW * a->O;
+        const int narrow = a->C <= 16 && a->O % 16 == 0 && a->sw == 1 && pairs <= 2048;
+        for (int64_t i = 0; narrow && i < pairs; i++) w16[i] = (uint32_t)(uint16_t)a->w[i] * 0x10001u;
+        for (int64_t r = r0; r < r1; r++) FN(bconv_row_avx512)(a, r, xoff, woff, narrow ? w16 : NULL);
         return;
     }
 #endif
