@@ -259,6 +259,50 @@ FN(fconv_block)(const float *patch, int K, const float *w, int O, int ob, int nc
 #endif
 }
 
+#ifdef USE_AVX512
+/* The per-channel parameters of channels ob .. ob + 15, loaded once for many pixels (the
+ * compiler cannot keep them across the output's stores, which might alias them). */
+typedef struct {
+    __m512 scale, shift, slope, lo, hi;
+} FN(params16);
+
+static inline __attribute__((always_inline)) FN(params16) FN(avx512_params16)(const bconv_args *a, int ob)
+{
+    FN(params16) q;
+    q.scale = _mm512_loadu_ps(a->scale + ob);
+    q.shift = _mm512_loadu_ps(a->shift + ob);
+    q.slope = a->act != ACT_PRELU ? _mm512_setzero_ps()
+              : a->slope_n == 1   ? _mm512_set1_ps(a->slope[0])
+                                  : _mm512_loadu_ps(a->slope + ob);
+    q.lo = _mm512_set1_ps(a->lo);
+    q.hi = _mm512_set1_ps(a->hi);
+    return q;
+}
+
+/* The epilogue of channels ob .. ob + 15 of output pixel pix from their sums or counts v:
+ * v * scale + shift, the residual, the activation, the store and the sign bits, each
+ * with the result of finish_pixel's loops (max/min return their second operand when one
+ * is NaN: v second, so a NaN passes through as in numpy's maximum and clip). */
+static inline __attribute__((always_inline)) void
+FN(avx512_finish16)(const bconv_args *a, const FN(params16) *q, int64_t pix, int ob, __m512 v)
+{
+    const int O = a->O, Ow = (O + 63) / 64;
+    const __m512 zero = _mm512_setzero_ps();
+    v = _mm512_add_ps(_mm512_mul_ps(v, q->scale), q->shift);
+    if (a->residual) v = _mm512_add_ps(v, _mm512_loadu_ps(a->residual + pix * O + ob));
+    if (a->act == ACT_RELU) v = _mm512_max_ps(zero, v);
+    else if (a->act == ACT_HARDTANH) v = _mm512_min_ps(q->hi, _mm512_max_ps(q->lo, v));
+    else if (a->act == ACT_PRELU)
+        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ), _mm512_mul_ps(v, q->slope), v);
+    _mm512_storeu_ps(a->out + pix * O + ob, v);
+    if (a->out_bits) {
+        const uint64_t bits = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ) << (ob % 64);
+        uint64_t *word = a->out_bits + pix * Ow + ob / 64;
+        *word = ob % 64 ? *word | bits : bits;
+    }
+}
+#endif
+
 /* Float convolution rows [r0, r1) (r = n * Ho + oy) of NHWC a->xf with weights a->wf laid
  * out KH x KW x C x O, four output pixels at a time through a per-thread patch buffer
  * (4 x KH * KW * C floats). Each output is a chain of fused multiply-adds in patch order,
@@ -311,9 +355,20 @@ static void FN(fconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, float *p
             for (; ob + 16 <= O; ob += 16) {
                 float acc[4][16];
                 FN(fconv_block)(patch, K, a->wf, O, ob, 16, acc, 1);
+#ifdef USE_AVX512
+                if (O % 16 == 0) { /* the whole epilogue here */
+                    const FN(params16) q = FN(avx512_params16)(a, ob);
+                    for (int p = 0; p < pb; p++)
+                        FN(avx512_finish16)(a, &q, r * a->Wo + ox0 + p, ob, _mm512_loadu_ps(acc[p]));
+                    continue;
+                }
+#endif
                 for (int p = 0; p < pb; p++)
                     for (int j = 0; j < 16; j++) y[p][ob + j] = acc[p][j];
             }
+#ifdef USE_AVX512
+            if (O % 16 == 0) continue;
+#endif
             if (ob < O) { /* the last O % 16 channels */
                 float acc[4][16];
                 FN(fconv_block)(patch, K, a->wf, O, ob, O - ob, acc, 0);
@@ -461,37 +516,17 @@ static inline __attribute__((always_inline)) void FN(transpose16)(__m512i r[16])
 }
 
 /* The epilogue of channels ob .. ob + 15 of output pixels [ox, ox + m) of row r, from
- * their counts (counts[p][j]: pixel ox + p, channel ob + j), with the operations of
- * avx512_block in the same order. */
+ * their counts (counts[p][j]: pixel ox + p, channel ob + j). */
 static inline __attribute__((always_inline)) void
 FN(avx512_lanes_finish)(const bconv_args *a, int64_t r, int ox, int m, int ob, int total,
                         const int32_t (*counts)[16])
 {
-    const int O = a->O, Ow = (O + 63) / 64;
-    const __m512 zero = _mm512_setzero_ps();
     const __m512i tot = _mm512_set1_epi32(total);
-    const __m512 scale = _mm512_loadu_ps(a->scale + ob), shift = _mm512_loadu_ps(a->shift + ob);
-    const __m512 slope = a->act != ACT_PRELU ? zero
-                         : a->slope_n == 1 ? _mm512_set1_ps(a->slope[0])
-                                           : _mm512_loadu_ps(a->slope + ob);
+    const FN(params16) q = FN(avx512_params16)(a, ob);
     for (int p = 0; p < m; p++) {
-        const int64_t pix = r * a->Wo + ox + p;
         const __m512i d =
             _mm512_sub_epi32(tot, _mm512_slli_epi32(_mm512_load_si512((const void *)counts[p]), 1));
-        __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), scale), shift);
-        if (a->residual) v = _mm512_add_ps(v, _mm512_loadu_ps(a->residual + pix * O + ob));
-        /* as in avx512_block: v the second operand, so that NaN passes through */
-        if (a->act == ACT_RELU) v = _mm512_max_ps(zero, v);
-        else if (a->act == ACT_HARDTANH)
-            v = _mm512_min_ps(_mm512_set1_ps(a->hi), _mm512_max_ps(_mm512_set1_ps(a->lo), v));
-        else if (a->act == ACT_PRELU)
-            v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ), _mm512_mul_ps(v, slope), v);
-        _mm512_storeu_ps(a->out + pix * O + ob, v);
-        if (a->out_bits) {
-            const uint64_t bits = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ) << (ob % 64);
-            uint64_t *word = a->out_bits + pix * Ow + ob / 64;
-            *word = ob % 64 ? *word | bits : bits;
-        }
+        FN(avx512_finish16)(a, &q, r * a->Wo + ox + p, ob, _mm512_cvtepi32_ps(d));
     }
 }
 
