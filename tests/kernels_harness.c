@@ -57,14 +57,16 @@ static const case_t CASES[] = {
     {2, 9, 9, 16, 16, 3, 1, 1, ACT_HARDTANH, 1, 1, 0},
     {1, 8, 8, 32, 64, 3, 2, 1, ACT_RELU, 0, 1, 0},
     {1, 7, 7, 20, 24, 5, 1, 2, ACT_NONE, 1, 1, 0},
-    /* AVX-512's paths of 16 and 32 pixels (C <= 32 or 16, O % 16 == 0, stride 1 along
-     * x): rows of more than 16 and 32 pixels, several blocks of 16 channels, a second
+    /* AVX-512's paths of 16 and 32 pixels (C <= 32 or 16, O % 16 == 0, stride 1 or 2
+     * along x): rows of more than 16 and 32 pixels, several blocks of 16 channels, a second
      * output word, 1 x 1 and 5 x 5 windows, per-channel PReLU */
     {1, 5, 21, 32, 32, 3, 1, 1, ACT_PRELU, 1, 1, 32},
     {2, 6, 19, 7, 48, 1, 1, 0, ACT_RELU, 0, 1, 0},
     {1, 3, 18, 30, 80, 3, 1, 1, ACT_HARDTANH, 1, 1, 0},
     {1, 7, 7, 20, 32, 5, 1, 2, ACT_NONE, 0, 1, 0},
     {1, 3, 40, 12, 16, 3, 1, 1, ACT_HARDTANH, 1, 1, 0}, /* C <= 16: 32 pixels, then 6 */
+    {1, 4, 37, 16, 32, 3, 2, 1, ACT_PRELU, 1, 1, 32}, /* stride 2: 16 pixels, then 1 */
+    {1, 3, 20, 9, 16, 1, 2, 0, ACT_RELU, 0, 1, 0},
     /* padding beyond the kernel: rows whose window lies wholly in the padding */
     {1, 4, 6, 8, 16, 2, 1, 3, ACT_RELU, 1, 1, 0},
     /* special values: NaN and infinite scales, -0 shifts, so that outputs are -0 and NaN

@@ -530,31 +530,41 @@ FN(avx512_lanes_finish)(const bconv_args *a, int64_t r, int ox, int m, int ob, i
     }
 }
 
-/* Output pixels [ox, ox + m) (m <= 16) of row r of a convolution of stride 1 along x
- * with C <= 32 and O % 16 == 0, every one of whose taps along x lies inside the image;
+/* Output pixels [ox, ox + m) (m <= 16) of row r of a convolution of stride S (1 or 2,
+ * a constant after inlining) along x with C <= 32 and O % 16 == 0, every one of whose taps along x lies inside the image;
  * taps along y from ky0 to ky1. Sixteen pixels sit side by side in one register, a 32-bit
  * lane each (the low half of the pixel's one channel word: C <= 32 bits, the rest 0), so
  * that one VPOPCNTD counts 16 pixels x 32 input bits against one broadcast weight word,
  * where the per-pixel path's VPOPCNTQ counts 8 channels x 64 bits of which only C are
  * used. The counts are then transposed to a pixel's 16 channels. */
 static inline __attribute__((always_inline)) void
-FN(avx512_lanes)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int m)
+FN(avx512_lanes)(const bconv_args *a, const int S, int64_t r, int ky0, int ky1, int ox, int m)
 {
     const int O = a->O, KW = a->KW;
     const int n = (int)(r / a->Ho), iy0 = (int)(r % a->Ho) * a->sh - a->ph;
-    const __mmask8 m0 = m >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << m) - 1);
-    const __mmask8 m1 = m >= 16 ? (__mmask8)0xFF : m > 8 ? (__mmask8)((1u << (m - 8)) - 1) : 0;
-    /* the low 32 bits of 16 words held in two registers */
-    const __m512i low = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    /* the S * m - S + 1 words from the window's first: S * 16 words, 8 per load */
+    __mmask8 mk[4];
+    for (int q = 0; q < 2 * S; q++) {
+        const int left = S * (m - 1) + 1 - 8 * q;
+        mk[q] = left >= 8 ? (__mmask8)0xFF : left > 0 ? (__mmask8)((1u << left) - 1) : 0;
+    }
+    /* the low 32 bits of every S-th of 16 S words held in 2 S registers */
+    const __m512i low = S == 1 ? _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+                               : _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
     for (int ob = 0; ob < O; ob += 16) {
         __m512i acc[16];
         for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_si512();
         for (int ky = ky0; ky < ky1; ky++) {
             const uint64_t *row = a->x + ((int64_t)n * a->H + iy0 + ky) * a->W;
             for (int kx = 0; kx < KW; kx++) {
-                const uint64_t *xp = row + ox - a->pw + kx;
-                const __m512i x = _mm512_permutex2var_epi32(_mm512_maskz_loadu_epi64(m0, xp), low,
-                                                            _mm512_maskz_loadu_epi64(m1, xp + 8));
+                const uint64_t *xp = row + ox * S - a->pw + kx;
+                __m512i x = _mm512_permutex2var_epi32(_mm512_maskz_loadu_epi64(mk[0], xp), low,
+                                                      _mm512_maskz_loadu_epi64(mk[1], xp + 8));
+                if (S == 2) {
+                    const __m512i x2 = _mm512_permutex2var_epi32(
+                        _mm512_maskz_loadu_epi64(mk[2], xp + 16), low, _mm512_maskz_loadu_epi64(mk[3], xp + 24));
+                    x = _mm512_inserti64x4(x, _mm512_castsi512_si256(x2), 1);
+                }
                 const uint64_t *wr = a->w + (int64_t)(ky * KW + kx) * O + ob;
                 for (int j = 0; j < 16; j++)
                     acc[j] = _mm512_add_epi32(acc[j], _mm512_popcnt_epi32(_mm512_xor_si512(
@@ -621,9 +631,9 @@ FN(avx512_lanes16)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int
 }
 
 /* AVX-512 row for O % 8 == 0. Convolutions of C <= 32 channels, O % 16 == 0 and stride 1
- * along x take their pixels whose taps along x all lie inside the image sixteen at a time
- * (avx512_lanes), or 32 with w16 (avx512_lanes16); the other pixels go through
- * avx512_pixels, two at a time where both have every tap inside the image. */
+ * or 2 along x take their pixels whose taps along x all lie inside the image sixteen at a
+ * time (avx512_lanes), or 32 with w16 (avx512_lanes16, stride 1); the other pixels go
+ * through avx512_pixels, two at a time where both have every tap inside the image. */
 static inline __attribute__((always_inline)) void
 FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *woff,
                      const uint32_t *w16)
@@ -631,9 +641,11 @@ FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *wof
     const int oy = (int)(r % a->Ho), iy0 = oy * a->sh - a->ph;
     const int rows_inside = iy0 >= 0 && iy0 + a->KH <= a->H;
     int lo = a->Wo, hi = a->Wo; /* the columns avx512_lanes takes */
-    if (a->C <= 32 && a->O % 16 == 0 && a->sw == 1) {
-        lo = a->pw < a->Wo ? a->pw : a->Wo;
-        hi = a->W - a->KW + a->pw + 1;
+    if (a->C <= 32 && a->O % 16 == 0 && (a->sw == 1 || a->sw == 2)) {
+        const int last = a->W - a->KW + a->pw; /* ox * sw may reach it */
+        lo = (a->pw + a->sw - 1) / a->sw;
+        lo = lo < a->Wo ? lo : a->Wo;
+        hi = last < 0 ? lo : last / a->sw + 1;
         hi = hi < lo ? lo : hi > a->Wo ? a->Wo : hi;
     }
     for (int ox = 0; ox < a->Wo;) {
@@ -646,7 +658,11 @@ FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *wof
                 for (; ox < hi; ox += 32)
                     FN(avx512_lanes16)(a, r, ky0, ky1, ox, hi - ox < 32 ? hi - ox : 32, w16);
             else
-                for (; ox < hi; ox += 16) FN(avx512_lanes)(a, r, ky0, ky1, ox, hi - ox < 16 ? hi - ox : 16);
+                for (; ox < hi; ox += 16) {
+                    const int m = hi - ox < 16 ? hi - ox : 16;
+                    if (a->sw == 1) FN(avx512_lanes)(a, 1, r, ky0, ky1, ox, m);
+                    else FN(avx512_lanes)(a, 2, r, ky0, ky1, ox, m);
+                }
             ox = hi;
             continue;
         }
