@@ -161,6 +161,15 @@ def test_resnet20_1w1a_matches_pytorch_on_every_cifar_test_image(cifar, cifar_re
     assert pm.backend == backend
     if backend == "compiled":  # the 18 binary convolutions on the popcount kernel
         assert [r[0] for r in pm.network.rows].count(network.BCONV) == 18 and not pm.steps
+        # Only the first convolution of each block has no float reader (the second one's
+        # output meets the shortcut): its signs may come straight from the counts.
+        flags = network.FIELDS.index("flags")
+        signs_only = [
+            name
+            for name, r in zip(pm.network.names, pm.network.rows, strict=True)
+            if r[0] == network.BCONV and r[flags] & network.BITS_ONLY
+        ]
+        assert signs_only == [f"layer{i}.{j}.conv1" for i in (1, 2, 3) for j in range(3)]
     else:
         assert pm.network is None and len(pm.steps) == len(pm.graph["nodes"])
     assert_same_predictions(cifar_resnet20, pm, cifar)

@@ -260,6 +260,86 @@ FN(fconv_block)(const float *patch, int K, const float *w, int O, int ob, int nc
 }
 
 #ifdef USE_AVX512
+/* The sign bits of channels o .. o + 15 of a binary convolution for the integers d (C
+ * minus twice the count), without a residual: the epilogue of avx512_finish16. */
+static inline __attribute__((always_inline)) __mmask16
+FN(signs16)(const bconv_args *a, __m512 scale, __m512 shift, __m512 slope, __m512i d)
+{
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), scale), shift);
+    if (a->act == ACT_RELU) v = _mm512_max_ps(zero, v);
+    else if (a->act == ACT_HARDTANH)
+        v = _mm512_min_ps(_mm512_set1_ps(a->hi), _mm512_max_ps(_mm512_set1_ps(a->lo), v));
+    else if (a->act == ACT_PRELU)
+        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ), _mm512_mul_ps(v, slope), v);
+    return _mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ);
+}
+
+#define SIGN_MAX_O 1024 /* channels whose bounds bconv_rows keeps on its stack */
+
+/* For a convolution whose output only binary layers read (a->bits_only), each channel's
+ * sign decision as bounds on d (see bconv_args), found by bisection over |d| <= KH KW C,
+ * sixteen channels at a time. That is exact where the decision is monotone in d:
+ * d * scale + shift, each rounding monotone, then a monotone activation (no residual;
+ * finite scale and shift, so no NaN; hardtanh with lo <= hi, PReLU slopes >= 0). Returns
+ * 0 elsewhere: the float epilogue runs. The bounds fit 16-bit lanes: |d| <= 16384. */
+static int FN(sign_bounds)(const bconv_args *a, int32_t *lo, int32_t *hi)
+{
+    const int O = a->O;
+    const int D = a->KH * a->KW * a->C; /* <= 16384 below */
+    if (!a->bits_only || !a->out_bits || a->residual || O > SIGN_MAX_O || O % 16 ||
+        (int64_t)a->KH * a->KW * a->C > 16384)
+        return 0;
+    if (a->act == ACT_HARDTANH && !(a->lo <= a->hi)) return 0;
+    for (int o = 0; o < O; o++) {
+        if (!isfinite(a->scale[o]) || !isfinite(a->shift[o])) return 0;
+        if (a->act == ACT_PRELU && !(a->slope[a->slope_n == 1 ? 0 : o] >= 0.0f)) return 0;
+    }
+    for (int o = 0; o < O; o += 16) {
+        const __m512 scale = _mm512_loadu_ps(a->scale + o), shift = _mm512_loadu_ps(a->shift + o);
+        const __m512 slope = a->act != ACT_PRELU ? _mm512_setzero_ps()
+                             : a->slope_n == 1   ? _mm512_set1_ps(a->slope[0])
+                                                 : _mm512_loadu_ps(a->slope + o);
+        __m512i l = _mm512_set1_epi32(-D), h = _mm512_set1_epi32(D);
+        const __mmask16 first = FN(signs16)(a, scale, shift, slope, l);
+        const __mmask16 last = FN(signs16)(a, scale, shift, slope, h);
+        /* keep signs16(l) == first and signs16(h) == last while h - l > 1 */
+        for (int span = 2 * D; span > 1; span = (span + 1) / 2) {
+            const __m512i m = _mm512_add_epi32(l, _mm512_srai_epi32(_mm512_sub_epi32(h, l), 1));
+            const __mmask16 at_last = ~(FN(signs16)(a, scale, shift, slope, m) ^ last);
+            h = _mm512_mask_mov_epi32(h, at_last, m);
+            l = _mm512_mask_mov_epi32(l, (__mmask16)~at_last, m);
+        }
+        const __m512i lo_min = _mm512_set1_epi32(INT16_MIN), hi_max = _mm512_set1_epi32(INT16_MAX);
+        const __mmask16 same = (__mmask16)~(first ^ last);
+        /* first 1, last 0: 1 below h; first 0, last 1: 1 from h on; one bit for every d:
+         * always (below INT16_MAX) or never */
+        __m512i vlo = _mm512_mask_mov_epi32(lo_min, first, h);
+        vlo = _mm512_mask_mov_epi32(vlo, same & first, hi_max);
+        vlo = _mm512_mask_mov_epi32(vlo, same & (__mmask16)~first, lo_min);
+        __m512i vhi = _mm512_mask_mov_epi32(hi_max, (__mmask16)~first, _mm512_sub_epi32(h, _mm512_set1_epi32(1)));
+        vhi = _mm512_mask_mov_epi32(vhi, same, hi_max);
+        _mm512_storeu_si512((void *)(lo + o), vlo);
+        _mm512_storeu_si512((void *)(hi + o), vhi);
+    }
+    return 1;
+}
+
+/* The sign words of lanes' pixels from res (lane p: the bits of channels ob .. ob + 15 of
+ * pixel ox + p), m pixels; 32-bit lanes hold them in their low half. */
+static inline __attribute__((always_inline)) void
+FN(lanes_store_bits)(const bconv_args *a, int64_t r, int ox, int m, int ob, const uint32_t *res)
+{
+    const int Ow = (a->O + 63) / 64;
+    for (int p = 0; p < m; p++) {
+        uint64_t *word = a->out_bits + (r * a->Wo + ox + p) * Ow + ob / 64;
+        const uint64_t bits = (uint64_t)(res[p] & 0xFFFFu) << (ob % 64);
+        *word = ob % 64 ? *word | bits : bits;
+    }
+}
+#endif
+
+#ifdef USE_AVX512
 /* The per-channel parameters of channels ob .. ob + 15, loaded once for many pixels (the
  * compiler cannot keep them across the output's stores, which might alias them). */
 typedef struct {
@@ -436,8 +516,17 @@ FN(avx512_block)(const bconv_args *a, const int NV, const int PX, int valid, con
     const __m512i total = _mm512_set1_epi64((int64_t)valid * a->C);
     for (int p = 0; p < PX; p++) {
         bits[p] = 0;
-        for (int j = 0; j < NV; j++)
-            bits[p] |= FN(avx512_finish8)(a, acc[p][j], total, ob + 8 * j, y[p], rp[p]) << (8 * j);
+        if (a->sign_lo) /* only the signs, from the bounds on d */
+            for (int j = 0; j < NV; j++) {
+                const __m512i d = _mm512_sub_epi64(total, _mm512_slli_epi64(acc[p][j], 1));
+                const __m512i lo = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(a->sign_lo + ob + 8 * j)));
+                const __m512i hi = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(a->sign_hi + ob + 8 * j)));
+                const __mmask8 neg = _mm512_cmplt_epi64_mask(d, lo) | _mm512_cmpgt_epi64_mask(d, hi);
+                bits[p] |= (uint64_t)neg << (8 * j);
+            }
+        else
+            for (int j = 0; j < NV; j++)
+                bits[p] |= FN(avx512_finish8)(a, acc[p][j], total, ob + 8 * j, y[p], rp[p]) << (8 * j);
     }
 }
 
@@ -571,11 +660,26 @@ FN(avx512_lanes)(const bconv_args *a, const int S, int64_t r, int ky0, int ky1, 
                                  x, _mm512_set1_epi32((int)(uint32_t)wr[j]))));
             }
         }
+        const int total = (ky1 - ky0) * KW * a->C;
+        if (a->sign_lo) { /* only the signs, from the bounds on d: no transpose */
+            const __m512i t = _mm512_set1_epi32(total);
+            __m512i res = _mm512_setzero_si512();
+            for (int j = 0; j < 16; j++) {
+                const __m512i d = _mm512_sub_epi32(t, _mm512_slli_epi32(acc[j], 1));
+                const __mmask16 neg = _mm512_cmplt_epi32_mask(d, _mm512_set1_epi32(a->sign_lo[ob + j])) |
+                                      _mm512_cmpgt_epi32_mask(d, _mm512_set1_epi32(a->sign_hi[ob + j]));
+                res = _mm512_mask_or_epi32(res, neg, res, _mm512_set1_epi32(1 << j));
+            }
+            uint32_t words[16] __attribute__((aligned(64)));
+            _mm512_store_si512((void *)words, res);
+            FN(lanes_store_bits)(a, r, ox, m, ob, words);
+            continue;
+        }
         FN(transpose16)(acc);
         /* through memory: indexed by pixel, the registers would be spilled in the loop */
         int32_t counts[16][16] __attribute__((aligned(64)));
         for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[j], acc[j]);
-        FN(avx512_lanes_finish)(a, r, ox, m, ob, (ky1 - ky0) * KW * a->C, counts);
+        FN(avx512_lanes_finish)(a, r, ox, m, ob, total, counts);
     }
 }
 
@@ -615,6 +719,23 @@ FN(avx512_lanes16)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int
                                  x, _mm512_set1_epi32((int)wr[j]))));
             }
         }
+        const int total = (ky1 - ky0) * KW * a->C;
+        if (a->sign_lo) { /* only the signs, from the bounds on d: no transpose */
+            const __m512i t = _mm512_set1_epi16((short)total);
+            __m512i res = _mm512_setzero_si512();
+            for (int j = 0; j < 16; j++) {
+                const __m512i d = _mm512_sub_epi16(t, _mm512_slli_epi16(acc[j], 1));
+                const __mmask32 neg =
+                    _mm512_cmplt_epi16_mask(d, _mm512_set1_epi16((short)a->sign_lo[ob + j])) |
+                    _mm512_cmpgt_epi16_mask(d, _mm512_set1_epi16((short)a->sign_hi[ob + j]));
+                res = _mm512_mask_add_epi16(res, neg, res, _mm512_set1_epi16((short)(1u << j))); /* or: the bits differ */
+            }
+            uint32_t words[32] __attribute__((aligned(64)));
+            _mm512_store_si512((void *)words, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(res)));
+            _mm512_store_si512((void *)(words + 16), _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(res, 1)));
+            FN(lanes_store_bits)(a, r, ox, m, ob, words);
+            continue;
+        }
         /* to 32 bits, then per half of the pixels as in avx512_lanes */
         uint16_t c16[16][32] __attribute__((aligned(64)));
         for (int j = 0; j < 16; j++) _mm512_store_si512((void *)c16[j], acc[j]);
@@ -626,7 +747,7 @@ FN(avx512_lanes16)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int
             FN(transpose16)(v);
             for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[16 * half + j], v[j]);
         }
-        FN(avx512_lanes_finish)(a, r, ox, m, ob, (ky1 - ky0) * KW * a->C, counts);
+        FN(avx512_lanes_finish)(a, r, ox, m, ob, total, counts);
     }
 }
 
@@ -692,7 +813,11 @@ static void FN(bconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t 
         const int64_t pairs = (int64_t)a->KH * a->KW * a->O;
         const int narrow = a->C <= 16 && a->O % 16 == 0 && a->sw == 1 && pairs <= 2048;
         for (int64_t i = 0; narrow && i < pairs; i++) w16[i] = (uint32_t)(uint16_t)a->w[i] * 0x10001u;
-        for (int64_t r = r0; r < r1; r++) FN(bconv_row_avx512)(a, r, xoff, woff, narrow ? w16 : NULL);
+        int32_t lo[SIGN_MAX_O], hi[SIGN_MAX_O];
+        bconv_args b = *a;
+        if (FN(sign_bounds)(a, lo, hi)) b.sign_lo = lo, b.sign_hi = hi;
+        else b.sign_lo = b.sign_hi = NULL;
+        for (int64_t r = r0; r < r1; r++) FN(bconv_row_avx512)(&b, r, xoff, woff, narrow ? w16 : NULL);
         return;
     }
 #endif

@@ -41,6 +41,8 @@ enum {
 
 /* F_FLAGS of NET_CONV: the input is sign(x). */
 #define NET_SIGN_INPUT 1
+/* F_FLAGS of NET_BCONV: only the output's signs are read (bconv_args.bits_only). */
+#define NET_BITS_ONLY 2
 
 typedef struct {
     const int64_t *ops;
@@ -177,6 +179,9 @@ static const char *net_check(const net_t *net)
                 (!net_mul4(N, Ho, Wo, Ow, &len) || !net_in(f[F_BITS], len, net->bits_n)))
                 return "output signs outside the bits";
             if (op == NET_CONV && (f[F_FLAGS] & ~(int64_t)NET_SIGN_INPUT)) return "bad flags";
+            if (op == NET_BCONV && ((f[F_FLAGS] & ~(int64_t)NET_BITS_ONLY) ||
+                                    ((f[F_FLAGS] & NET_BITS_ONLY) && f[F_BITS] == -1)))
+                return "bad flags";
             /* the float convolution indexes four patches of taps * C floats with ints */
             if (op == NET_CONV && (taps > NET_MAXDIM / 4 / C)) return "patch too large";
         }
@@ -223,6 +228,7 @@ static bconv_args net_conv_args(const net_t *net, const int64_t *f)
     if (f[F_OP] == NET_BCONV) {
         a.x = net->bits + f[F_X];
         a.w = net->wp + f[F_WT];
+        a.bits_only = (int)(f[F_FLAGS] & NET_BITS_ONLY);
     } else {
         a.xf = net->arena + f[F_X];
         a.wf = net->fp + f[F_WT];

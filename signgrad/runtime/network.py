@@ -29,6 +29,7 @@ FIELDS = (
     "op n h w c o kh kw sh sw ph pw ho wo x y res wt scale shift act actp slopen bits flags"
 ).split()
 _COL = {name: i for i, name in enumerate(FIELDS)}
+SIGN_INPUT, BITS_ONLY = 1, 2  # flags of CONV and BCONV rows
 #: the fields that are places in the arena or the bits pool: per image, times the batch
 _SCALED = [_COL[k] for k in ("x", "y", "res", "bits")]
 _ACTS = {"relu": 1, "hardtanh": 2, "prelu": 3}
@@ -198,11 +199,18 @@ class Network:
         users = self.users.get(value, [])
         return users[0] if len(users) == 1 and value != self.graph["output"] else None
 
+    @staticmethod
+    def _reads_bits(u: dict[str, Any]) -> bool:
+        """Whether node ``u`` reads only the packed signs of its input."""
+        return u["op"] in ("conv2d", "linear") and u["binary_input"] and u["binary_weight"]
+
     def _binary_reader(self, value: str) -> bool:
-        return any(
-            u["op"] in ("conv2d", "linear") and u["binary_input"] and u["binary_weight"]
-            for u in self.users.get(value, [])
-        )
+        return any(self._reads_bits(u) for u in self.users.get(value, []))
+
+    def _only_binary_readers(self, value: str) -> bool:
+        """Whether nothing reads ``value``'s floats: its signs are all its readers want."""
+        users = self.users.get(value, [])
+        return value != self.graph["output"] and bool(users) and all(map(self._reads_bits, users))
 
     def _layer(self, n: dict[str, Any]) -> set[int]:
         """Rows of a convolution or linear layer with its epilogue; the ids of the nodes
@@ -249,13 +257,16 @@ class Network:
             if x_name not in self.bits:  # the graph's input: no operation packed it
                 self._pack(n["name"], x_name)
             wt = self._words(K.pack_weight_words(w))
+            # Signs only: the kernels may decide them from the counts, leaving y unwritten.
+            flags = BITS_ONLY if self._only_binary_readers(out) else 0
             self._row(n["name"], op=BCONV, **dims, **f, ho=hh, wo=ww, x=self.bits[x_name],
-                      wt=wt, y=self._value(out))  # fmt: skip
+                      wt=wt, y=self._value(out), flags=flags)  # fmt: skip
             self.work_per_image += hh * ww * o * c * kernel[0] * kernel[1] / 32
         else:
             wt = self._param(np.transpose(w, (2, 3, 1, 0)))  # KH, KW, C, O
+            flags = SIGN_INPUT if n["binary_input"] else 0
             self._row(n["name"], op=CONV, **dims, **f, ho=hh, wo=ww, x=self._value(x_name),
-                      wt=wt, y=self._value(out), flags=1 if n["binary_input"] else 0)  # fmt: skip
+                      wt=wt, y=self._value(out), flags=flags)  # fmt: skip
             self.work_per_image += hh * ww * o * c * kernel[0] * kernel[1]
         return fused
 
