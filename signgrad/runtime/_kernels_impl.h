@@ -383,6 +383,27 @@ FN(avx512_finish16)(const bconv_args *a, const FN(params16) *q, int64_t pix, int
 }
 #endif
 
+#ifdef USE_AVX512
+/* fconv_block for 16 channels of four pixels whose windows lie inside the image, read
+ * where they are instead of from a patch: pixel p's window starts at x + p * step, its
+ * KH rows of KWC floats `row` apart. The same chains in the same (patch) order. */
+static inline __attribute__((always_inline)) void
+FN(fconv_block_inside)(const float *x, int64_t step, int64_t row, int KH, int KWC, const float *w,
+                       int O, int ob, float acc[4][16])
+{
+    __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+    for (int ky = 0; ky < KH; ky++) {
+        const float *xr = x + ky * row, *wr = w + (int64_t)ky * KWC * O + ob;
+        for (int j = 0; j < KWC; j++) {
+            const __m512 wv = _mm512_loadu_ps(wr + (int64_t)j * O);
+            for (int p = 0; p < 4; p++) s[p] = _mm512_fmadd_ps(_mm512_set1_ps(xr[p * step + j]), wv, s[p]);
+        }
+    }
+    for (int p = 0; p < 4; p++) _mm512_storeu_ps(acc[p], s[p]);
+}
+#endif
+
 /* Float convolution rows [r0, r1) (r = n * Ho + oy) of NHWC a->xf with weights a->wf laid
  * out KH x KW x C x O, four output pixels at a time through a per-thread patch buffer
  * (4 x KH * KW * C floats). Each output is a chain of fused multiply-adds in patch order,
@@ -399,6 +420,23 @@ static void FN(fconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, float *p
         const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
         for (int ox0 = 0; ox0 < a->Wo; ox0 += 4) {
             const int pb = a->Wo - ox0 < 4 ? a->Wo - ox0 : 4;
+#ifdef USE_AVX512
+            /* four windows inside the image: no patch */
+            const int iy0 = oy * a->sh - a->ph, ix0 = ox0 * a->sw - a->pw;
+            if (!a->sign_input && O % 16 == 0 && pb == 4 && iy0 >= 0 && iy0 + a->KH <= a->H &&
+                ix0 >= 0 && ix0 + 3 * a->sw + a->KW <= a->W) {
+                const float *x0 = a->xf + (((int64_t)n * a->H + iy0) * a->W + ix0) * C;
+                for (int ob = 0; ob < O; ob += 16) {
+                    float acc[4][16];
+                    FN(fconv_block_inside)(x0, (int64_t)a->sw * C, (int64_t)a->W * C, a->KH, a->KW * C,
+                                           a->wf, O, ob, acc);
+                    const FN(params16) q = FN(avx512_params16)(a, ob);
+                    for (int p = 0; p < 4; p++)
+                        FN(avx512_finish16)(a, &q, r * a->Wo + ox0 + p, ob, _mm512_loadu_ps(acc[p]));
+                }
+                continue;
+            }
+#endif
             for (int p = 0; p < 4; p++) {
                 float *pp = patch + (int64_t)p * K;
                 const int ix0 = (ox0 + p) * a->sw - a->pw;
