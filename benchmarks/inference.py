@@ -25,6 +25,7 @@ runtime's per-operation clock, over that peak times the threads it ran on.
 
     python benchmarks/inference.py                       # 1 and 2 threads, all
     python benchmarks/inference.py --threads 1 --no-compile --repeats 1
+    python benchmarks/inference.py --threads 1 --batches 32 --layers   # per binary layer
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ def roofline(args: argparse.Namespace, peak: float) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     print(*lines, sep="\n")
+    per_layer = []
     for threads in args.threads:
         for arch in args.networks:
             net = packed_model(network_of(arch, binary=True), threads).network
@@ -199,6 +201,25 @@ def roofline(args: argparse.Namespace, peak: float) -> list[str]:
                     f"{100 * macs / secs / (peak * used):.0f}% | {slow} |"
                 )
                 print(lines[-1], flush=True)
+                if args.layers:
+                    per_layer.append((arch, threads, used, batch, net, t, binary))
+    for arch, threads, used, batch, net, t, binary in per_layer:
+        lines += [
+            "",
+            f"{arch}, {threads} thread(s) ({used} used), batch {batch}, each binary convolution:",
+            "",
+            "| layer | C | O | stride | signs only | ms | share of roofline |",
+            "|---|---:|---:|---:|---|---:|---:|",
+        ]
+        for i in binary:
+            f = dict(zip(network.FIELDS, net.rows[i], strict=True))
+            share = 100 * batch * bconv_macs(net.rows[i]) / t[i] / (peak * used)
+            only = "yes" if f["flags"] & network.BITS_ONLY else ""
+            lines.append(
+                f"| {net.names[i]} | {f['c']} | {f['o']} | {f['sw']} | {only} | "
+                f"{1000 * t[i]:.3f} | {share:.0f}% |"
+            )
+        print(*lines[-len(binary) - 5 :], sep="\n", flush=True)
     return lines
 
 
@@ -231,6 +252,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--networks", nargs="+", default=["resnet20", "vgg-small"])
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    p.add_argument("--layers", action="store_true", help="each binary convolution's share")
     args = p.parse_args()
     if kernels.COMPILED is None:
         raise SystemExit(f"the compiled kernels are not built: {kernels.UNAVAILABLE}")
