@@ -643,38 +643,103 @@ static inline __attribute__((always_inline)) void FN(transpose16)(__m512i r[16])
 }
 
 /* The epilogue of channels ob .. ob + 15 of output pixels [ox, ox + m) of row r, from
- * their counts (counts[p][j]: pixel ox + p, channel ob + j). */
+ * their counts (counts[p][j]: pixel ox + p, channel ob + j) and C times their valid taps
+ * (total[p]). */
 static inline __attribute__((always_inline)) void
-FN(avx512_lanes_finish)(const bconv_args *a, int64_t r, int ox, int m, int ob, int total,
+FN(avx512_lanes_finish)(const bconv_args *a, int64_t r, int ox, int m, int ob, const int32_t *total,
                         const int32_t (*counts)[16])
 {
-    const __m512i tot = _mm512_set1_epi32(total);
     const FN(params16) q = FN(avx512_params16)(a, ob);
     for (int p = 0; p < m; p++) {
-        const __m512i d =
-            _mm512_sub_epi32(tot, _mm512_slli_epi32(_mm512_load_si512((const void *)counts[p]), 1));
+        const __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(total[p]),
+                                           _mm512_slli_epi32(_mm512_load_si512((const void *)counts[p]), 1));
         FN(avx512_finish16)(a, &q, r * a->Wo + ox + p, ob, _mm512_cvtepi32_ps(d));
     }
 }
 
+#define LANES_MAX_KW 16 /* the widest window the pixel-lane paths take */
+
+/* Of a block of m pixels from ox, stride S along x, for each tap column kx: the words to
+ * load from the block's first window word (bit i: word i; those a pixel needs and inside
+ * the image's row, the rest read as 0) and the pixels whose tap lies in the padding. */
+typedef struct {
+    uint32_t words, padded;
+} FN(lane_tap);
+
+static inline __attribute__((always_inline)) void
+FN(lane_taps)(const bconv_args *a, int S, int ox, int m, FN(lane_tap) *lt)
+{
+    const int spanned = S * (m - 1) + 1; /* <= 32 */
+    const uint32_t need = spanned >= 32 ? 0xFFFFFFFFu : (1u << spanned) - 1;
+    for (int kx = 0; kx < a->KW; kx++) {
+        const int first = ox * S - a->pw + kx; /* the image column of word 0 */
+        const int i0 = first < 0 ? -first : 0, i1 = a->W - first; /* [i0, i1) inside */
+        uint32_t inside = 0;
+        if (i0 < 32 && i1 > i0)
+            inside = (i1 >= 32 ? 0xFFFFFFFFu : (1u << i1) - 1) & ~((1u << i0) - 1);
+        lt[kx].words = need & inside;
+        /* pixels p < p0 read left of the image, p >= p1 right of it */
+        const int p0 = first < 0 ? (-first + S - 1) / S : 0;
+        const int p1 = a->W - first <= 0 ? 0 : (a->W - first + S - 1) / S;
+        const uint32_t all = m >= 32 ? 0xFFFFFFFFu : (1u << m) - 1;
+        const uint32_t left = p0 >= 32 ? 0xFFFFFFFFu : (1u << p0) - 1;
+        const uint32_t right = p1 >= 32 ? 0 : ~((1u << p1) - 1);
+        lt[kx].padded = all & (left | right);
+    }
+}
+
+/* What a padded tap column kx added to the counts of channels ob .. ob + 15: its taps
+ * read 0 words, so popcount(w) each, over the tap rows [ky0, ky1); into c[16]. */
+static inline __attribute__((always_inline)) void
+FN(padding_counts)(const bconv_args *a, int ky0, int ky1, int kx, int ob, int32_t *c)
+{
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int ky = ky0; ky < ky1; ky++) {
+        const uint64_t *wr = a->w + (int64_t)(ky * a->KW + kx) * a->O + ob;
+        s0 = _mm512_add_epi64(s0, _mm512_popcnt_epi64(_mm512_loadu_si512((const void *)wr)));
+        s1 = _mm512_add_epi64(s1, _mm512_popcnt_epi64(_mm512_loadu_si512((const void *)(wr + 8))));
+    }
+    _mm256_storeu_si256((__m256i *)c, _mm512_cvtepi64_epi32(s0));
+    _mm256_storeu_si256((__m256i *)(c + 8), _mm512_cvtepi64_epi32(s1));
+}
+
+/* counts[p] -= the padding's counts, for the pixels p of each padded tap column. */
+static inline __attribute__((always_inline)) void
+FN(unpad_counts)(const bconv_args *a, const FN(lane_tap) *lt, int ky0, int ky1, int ob,
+                 int32_t (*counts)[16])
+{
+    for (int kx = 0; kx < a->KW; kx++)
+        if (lt[kx].padded) {
+            int32_t c[16] __attribute__((aligned(64)));
+            FN(padding_counts)(a, ky0, ky1, kx, ob, c);
+            const __m512i cv = _mm512_load_si512((const void *)c);
+            for (uint32_t b = lt[kx].padded; b; b &= b - 1) {
+                int32_t *row = counts[__builtin_ctz(b)];
+                _mm512_store_si512((void *)row, _mm512_sub_epi32(_mm512_load_si512((const void *)row), cv));
+            }
+        }
+}
+
 /* Output pixels [ox, ox + m) (m <= 16) of row r of a convolution of stride S (1 or 2,
- * a constant after inlining) along x with C <= 32 and O % 16 == 0, every one of whose taps along x lies inside the image;
+ * a constant after inlining) along x with C <= 32, O % 16 == 0 and KW <= LANES_MAX_KW;
  * taps along y from ky0 to ky1. Sixteen pixels sit side by side in one register, a 32-bit
  * lane each (the low half of the pixel's one channel word: C <= 32 bits, the rest 0), so
  * that one VPOPCNTD counts 16 pixels x 32 input bits against one broadcast weight word,
  * where the per-pixel path's VPOPCNTQ counts 8 channels x 64 bits of which only C are
- * used. The counts are then transposed to a pixel's 16 channels. */
+ * used. A tap in the padding reads a 0 word; its popcount(w) is taken back from its
+ * pixels' counts, as its C from their totals. Then either the signs come from the bounds
+ * on d, or the counts are transposed to a pixel's 16 channels for the float epilogue. */
 static inline __attribute__((always_inline)) void
 FN(avx512_lanes)(const bconv_args *a, const int S, int64_t r, int ky0, int ky1, int ox, int m)
 {
     const int O = a->O, KW = a->KW;
     const int n = (int)(r / a->Ho), iy0 = (int)(r % a->Ho) * a->sh - a->ph;
-    /* the S * m - S + 1 words from the window's first: S * 16 words, 8 per load */
-    __mmask8 mk[4];
-    for (int q = 0; q < 2 * S; q++) {
-        const int left = S * (m - 1) + 1 - 8 * q;
-        mk[q] = left >= 8 ? (__mmask8)0xFF : left > 0 ? (__mmask8)((1u << left) - 1) : 0;
-    }
+    FN(lane_tap) lt[LANES_MAX_KW];
+    FN(lane_taps)(a, S, ox, m, lt);
+    __m512i total = _mm512_set1_epi32((ky1 - ky0) * KW * a->C);
+    for (int kx = 0; kx < KW; kx++)
+        total = _mm512_mask_sub_epi32(total, (__mmask16)lt[kx].padded, total,
+                                      _mm512_set1_epi32((ky1 - ky0) * a->C));
     /* the low 32 bits of every S-th of 16 S words held in 2 S registers */
     const __m512i low = S == 1 ? _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
                                : _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -684,12 +749,15 @@ FN(avx512_lanes)(const bconv_args *a, const int S, int64_t r, int ky0, int ky1, 
         for (int ky = ky0; ky < ky1; ky++) {
             const uint64_t *row = a->x + ((int64_t)n * a->H + iy0 + ky) * a->W;
             for (int kx = 0; kx < KW; kx++) {
+                /* masked: no word outside the row is touched */
                 const uint64_t *xp = row + ox * S - a->pw + kx;
-                __m512i x = _mm512_permutex2var_epi32(_mm512_maskz_loadu_epi64(mk[0], xp), low,
-                                                      _mm512_maskz_loadu_epi64(mk[1], xp + 8));
+                const uint32_t wm = lt[kx].words;
+                __m512i x = _mm512_permutex2var_epi32(_mm512_maskz_loadu_epi64((__mmask8)wm, xp), low,
+                                                      _mm512_maskz_loadu_epi64((__mmask8)(wm >> 8), xp + 8));
                 if (S == 2) {
                     const __m512i x2 = _mm512_permutex2var_epi32(
-                        _mm512_maskz_loadu_epi64(mk[2], xp + 16), low, _mm512_maskz_loadu_epi64(mk[3], xp + 24));
+                        _mm512_maskz_loadu_epi64((__mmask8)(wm >> 16), xp + 16), low,
+                        _mm512_maskz_loadu_epi64((__mmask8)(wm >> 24), xp + 24));
                     x = _mm512_inserti64x4(x, _mm512_castsi512_si256(x2), 1);
                 }
                 const uint64_t *wr = a->w + (int64_t)(ky * KW + kx) * O + ob;
@@ -698,12 +766,18 @@ FN(avx512_lanes)(const bconv_args *a, const int S, int64_t r, int ky0, int ky1, 
                                  x, _mm512_set1_epi32((int)(uint32_t)wr[j]))));
             }
         }
-        const int total = (ky1 - ky0) * KW * a->C;
         if (a->sign_lo) { /* only the signs, from the bounds on d: no transpose */
-            const __m512i t = _mm512_set1_epi32(total);
+            for (int kx = 0; kx < KW; kx++)
+                if (lt[kx].padded) {
+                    int32_t c[16];
+                    FN(padding_counts)(a, ky0, ky1, kx, ob, c);
+                    for (int j = 0; j < 16; j++)
+                        acc[j] = _mm512_mask_sub_epi32(acc[j], (__mmask16)lt[kx].padded, acc[j],
+                                                       _mm512_set1_epi32(c[j]));
+                }
             __m512i res = _mm512_setzero_si512();
             for (int j = 0; j < 16; j++) {
-                const __m512i d = _mm512_sub_epi32(t, _mm512_slli_epi32(acc[j], 1));
+                const __m512i d = _mm512_sub_epi32(total, _mm512_slli_epi32(acc[j], 1));
                 const __mmask16 neg = _mm512_cmplt_epi32_mask(d, _mm512_set1_epi32(a->sign_lo[ob + j])) |
                                       _mm512_cmpgt_epi32_mask(d, _mm512_set1_epi32(a->sign_hi[ob + j]));
                 res = _mm512_mask_or_epi32(res, neg, res, _mm512_set1_epi32(1 << j));
@@ -715,27 +789,30 @@ FN(avx512_lanes)(const bconv_args *a, const int S, int64_t r, int ky0, int ky1, 
         }
         FN(transpose16)(acc);
         /* through memory: indexed by pixel, the registers would be spilled in the loop */
-        int32_t counts[16][16] __attribute__((aligned(64)));
+        int32_t counts[16][16] __attribute__((aligned(64))), totals[16] __attribute__((aligned(64)));
         for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[j], acc[j]);
-        FN(avx512_lanes_finish)(a, r, ox, m, ob, total, counts);
+        FN(unpad_counts)(a, lt, ky0, ky1, ob, counts);
+        _mm512_store_si512((void *)totals, total);
+        FN(avx512_lanes_finish)(a, r, ox, m, ob, totals, counts);
     }
 }
 
-/* As avx512_lanes for C <= 16, with 32 pixels [ox, ox + m) (m <= 32) in 16-bit lanes
- * (VPOPCNTW, AVX512-BITALG): half the instructions per pixel. w16 holds each weight word
- * of the convolution twice in 32 bits (w16[t * O + o]), so that the XOR broadcasts it
- * from memory. */
+/* As avx512_lanes for C <= 16 and stride 1, with 32 pixels [ox, ox + m) (m <= 32) in
+ * 16-bit lanes (VPOPCNTW, AVX512-BITALG): half the instructions per pixel. w16 holds each
+ * weight word of the convolution twice in 32 bits (w16[t * O + o]), so that the XOR
+ * broadcasts it from memory. */
 static inline __attribute__((always_inline)) void
 FN(avx512_lanes16)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int m,
                    const uint32_t *w16)
 {
     const int O = a->O, KW = a->KW;
     const int n = (int)(r / a->Ho), iy0 = (int)(r % a->Ho) * a->sh - a->ph;
-    __mmask8 mk[4];
-    for (int q = 0; q < 4; q++) {
-        const int left = m - 8 * q;
-        mk[q] = left >= 8 ? (__mmask8)0xFF : left > 0 ? (__mmask8)((1u << left) - 1) : 0;
-    }
+    FN(lane_tap) lt[LANES_MAX_KW];
+    FN(lane_taps)(a, 1, ox, m, lt);
+    __m512i total = _mm512_set1_epi16((short)((ky1 - ky0) * KW * a->C));
+    for (int kx = 0; kx < KW; kx++)
+        total = _mm512_mask_sub_epi16(total, (__mmask32)lt[kx].padded, total,
+                                      _mm512_set1_epi16((short)((ky1 - ky0) * a->C)));
     /* the low 16 bits of 16 words held in two registers */
     const __m512i low = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 60, 56,
                                          52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
@@ -745,11 +822,14 @@ FN(avx512_lanes16)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int
         for (int ky = ky0; ky < ky1; ky++) {
             const uint64_t *row = a->x + ((int64_t)n * a->H + iy0 + ky) * a->W;
             for (int kx = 0; kx < KW; kx++) {
+                /* masked: no word outside the row is touched */
                 const uint64_t *xp = row + ox - a->pw + kx;
-                const __m512i lo = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi64(mk[0], xp), low,
-                                                             _mm512_maskz_loadu_epi64(mk[1], xp + 8));
-                const __m512i hi = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi64(mk[2], xp + 16), low,
-                                                             _mm512_maskz_loadu_epi64(mk[3], xp + 24));
+                const uint32_t wm = lt[kx].words;
+                const __m512i lo = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi64((__mmask8)wm, xp), low,
+                                                             _mm512_maskz_loadu_epi64((__mmask8)(wm >> 8), xp + 8));
+                const __m512i hi = _mm512_permutex2var_epi16(
+                    _mm512_maskz_loadu_epi64((__mmask8)(wm >> 16), xp + 16), low,
+                    _mm512_maskz_loadu_epi64((__mmask8)(wm >> 24), xp + 24));
                 const __m512i x = _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
                 const uint32_t *wr = w16 + (int64_t)(ky * KW + kx) * O + ob;
                 for (int j = 0; j < 16; j++)
@@ -757,16 +837,23 @@ FN(avx512_lanes16)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int
                                  x, _mm512_set1_epi32((int)wr[j]))));
             }
         }
-        const int total = (ky1 - ky0) * KW * a->C;
         if (a->sign_lo) { /* only the signs, from the bounds on d: no transpose */
-            const __m512i t = _mm512_set1_epi16((short)total);
+            for (int kx = 0; kx < KW; kx++)
+                if (lt[kx].padded) {
+                    int32_t c[16];
+                    FN(padding_counts)(a, ky0, ky1, kx, ob, c);
+                    for (int j = 0; j < 16; j++)
+                        acc[j] = _mm512_mask_sub_epi16(acc[j], (__mmask32)lt[kx].padded, acc[j],
+                                                       _mm512_set1_epi16((short)c[j]));
+                }
             __m512i res = _mm512_setzero_si512();
             for (int j = 0; j < 16; j++) {
-                const __m512i d = _mm512_sub_epi16(t, _mm512_slli_epi16(acc[j], 1));
+                const __m512i d = _mm512_sub_epi16(total, _mm512_slli_epi16(acc[j], 1));
                 const __mmask32 neg =
                     _mm512_cmplt_epi16_mask(d, _mm512_set1_epi16((short)a->sign_lo[ob + j])) |
                     _mm512_cmpgt_epi16_mask(d, _mm512_set1_epi16((short)a->sign_hi[ob + j]));
-                res = _mm512_mask_add_epi16(res, neg, res, _mm512_set1_epi16((short)(1u << j))); /* or: the bits differ */
+                /* an add sets the bit: each channel's bit is set once */
+                res = _mm512_mask_add_epi16(res, neg, res, _mm512_set1_epi16((short)(1u << j)));
             }
             uint32_t words[32] __attribute__((aligned(64)));
             _mm512_store_si512((void *)words, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(res)));
@@ -777,7 +864,7 @@ FN(avx512_lanes16)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int
         /* to 32 bits, then per half of the pixels as in avx512_lanes */
         uint16_t c16[16][32] __attribute__((aligned(64)));
         for (int j = 0; j < 16; j++) _mm512_store_si512((void *)c16[j], acc[j]);
-        int32_t counts[32][16] __attribute__((aligned(64)));
+        int32_t counts[32][16] __attribute__((aligned(64))), totals[32] __attribute__((aligned(64)));
         for (int half = 0; half < 2; half++) {
             __m512i v[16];
             for (int j = 0; j < 16; j++)
@@ -785,49 +872,43 @@ FN(avx512_lanes16)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int
             FN(transpose16)(v);
             for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[16 * half + j], v[j]);
         }
-        FN(avx512_lanes_finish)(a, r, ox, m, ob, total, counts);
+        FN(unpad_counts)(a, lt, ky0, ky1, ob, counts);
+        _mm512_store_si512((void *)totals, _mm512_cvtepi16_epi32(_mm512_castsi512_si256(total)));
+        _mm512_store_si512((void *)(totals + 16), _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(total, 1)));
+        FN(avx512_lanes_finish)(a, r, ox, m, ob, totals, counts);
     }
 }
 
-/* AVX-512 row for O % 8 == 0. Convolutions of C <= 32 channels, O % 16 == 0 and stride 1
- * or 2 along x take their pixels whose taps along x all lie inside the image sixteen at a
- * time (avx512_lanes), or 32 with w16 (avx512_lanes16, stride 1); the other pixels go
- * through avx512_pixels, two at a time where both have every tap inside the image. */
+/* AVX-512 row for O % 8 == 0. Convolutions of C <= 32 channels, O % 16 == 0, stride 1 or
+ * 2 along x and windows up to LANES_MAX_KW wide take their pixels sixteen at a time
+ * (avx512_lanes), or 32 with w16 (avx512_lanes16, stride 1); the others go through
+ * avx512_pixels, two at a time where both have every tap inside the image. */
 static inline __attribute__((always_inline)) void
 FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *woff,
                      const uint32_t *w16)
 {
     const int oy = (int)(r % a->Ho), iy0 = oy * a->sh - a->ph;
-    const int rows_inside = iy0 >= 0 && iy0 + a->KH <= a->H;
-    int lo = a->Wo, hi = a->Wo; /* the columns avx512_lanes takes */
-    if (a->C <= 32 && a->O % 16 == 0 && (a->sw == 1 || a->sw == 2)) {
-        const int last = a->W - a->KW + a->pw; /* ox * sw may reach it */
-        lo = (a->pw + a->sw - 1) / a->sw;
-        lo = lo < a->Wo ? lo : a->Wo;
-        hi = last < 0 ? lo : last / a->sw + 1;
-        hi = hi < lo ? lo : hi > a->Wo ? a->Wo : hi;
+    if (a->C <= 32 && a->O % 16 == 0 && (a->sw == 1 || a->sw == 2) && a->KW <= LANES_MAX_KW) {
+        /* the taps along y inside the image (none, with padding beyond the kernel) */
+        const int ky0 = iy0 < 0 ? -iy0 : 0;
+        int ky1 = a->H - iy0 < a->KH ? a->H - iy0 : a->KH;
+        ky1 = ky1 < ky0 ? ky0 : ky1;
+        if (w16)
+            for (int ox = 0; ox < a->Wo; ox += 32)
+                FN(avx512_lanes16)(a, r, ky0, ky1, ox, a->Wo - ox < 32 ? a->Wo - ox : 32, w16);
+        else
+            for (int ox = 0; ox < a->Wo; ox += 16) {
+                const int m = a->Wo - ox < 16 ? a->Wo - ox : 16;
+                if (a->sw == 1) FN(avx512_lanes)(a, 1, r, ky0, ky1, ox, m);
+                else FN(avx512_lanes)(a, 2, r, ky0, ky1, ox, m);
+            }
+        return;
     }
+    const int rows_inside = iy0 >= 0 && iy0 + a->KH <= a->H;
     for (int ox = 0; ox < a->Wo;) {
-        if (ox == lo && lo < hi) {
-            /* the taps along y inside the image (none, with padding beyond the kernel) */
-            const int ky0 = iy0 < 0 ? -iy0 : 0;
-            int ky1 = a->H - iy0 < a->KH ? a->H - iy0 : a->KH;
-            ky1 = ky1 < ky0 ? ky0 : ky1;
-            if (w16)
-                for (; ox < hi; ox += 32)
-                    FN(avx512_lanes16)(a, r, ky0, ky1, ox, hi - ox < 32 ? hi - ox : 32, w16);
-            else
-                for (; ox < hi; ox += 16) {
-                    const int m = hi - ox < 16 ? hi - ox : 16;
-                    if (a->sw == 1) FN(avx512_lanes)(a, 1, r, ky0, ky1, ox, m);
-                    else FN(avx512_lanes)(a, 2, r, ky0, ky1, ox, m);
-                }
-            ox = hi;
-            continue;
-        }
-        const int ix0 = ox * a->sw - a->pw, end = ox < lo ? lo : a->Wo;
+        const int ix0 = ox * a->sw - a->pw;
         const int inside = rows_inside && ix0 >= 0 && ix0 + a->KW <= a->W;
-        if (inside && ox + 1 < end && ix0 + a->sw + a->KW <= a->W) {
+        if (inside && ox + 1 < a->Wo && ix0 + a->sw + a->KW <= a->W) {
             FN(avx512_pixels)(a, 2, r, ox, 1, xoff, woff);
             ox += 2;
         } else {
@@ -849,7 +930,8 @@ static void FN(bconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t 
         /* avx512_lanes16's weights, for up to 2048 (tap, channel) pairs (8 KiB of stack) */
         uint32_t w16[2048];
         const int64_t pairs = (int64_t)a->KH * a->KW * a->O;
-        const int narrow = a->C <= 16 && a->O % 16 == 0 && a->sw == 1 && pairs <= 2048;
+        const int narrow = a->C <= 16 && a->O % 16 == 0 && a->sw == 1 && a->KW <= LANES_MAX_KW &&
+                           pairs <= 2048;
         for (int64_t i = 0; narrow && i < pairs; i++) w16[i] = (uint32_t)(uint16_t)a->w[i] * 0x10001u;
         int32_t lo[SIGN_MAX_O], hi[SIGN_MAX_O];
         bconv_args b = *a;
