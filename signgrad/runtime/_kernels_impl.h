@@ -720,50 +720,98 @@ FN(unpad_counts)(const bconv_args *a, const FN(lane_tap) *lt, int ky0, int ky1, 
         }
 }
 
-/* Output pixels [ox, ox + m) (m <= 16) of row r of a convolution of stride S (1 or 2,
- * a constant after inlining) along x with C <= 32, O % 16 == 0 and KW <= LANES_MAX_KW;
- * taps along y from ky0 to ky1. Sixteen pixels sit side by side in one register, a 32-bit
- * lane each (the low half of the pixel's one channel word: C <= 32 bits, the rest 0), so
- * that one VPOPCNTD counts 16 pixels x 32 input bits against one broadcast weight word,
- * where the per-pixel path's VPOPCNTQ counts 8 channels x 64 bits of which only C are
- * used. A tap in the padding reads a 0 word; its popcount(w) is taken back from its
- * pixels' counts, as its C from their totals. Then either the signs come from the bounds
- * on d, or the counts are transposed to a pixel's 16 channels for the float epilogue. */
+/* Lane-width generic operations of the pixel-lane paths: NARROW (a constant after
+ * inlining) picks 16-bit lanes (32 pixels a register) over 32-bit ones (16 pixels). */
+static inline __attribute__((always_inline)) __m512i FN(lanes_set1)(const int NARROW, int v)
+{
+    return NARROW ? _mm512_set1_epi16((short)v) : _mm512_set1_epi32(v);
+}
+
+static inline __attribute__((always_inline)) __m512i
+FN(lanes_mask_sub)(const int NARROW, __m512i v, uint32_t lanes, int c)
+{
+    return NARROW ? _mm512_mask_sub_epi16(v, (__mmask32)lanes, v, _mm512_set1_epi16((short)c))
+                  : _mm512_mask_sub_epi32(v, (__mmask16)lanes, v, _mm512_set1_epi32(c));
+}
+
+/* The lanes whose d = total - 2 count is below lo or above hi. */
+static inline __attribute__((always_inline)) uint32_t
+FN(lanes_negative)(const int NARROW, __m512i total, __m512i count, int lo, int hi)
+{
+    if (NARROW) {
+        const __m512i d = _mm512_sub_epi16(total, _mm512_slli_epi16(count, 1));
+        return _mm512_cmplt_epi16_mask(d, _mm512_set1_epi16((short)lo)) |
+               _mm512_cmpgt_epi16_mask(d, _mm512_set1_epi16((short)hi));
+    }
+    const __m512i d = _mm512_sub_epi32(total, _mm512_slli_epi32(count, 1));
+    return _mm512_cmplt_epi32_mask(d, _mm512_set1_epi32(lo)) | _mm512_cmpgt_epi32_mask(d, _mm512_set1_epi32(hi));
+}
+
+/* The low 16 (NARROW) or 32 bits of every S-th of the words from xp, one a lane, the
+ * words outside wm read as 0 (masked: no other word is touched). */
+static inline __attribute__((always_inline)) __m512i
+FN(lanes_gather)(const int NARROW, const int S, const uint64_t *xp, uint32_t wm)
+{
+    const __m512i w0 = _mm512_maskz_loadu_epi64((__mmask8)wm, xp);
+    const __m512i w1 = _mm512_maskz_loadu_epi64((__mmask8)(wm >> 8), xp + 8);
+    if (!NARROW && S == 1) /* dwords 0, 2, .., 30 of two registers */
+        return _mm512_permutex2var_epi32(
+            w0, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), w1);
+    const __m512i w2 = _mm512_maskz_loadu_epi64((__mmask8)(wm >> 16), xp + 16);
+    const __m512i w3 = _mm512_maskz_loadu_epi64((__mmask8)(wm >> 24), xp + 24);
+    __m512i lo, hi;
+    if (NARROW) { /* words 0, 4, .., 60 of two registers, into each half */
+        const __m512i idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 60, 56,
+                                             52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
+        lo = _mm512_permutex2var_epi16(w0, idx, w1);
+        hi = _mm512_permutex2var_epi16(w2, idx, w3);
+    } else { /* dwords 0, 4, .., 28 of two registers, into each half */
+        const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+        lo = _mm512_permutex2var_epi32(w0, idx, w1);
+        hi = _mm512_permutex2var_epi32(w2, idx, w3);
+    }
+    return _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
+}
+
+/* Output pixels [ox, ox + m) of row r of a convolution with O % 16 == 0 and KW <=
+ * LANES_MAX_KW, taps along y from ky0 to ky1, with the pixels side by side in one
+ * register: for C <= 16 and stride 1 (NARROW, with w16) 32 pixels in 16-bit lanes
+ * (VPOPCNTW, AVX512-BITALG), else for C <= 32 and stride S of 1 or 2, 16 pixels in
+ * 32-bit lanes (VPOPCNTD); NARROW and S are constants after inlining. A lane holds the
+ * low bits of the pixel's one channel word (the rest are 0), so that one popcount counts
+ * every pixel against one broadcast weight word, where the per-pixel path's VPOPCNTQ
+ * counts 8 channels x 64 bits of which only C are used. w16 holds each weight word twice
+ * in 32 bits (w16[t * O + o]), so that the XOR broadcasts it from memory. A tap in the
+ * padding reads a 0 word; its popcount(w) is taken back from its pixels' counts, as its
+ * C from their totals. Then either the signs come from the bounds on d, or the counts
+ * are transposed to a pixel's 16 channels for the float epilogue. */
 static inline __attribute__((always_inline)) void
-FN(avx512_lanes)(const bconv_args *a, const int S, int64_t r, int ky0, int ky1, int ox, int m)
+FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, int ky0, int ky1,
+                 int ox, int m, const uint32_t *w16)
 {
     const int O = a->O, KW = a->KW;
     const int n = (int)(r / a->Ho), iy0 = (int)(r % a->Ho) * a->sh - a->ph;
     FN(lane_tap) lt[LANES_MAX_KW];
     FN(lane_taps)(a, S, ox, m, lt);
-    __m512i total = _mm512_set1_epi32((ky1 - ky0) * KW * a->C);
+    __m512i total = FN(lanes_set1)(NARROW, (ky1 - ky0) * KW * a->C);
     for (int kx = 0; kx < KW; kx++)
-        total = _mm512_mask_sub_epi32(total, (__mmask16)lt[kx].padded, total,
-                                      _mm512_set1_epi32((ky1 - ky0) * a->C));
-    /* the low 32 bits of every S-th of 16 S words held in 2 S registers */
-    const __m512i low = S == 1 ? _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-                               : _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+        total = FN(lanes_mask_sub)(NARROW, total, lt[kx].padded, (ky1 - ky0) * a->C);
     for (int ob = 0; ob < O; ob += 16) {
         __m512i acc[16];
         for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_si512();
         for (int ky = ky0; ky < ky1; ky++) {
             const uint64_t *row = a->x + ((int64_t)n * a->H + iy0 + ky) * a->W;
             for (int kx = 0; kx < KW; kx++) {
-                /* masked: no word outside the row is touched */
-                const uint64_t *xp = row + ox * S - a->pw + kx;
-                const uint32_t wm = lt[kx].words;
-                __m512i x = _mm512_permutex2var_epi32(_mm512_maskz_loadu_epi64((__mmask8)wm, xp), low,
-                                                      _mm512_maskz_loadu_epi64((__mmask8)(wm >> 8), xp + 8));
-                if (S == 2) {
-                    const __m512i x2 = _mm512_permutex2var_epi32(
-                        _mm512_maskz_loadu_epi64((__mmask8)(wm >> 16), xp + 16), low,
-                        _mm512_maskz_loadu_epi64((__mmask8)(wm >> 24), xp + 24));
-                    x = _mm512_inserti64x4(x, _mm512_castsi512_si256(x2), 1);
+                const __m512i x = FN(lanes_gather)(NARROW, S, row + ox * S - a->pw + kx, lt[kx].words);
+                const int64_t t = (int64_t)(ky * KW + kx) * O + ob;
+                for (int j = 0; j < 16; j++) {
+                    if (NARROW)
+                        acc[j] = _mm512_add_epi16(acc[j], _mm512_popcnt_epi16(_mm512_xor_si512(
+                                     x, _mm512_set1_epi32((int)w16[t + j]))));
+                    else
+                        acc[j] = _mm512_add_epi32(acc[j], _mm512_popcnt_epi32(_mm512_xor_si512(
+                                     x, _mm512_set1_epi32((int)(uint32_t)a->w[t + j]))));
                 }
-                const uint64_t *wr = a->w + (int64_t)(ky * KW + kx) * O + ob;
-                for (int j = 0; j < 16; j++)
-                    acc[j] = _mm512_add_epi32(acc[j], _mm512_popcnt_epi32(_mm512_xor_si512(
-                                 x, _mm512_set1_epi32((int)(uint32_t)wr[j]))));
             }
         }
         if (a->sign_lo) { /* only the signs, from the bounds on d: no transpose */
@@ -771,117 +819,51 @@ FN(avx512_lanes)(const bconv_args *a, const int S, int64_t r, int ky0, int ky1, 
                 if (lt[kx].padded) {
                     int32_t c[16];
                     FN(padding_counts)(a, ky0, ky1, kx, ob, c);
-                    for (int j = 0; j < 16; j++)
-                        acc[j] = _mm512_mask_sub_epi32(acc[j], (__mmask16)lt[kx].padded, acc[j],
-                                                       _mm512_set1_epi32(c[j]));
+                    for (int j = 0; j < 16; j++) acc[j] = FN(lanes_mask_sub)(NARROW, acc[j], lt[kx].padded, c[j]);
                 }
-            __m512i res = _mm512_setzero_si512();
+            __m512i res = _mm512_setzero_si512(); /* lane p: the bits of pixel ox + p */
             for (int j = 0; j < 16; j++) {
-                const __m512i d = _mm512_sub_epi32(total, _mm512_slli_epi32(acc[j], 1));
-                const __mmask16 neg = _mm512_cmplt_epi32_mask(d, _mm512_set1_epi32(a->sign_lo[ob + j])) |
-                                      _mm512_cmpgt_epi32_mask(d, _mm512_set1_epi32(a->sign_hi[ob + j]));
-                res = _mm512_mask_or_epi32(res, neg, res, _mm512_set1_epi32(1 << j));
-            }
-            uint32_t words[16] __attribute__((aligned(64)));
-            _mm512_store_si512((void *)words, res);
-            FN(lanes_store_bits)(a, r, ox, m, ob, words);
-            continue;
-        }
-        FN(transpose16)(acc);
-        /* through memory: indexed by pixel, the registers would be spilled in the loop */
-        int32_t counts[16][16] __attribute__((aligned(64))), totals[16] __attribute__((aligned(64)));
-        for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[j], acc[j]);
-        FN(unpad_counts)(a, lt, ky0, ky1, ob, counts);
-        _mm512_store_si512((void *)totals, total);
-        FN(avx512_lanes_finish)(a, r, ox, m, ob, totals, counts);
-    }
-}
-
-/* As avx512_lanes for C <= 16 and stride 1, with 32 pixels [ox, ox + m) (m <= 32) in
- * 16-bit lanes (VPOPCNTW, AVX512-BITALG): half the instructions per pixel. w16 holds each
- * weight word of the convolution twice in 32 bits (w16[t * O + o]), so that the XOR
- * broadcasts it from memory. */
-static inline __attribute__((always_inline)) void
-FN(avx512_lanes16)(const bconv_args *a, int64_t r, int ky0, int ky1, int ox, int m,
-                   const uint32_t *w16)
-{
-    const int O = a->O, KW = a->KW;
-    const int n = (int)(r / a->Ho), iy0 = (int)(r % a->Ho) * a->sh - a->ph;
-    FN(lane_tap) lt[LANES_MAX_KW];
-    FN(lane_taps)(a, 1, ox, m, lt);
-    __m512i total = _mm512_set1_epi16((short)((ky1 - ky0) * KW * a->C));
-    for (int kx = 0; kx < KW; kx++)
-        total = _mm512_mask_sub_epi16(total, (__mmask32)lt[kx].padded, total,
-                                      _mm512_set1_epi16((short)((ky1 - ky0) * a->C)));
-    /* the low 16 bits of 16 words held in two registers */
-    const __m512i low = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 60, 56,
-                                         52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
-    for (int ob = 0; ob < O; ob += 16) {
-        __m512i acc[16];
-        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_si512();
-        for (int ky = ky0; ky < ky1; ky++) {
-            const uint64_t *row = a->x + ((int64_t)n * a->H + iy0 + ky) * a->W;
-            for (int kx = 0; kx < KW; kx++) {
-                /* masked: no word outside the row is touched */
-                const uint64_t *xp = row + ox - a->pw + kx;
-                const uint32_t wm = lt[kx].words;
-                const __m512i lo = _mm512_permutex2var_epi16(_mm512_maskz_loadu_epi64((__mmask8)wm, xp), low,
-                                                             _mm512_maskz_loadu_epi64((__mmask8)(wm >> 8), xp + 8));
-                const __m512i hi = _mm512_permutex2var_epi16(
-                    _mm512_maskz_loadu_epi64((__mmask8)(wm >> 16), xp + 16), low,
-                    _mm512_maskz_loadu_epi64((__mmask8)(wm >> 24), xp + 24));
-                const __m512i x = _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
-                const uint32_t *wr = w16 + (int64_t)(ky * KW + kx) * O + ob;
-                for (int j = 0; j < 16; j++)
-                    acc[j] = _mm512_add_epi16(acc[j], _mm512_popcnt_epi16(_mm512_xor_si512(
-                                 x, _mm512_set1_epi32((int)wr[j]))));
-            }
-        }
-        if (a->sign_lo) { /* only the signs, from the bounds on d: no transpose */
-            for (int kx = 0; kx < KW; kx++)
-                if (lt[kx].padded) {
-                    int32_t c[16];
-                    FN(padding_counts)(a, ky0, ky1, kx, ob, c);
-                    for (int j = 0; j < 16; j++)
-                        acc[j] = _mm512_mask_sub_epi16(acc[j], (__mmask32)lt[kx].padded, acc[j],
-                                                       _mm512_set1_epi16((short)c[j]));
-                }
-            __m512i res = _mm512_setzero_si512();
-            for (int j = 0; j < 16; j++) {
-                const __m512i d = _mm512_sub_epi16(total, _mm512_slli_epi16(acc[j], 1));
-                const __mmask32 neg =
-                    _mm512_cmplt_epi16_mask(d, _mm512_set1_epi16((short)a->sign_lo[ob + j])) |
-                    _mm512_cmpgt_epi16_mask(d, _mm512_set1_epi16((short)a->sign_hi[ob + j]));
-                /* an add sets the bit: each channel's bit is set once */
-                res = _mm512_mask_add_epi16(res, neg, res, _mm512_set1_epi16((short)(1u << j)));
+                const uint32_t neg = FN(lanes_negative)(NARROW, total, acc[j], a->sign_lo[ob + j], a->sign_hi[ob + j]);
+                /* adds 1 << j (bit j, set once) where negative */
+                res = FN(lanes_mask_sub)(NARROW, res, neg, -(1 << j));
             }
             uint32_t words[32] __attribute__((aligned(64)));
-            _mm512_store_si512((void *)words, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(res)));
-            _mm512_store_si512((void *)(words + 16), _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(res, 1)));
+            if (NARROW) {
+                _mm512_store_si512((void *)words, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(res)));
+                _mm512_store_si512((void *)(words + 16), _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(res, 1)));
+            } else {
+                _mm512_store_si512((void *)words, res);
+            }
             FN(lanes_store_bits)(a, r, ox, m, ob, words);
             continue;
         }
-        /* to 32 bits, then per half of the pixels as in avx512_lanes */
-        uint16_t c16[16][32] __attribute__((aligned(64)));
-        for (int j = 0; j < 16; j++) _mm512_store_si512((void *)c16[j], acc[j]);
+        /* through memory: indexed by pixel, the registers would be spilled in the loop */
         int32_t counts[32][16] __attribute__((aligned(64))), totals[32] __attribute__((aligned(64)));
-        for (int half = 0; half < 2; half++) {
-            __m512i v[16];
-            for (int j = 0; j < 16; j++)
-                v[j] = _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(c16[j] + 16 * half)));
-            FN(transpose16)(v);
-            for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[16 * half + j], v[j]);
+        if (NARROW) { /* to 32 bits, then per half of the pixels */
+            uint16_t c16[16][32] __attribute__((aligned(64)));
+            for (int j = 0; j < 16; j++) _mm512_store_si512((void *)c16[j], acc[j]);
+            for (int half = 0; half < 2; half++) {
+                __m512i v[16];
+                for (int j = 0; j < 16; j++)
+                    v[j] = _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(c16[j] + 16 * half)));
+                FN(transpose16)(v);
+                for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[16 * half + j], v[j]);
+            }
+            _mm512_store_si512((void *)totals, _mm512_cvtepi16_epi32(_mm512_castsi512_si256(total)));
+            _mm512_store_si512((void *)(totals + 16), _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(total, 1)));
+        } else {
+            FN(transpose16)(acc);
+            for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[j], acc[j]);
+            _mm512_store_si512((void *)totals, total);
         }
         FN(unpad_counts)(a, lt, ky0, ky1, ob, counts);
-        _mm512_store_si512((void *)totals, _mm512_cvtepi16_epi32(_mm512_castsi512_si256(total)));
-        _mm512_store_si512((void *)(totals + 16), _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(total, 1)));
         FN(avx512_lanes_finish)(a, r, ox, m, ob, totals, counts);
     }
 }
 
 /* AVX-512 row for O % 8 == 0. Convolutions of C <= 32 channels, O % 16 == 0, stride 1 or
  * 2 along x and windows up to LANES_MAX_KW wide take their pixels sixteen at a time
- * (avx512_lanes), or 32 with w16 (avx512_lanes16, stride 1); the others go through
+ * (avx512_lanes), or 32 with w16 (C <= 16, stride 1); the others go through
  * avx512_pixels, two at a time where both have every tap inside the image. */
 static inline __attribute__((always_inline)) void
 FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *woff,
@@ -895,12 +877,12 @@ FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *wof
         ky1 = ky1 < ky0 ? ky0 : ky1;
         if (w16)
             for (int ox = 0; ox < a->Wo; ox += 32)
-                FN(avx512_lanes16)(a, r, ky0, ky1, ox, a->Wo - ox < 32 ? a->Wo - ox : 32, w16);
+                FN(avx512_lanes)(a, 1, 1, r, ky0, ky1, ox, a->Wo - ox < 32 ? a->Wo - ox : 32, w16);
         else
             for (int ox = 0; ox < a->Wo; ox += 16) {
                 const int m = a->Wo - ox < 16 ? a->Wo - ox : 16;
-                if (a->sw == 1) FN(avx512_lanes)(a, 1, r, ky0, ky1, ox, m);
-                else FN(avx512_lanes)(a, 2, r, ky0, ky1, ox, m);
+                if (a->sw == 1) FN(avx512_lanes)(a, 0, 1, r, ky0, ky1, ox, m, NULL);
+                else FN(avx512_lanes)(a, 0, 2, r, ky0, ky1, ox, m, NULL);
             }
         return;
     }
