@@ -260,19 +260,64 @@ FN(fconv_block)(const float *patch, int K, const float *w, int O, int ob, int nc
 }
 
 #ifdef USE_AVX512
+/* The per-channel parameters of channels ob .. ob + 15, loaded once for many pixels (the
+ * compiler cannot keep them across the output's stores, which might alias them). */
+typedef struct {
+    __m512 scale, shift, slope, lo, hi;
+} FN(params16);
+
+static inline __attribute__((always_inline)) FN(params16) FN(avx512_params16)(const bconv_args *a, int ob)
+{
+    FN(params16) q;
+    q.scale = _mm512_loadu_ps(a->scale + ob);
+    q.shift = _mm512_loadu_ps(a->shift + ob);
+    q.slope = a->act != ACT_PRELU ? _mm512_setzero_ps()
+              : a->slope_n == 1   ? _mm512_set1_ps(a->slope[0])
+                                  : _mm512_loadu_ps(a->slope + ob);
+    q.lo = _mm512_set1_ps(a->lo);
+    q.hi = _mm512_set1_ps(a->hi);
+    return q;
+}
+
+/* The activation of 16 channels, with the result of finish_pixel's loops (max/min return
+ * their second operand when one is NaN: v second, so a NaN passes through as in numpy's
+ * maximum and clip). */
+static inline __attribute__((always_inline)) __m512
+FN(avx512_act16)(const bconv_args *a, const FN(params16) *q, __m512 v)
+{
+    const __m512 zero = _mm512_setzero_ps();
+    if (a->act == ACT_RELU) return _mm512_max_ps(zero, v);
+    if (a->act == ACT_HARDTANH) return _mm512_min_ps(q->hi, _mm512_max_ps(q->lo, v));
+    if (a->act == ACT_PRELU)
+        return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ), _mm512_mul_ps(v, q->slope), v);
+    return v;
+}
+
+/* The epilogue of channels ob .. ob + 15 of output pixel pix from their sums or counts v:
+ * v * scale + shift, the residual, the activation, the store and the sign bits. */
+static inline __attribute__((always_inline)) void
+FN(avx512_finish16)(const bconv_args *a, const FN(params16) *q, int64_t pix, int ob, __m512 v)
+{
+    const int O = a->O, Ow = (O + 63) / 64;
+    const __m512 zero = _mm512_setzero_ps();
+    v = _mm512_add_ps(_mm512_mul_ps(v, q->scale), q->shift);
+    if (a->residual) v = _mm512_add_ps(v, _mm512_loadu_ps(a->residual + pix * O + ob));
+    v = FN(avx512_act16)(a, q, v);
+    _mm512_storeu_ps(a->out + pix * O + ob, v);
+    if (a->out_bits) {
+        const uint64_t bits = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ) << (ob % 64);
+        uint64_t *word = a->out_bits + pix * Ow + ob / 64;
+        *word = ob % 64 ? *word | bits : bits;
+    }
+}
+
 /* The sign bits of channels o .. o + 15 of a binary convolution for the integers d (C
  * minus twice the count), without a residual: the epilogue of avx512_finish16. */
 static inline __attribute__((always_inline)) __mmask16
-FN(signs16)(const bconv_args *a, __m512 scale, __m512 shift, __m512 slope, __m512i d)
+FN(signs16)(const bconv_args *a, const FN(params16) *q, __m512i d)
 {
-    const __m512 zero = _mm512_setzero_ps();
-    __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), scale), shift);
-    if (a->act == ACT_RELU) v = _mm512_max_ps(zero, v);
-    else if (a->act == ACT_HARDTANH)
-        v = _mm512_min_ps(_mm512_set1_ps(a->hi), _mm512_max_ps(_mm512_set1_ps(a->lo), v));
-    else if (a->act == ACT_PRELU)
-        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ), _mm512_mul_ps(v, slope), v);
-    return _mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ);
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), q->scale), q->shift);
+    return _mm512_cmp_ps_mask(FN(avx512_act16)(a, q, v), _mm512_setzero_ps(), _CMP_NGE_UQ);
 }
 
 #define SIGN_MAX_O 1024 /* channels whose bounds bconv_rows keeps on its stack */
@@ -286,27 +331,24 @@ FN(signs16)(const bconv_args *a, __m512 scale, __m512 shift, __m512 slope, __m51
 static int FN(sign_bounds)(const bconv_args *a, int32_t *lo, int32_t *hi)
 {
     const int O = a->O;
-    const int D = a->KH * a->KW * a->C; /* <= 16384 below */
     if (!a->bits_only || !a->out_bits || a->residual || O > SIGN_MAX_O || O % 16 ||
         (int64_t)a->KH * a->KW * a->C > 16384)
         return 0;
+    const int D = a->KH * a->KW * a->C;
     if (a->act == ACT_HARDTANH && !(a->lo <= a->hi)) return 0;
     for (int o = 0; o < O; o++) {
         if (!isfinite(a->scale[o]) || !isfinite(a->shift[o])) return 0;
         if (a->act == ACT_PRELU && !(a->slope[a->slope_n == 1 ? 0 : o] >= 0.0f)) return 0;
     }
     for (int o = 0; o < O; o += 16) {
-        const __m512 scale = _mm512_loadu_ps(a->scale + o), shift = _mm512_loadu_ps(a->shift + o);
-        const __m512 slope = a->act != ACT_PRELU ? _mm512_setzero_ps()
-                             : a->slope_n == 1   ? _mm512_set1_ps(a->slope[0])
-                                                 : _mm512_loadu_ps(a->slope + o);
+        const FN(params16) q = FN(avx512_params16)(a, o);
         __m512i l = _mm512_set1_epi32(-D), h = _mm512_set1_epi32(D);
-        const __mmask16 first = FN(signs16)(a, scale, shift, slope, l);
-        const __mmask16 last = FN(signs16)(a, scale, shift, slope, h);
+        const __mmask16 first = FN(signs16)(a, &q, l);
+        const __mmask16 last = FN(signs16)(a, &q, h);
         /* keep signs16(l) == first and signs16(h) == last while h - l > 1 */
         for (int span = 2 * D; span > 1; span = (span + 1) / 2) {
             const __m512i m = _mm512_add_epi32(l, _mm512_srai_epi32(_mm512_sub_epi32(h, l), 1));
-            const __mmask16 at_last = ~(FN(signs16)(a, scale, shift, slope, m) ^ last);
+            const __mmask16 at_last = ~(FN(signs16)(a, &q, m) ^ last);
             h = _mm512_mask_mov_epi32(h, at_last, m);
             l = _mm512_mask_mov_epi32(l, (__mmask16)~at_last, m);
         }
@@ -337,53 +379,7 @@ FN(lanes_store_bits)(const bconv_args *a, int64_t r, int ox, int m, int ob, cons
         *word = ob % 64 ? *word | bits : bits;
     }
 }
-#endif
 
-#ifdef USE_AVX512
-/* The per-channel parameters of channels ob .. ob + 15, loaded once for many pixels (the
- * compiler cannot keep them across the output's stores, which might alias them). */
-typedef struct {
-    __m512 scale, shift, slope, lo, hi;
-} FN(params16);
-
-static inline __attribute__((always_inline)) FN(params16) FN(avx512_params16)(const bconv_args *a, int ob)
-{
-    FN(params16) q;
-    q.scale = _mm512_loadu_ps(a->scale + ob);
-    q.shift = _mm512_loadu_ps(a->shift + ob);
-    q.slope = a->act != ACT_PRELU ? _mm512_setzero_ps()
-              : a->slope_n == 1   ? _mm512_set1_ps(a->slope[0])
-                                  : _mm512_loadu_ps(a->slope + ob);
-    q.lo = _mm512_set1_ps(a->lo);
-    q.hi = _mm512_set1_ps(a->hi);
-    return q;
-}
-
-/* The epilogue of channels ob .. ob + 15 of output pixel pix from their sums or counts v:
- * v * scale + shift, the residual, the activation, the store and the sign bits, each
- * with the result of finish_pixel's loops (max/min return their second operand when one
- * is NaN: v second, so a NaN passes through as in numpy's maximum and clip). */
-static inline __attribute__((always_inline)) void
-FN(avx512_finish16)(const bconv_args *a, const FN(params16) *q, int64_t pix, int ob, __m512 v)
-{
-    const int O = a->O, Ow = (O + 63) / 64;
-    const __m512 zero = _mm512_setzero_ps();
-    v = _mm512_add_ps(_mm512_mul_ps(v, q->scale), q->shift);
-    if (a->residual) v = _mm512_add_ps(v, _mm512_loadu_ps(a->residual + pix * O + ob));
-    if (a->act == ACT_RELU) v = _mm512_max_ps(zero, v);
-    else if (a->act == ACT_HARDTANH) v = _mm512_min_ps(q->hi, _mm512_max_ps(q->lo, v));
-    else if (a->act == ACT_PRELU)
-        v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ), _mm512_mul_ps(v, q->slope), v);
-    _mm512_storeu_ps(a->out + pix * O + ob, v);
-    if (a->out_bits) {
-        const uint64_t bits = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ) << (ob % 64);
-        uint64_t *word = a->out_bits + pix * Ow + ob / 64;
-        *word = ob % 64 ? *word | bits : bits;
-    }
-}
-#endif
-
-#ifdef USE_AVX512
 /* fconv_block for 16 channels of four pixels whose windows lie inside the image, read
  * where they are instead of from a patch: pixel p's window starts at x + p * step, its
  * KH rows of KWC floats `row` apart. The same chains in the same (patch) order. */
@@ -909,7 +905,8 @@ static void FN(bconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t 
     int64_t *woff = xoff + (int64_t)a->KH * a->KW;
 #ifdef USE_AVX512
     if (a->O % 8 == 0) {
-        /* avx512_lanes16's weights, for up to 2048 (tap, channel) pairs (8 KiB of stack) */
+        /* the 16-bit lanes' weights (w16 of avx512_lanes), for up to 2048 (tap, channel)
+         * pairs (8 KiB of stack) */
         uint32_t w16[2048];
         const int64_t pairs = (int64_t)a->KH * a->KW * a->O;
         const int narrow = a->C <= 16 && a->O % 16 == 0 && a->sw == 1 && a->KW <= LANES_MAX_KW &&
