@@ -11,7 +11,10 @@ arena is kept from one call to the next while the batch size stays the same.
 
 As in the step-by-step numpy backend, a convolution or linear layer absorbs a following
 residual ``add`` and activation when it is their only reader, and a binary layer's
-output signs are packed by the layer that computes it.
+output signs are packed by the layer that computes it. A binary convolution whose output
+only binary layers read is flagged ``BITS_ONLY``: its kernel may then write the signs
+alone (decided from the integer counts, with the same result) and leave its float
+output unwritten.
 """
 
 from __future__ import annotations
