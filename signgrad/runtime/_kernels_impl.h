@@ -400,6 +400,17 @@ FN(fconv_block_inside)(const float *x, int64_t step, int64_t row, int KH, int KW
 }
 #endif
 
+#ifdef USE_AVX512
+/* The epilogue of channels ob .. ob + 15 of pb neighbouring output pixels from pix0, from
+ * their sums acc[p]. */
+static inline __attribute__((always_inline)) void
+FN(fconv_finish16)(const bconv_args *a, int64_t pix0, int pb, int ob, float acc[4][16])
+{
+    const FN(params16) q = FN(avx512_params16)(a, ob);
+    for (int p = 0; p < pb; p++) FN(avx512_finish16)(a, &q, pix0 + p, ob, _mm512_loadu_ps(acc[p]));
+}
+#endif
+
 /* Float convolution rows [r0, r1) (r = n * Ho + oy) of NHWC a->xf with weights a->wf laid
  * out KH x KW x C x O, four output pixels at a time through a per-thread patch buffer
  * (4 x KH * KW * C floats). Each output is a chain of fused multiply-adds in patch order,
@@ -426,9 +437,7 @@ static void FN(fconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, float *p
                     float acc[4][16];
                     FN(fconv_block_inside)(x0, (int64_t)a->sw * C, (int64_t)a->W * C, a->KH, a->KW * C,
                                            a->wf, O, ob, acc);
-                    const FN(params16) q = FN(avx512_params16)(a, ob);
-                    for (int p = 0; p < 4; p++)
-                        FN(avx512_finish16)(a, &q, r * a->Wo + ox0 + p, ob, _mm512_loadu_ps(acc[p]));
+                    FN(fconv_finish16)(a, r * a->Wo + ox0, 4, ob, acc);
                 }
                 continue;
             }
@@ -471,9 +480,7 @@ static void FN(fconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, float *p
                 FN(fconv_block)(patch, K, a->wf, O, ob, 16, acc, 1);
 #ifdef USE_AVX512
                 if (O % 16 == 0) { /* the whole epilogue here */
-                    const FN(params16) q = FN(avx512_params16)(a, ob);
-                    for (int p = 0; p < pb; p++)
-                        FN(avx512_finish16)(a, &q, r * a->Wo + ox0 + p, ob, _mm512_loadu_ps(acc[p]));
+                    FN(fconv_finish16)(a, r * a->Wo + ox0, pb, ob, acc);
                     continue;
                 }
 #endif
