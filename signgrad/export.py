@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from signgrad import checkpoint, graph
+from signgrad import agreement, checkpoint, graph
 from signgrad.errors import SigngradError
 from signgrad.registry import Registry
 from signgrad.runtime import format as fmt
@@ -35,8 +35,6 @@ CHECK_INPUTS = 64
 #: the CIFAR-10 subset, 64 ImageNet-sized ones.
 CHECK_IMAGES = 2000
 CHECK_VALUES = 2000 * 3 * 32 * 32
-#: the check runs the export and PyTorch on this many inputs at a time
-CHECK_CHUNK = 64
 #: An export whose class differs from PyTorch's on more than this share of the check
 #: inputs is refused (a few flips are float rounding next to a sign; more is a fault).
 MAX_DIFFERING = 0.01
@@ -184,21 +182,9 @@ class Built:
 FORMATS: Registry[Callable[..., Built]] = Registry("export format", inputs=("src", "g", "x"))
 
 
-def _reference(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    """PyTorch's logits of ``x`` in eval mode (:data:`CHECK_CHUNK` inputs at a time),
-    leaving the caller's model as it was."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return np.concatenate([model(c).numpy() for c in x.split(CHECK_CHUNK)])
-    finally:
-        model.train(was_training)
-
-
 def _run_packed(pm: Any, x: torch.Tensor) -> np.ndarray:
-    """The packed runtime's logits of ``x``, :data:`CHECK_CHUNK` inputs at a time."""
-    return np.concatenate([pm.run(c.numpy()) for c in x.split(CHECK_CHUNK)])
+    """The packed runtime's logits of ``x``, a chunk at a time."""
+    return agreement.in_chunks(lambda c: pm.run(c.numpy()), x)
 
 
 @FORMATS.register("packed")
@@ -208,10 +194,7 @@ def _packed_format(src: Source, g: graph.Graph, x: torch.Tensor) -> Built:
 
     blob = packed(src, g)
     pm = runtime.build(*fmt.read_bytes(blob, "the packed export"))
-    ref = _reference(src.model, x)
-    got = _run_packed(pm, x)
-    diff = float(np.abs(got - ref).max())
-    agree = float((got.argmax(1) == ref.argmax(1)).mean())
+    diff, agree = agreement.compare(_run_packed(pm, x), agreement.torch_logits(src.model, x))
     return Built(blob, "model-packed.safetensors", f"the runtime ({pm.backend})", diff, agree)
 
 
@@ -255,9 +238,7 @@ def _c_format(src: Source, g: graph.Graph, x: torch.Tensor, prefix: str = "model
         checker = f"the C export built with {cc}" + (
             ", bit-identical to the packed runtime" if pm.backend == "compiled" else ""
         )
-    ref = _reference(src.model, x)
-    diff = float(np.abs(got - ref).max())
-    agree = float((got.argmax(1) == ref.argmax(1)).mean())
+    diff, agree = agreement.compare(got, agreement.torch_logits(src.model, x))
     notes = [
         f"flash: {cx.flash:,} bytes of tables and weights, plus the code; RAM: "
         f"{cx.ram:,} bytes of static buffers; no heap"

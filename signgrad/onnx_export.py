@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import signgrad
-from signgrad import graph
+from signgrad import agreement, graph
 from signgrad.errors import SigngradError
 
 if TYPE_CHECKING:  # only for annotations: onnx is an optional dependency
@@ -46,8 +46,6 @@ if TYPE_CHECKING:  # only for annotations: onnx is an optional dependency
 #: the oldest opset every operator used here exists in (GreaterOrEqual came with 12)
 MIN_OPSET = 12
 INPUT_NAME = "input"
-#: :func:`check_onnx` runs this many inputs at a time
-CHECK_CHUNK = 64
 OUTPUT_NAME = "logits"
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -465,25 +463,11 @@ def check_onnx(
     feed_name = session.get_inputs()[0].name
     out_name = session.get_outputs()[0].name
     x = x.detach().to("cpu", torch.float32)
-    chunks = x.split(CHECK_CHUNK) if len(x) else [x]  # bounded memory for many inputs
-    got = np.concatenate([session.run([out_name], {feed_name: c.numpy()})[0] for c in chunks])
-
-    was_training = torch_model.training
-    torch_model.eval()
-    try:
-        with torch.no_grad():
-            ref = np.concatenate(
-                [torch_model(c).detach().to("cpu", torch.float32).numpy() for c in chunks]
-            )
-    finally:
-        torch_model.train(was_training)  # leave the caller's model as it was
+    got = agreement.in_chunks(lambda c: session.run([out_name], {feed_name: c.numpy()})[0], x)
+    ref = agreement.torch_logits(torch_model, x)
     if got.shape != ref.shape:
         raise SigngradError(
             f"ONNX output shape {list(got.shape)} differs from the "
             f"PyTorch model's {list(ref.shape)}"
         )
-    if ref.size == 0:
-        return 0.0, 1.0
-    diff = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64))))
-    agree = got.reshape(len(got), -1).argmax(1) == ref.reshape(len(ref), -1).argmax(1)
-    return diff, float(np.mean(agree))
+    return agreement.compare(got, ref)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from signgrad import convert, graph, layers, models
+from signgrad import agreement, convert, graph, layers, models
 from signgrad.errors import SigngradError
 from signgrad.onnx_export import check_onnx, to_onnx
 
@@ -287,3 +287,29 @@ def test_binary_layers_read_only_by_binary_layers_decide_their_sign_by_threshold
         np.testing.assert_array_equal(got[same_in], want[same_in])
         decisions += got[same_in].size
     assert decisions > 1_000_000
+
+
+def test_agreement_runs_in_chunks_keeps_the_mode_and_counts_flipped_classes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.BatchNorm1d(5)).train()
+    x = torch.randn(agreement.CHUNK * 2 + 3, 3, 2, 2)
+    seen = []
+
+    def engine(c: torch.Tensor) -> np.ndarray:
+        seen.append(len(c))
+        return model(c).detach().numpy()
+
+    ref = agreement.torch_logits(model, x)
+    assert model.training  # the caller's mode is back
+    model.eval()
+    with torch.no_grad():
+        got = agreement.in_chunks(engine, x)
+    assert seen == [agreement.CHUNK, agreement.CHUNK, 3]
+    assert agreement.compare(got, ref) == (0.0, 1.0)
+    flipped = got.copy()
+    flipped[0] = -1e3
+    flipped[0, (ref[0].argmax() + 1) % 5] = 1e3
+    diff, agree = agreement.compare(flipped, ref)
+    assert diff >= 1e3 - np.abs(ref[0]).max()
+    assert agree == pytest.approx(1 - 1 / len(x))
+    assert agreement.compare(np.zeros((0, 5)), np.zeros((0, 5))) == (0.0, 1.0)
