@@ -91,7 +91,23 @@ static const case_t CASES[] = {
     {1, 5, 20, 16, 16, 3, 1, 1, ACT_PRELU, 0, 1, 1, 0, 1},
     {1, 4, 4, 2, 16, 1, 1, 0, ACT_HARDTANH, 0, 1, 0, 1, 1},
     {1, 5, 20, 16, 16, 3, 1, 1, ACT_RELU, 1, 1, 0, 0, 1},
+    /* signs only over several output words a pixel (16 and 32 pixels) */
+    {1, 4, 35, 16, 80, 3, 1, 1, ACT_HARDTANH, 0, 1, 0, 0, 1},
+    {1, 5, 19, 32, 96, 3, 2, 1, ACT_NONE, 0, 1, 0, 0, 1},
+    /* signs only with d in {-2, 0, 2}: channels negative for every d or for none */
+    {1, 4, 4, 2, 16, 1, 1, 0, ACT_HARDTANH, 0, 1, 0, 0, 1},
+    {1, 4, 4, 2, 16, 1, 1, 0, ACT_RELU, 0, 1, 0, 0, 1},
 };
+
+#define GUARD 256 /* bytes */
+
+/* n bytes of output and GUARD bytes of a fixed pattern after them */
+static void *guarded(size_t n)
+{
+    unsigned char *p = malloc(n + GUARD);
+    memset(p + n, 0xA5, GUARD);
+    return p;
+}
 
 static void run_case(int k, const case_t *c, const kernel_impl *v)
 {
@@ -135,8 +151,9 @@ static void run_case(int k, const case_t *c, const kernel_impl *v)
         residual = malloc(sizeof(float) * (size_t)(pix * a.O));
         for (int64_t i = 0; i < pix * a.O; i++) residual[i] = next_float();
     }
-    float *out = malloc(sizeof(float) * (size_t)(pix * a.O));
-    uint64_t *bits = c->bits ? malloc(sizeof(uint64_t) * (size_t)(pix * Ow)) : NULL;
+    /* GUARD words past each output's end, hashed with it: a write beyond its end shows */
+    float *out = guarded(sizeof(float) * (size_t)(pix * a.O));
+    uint64_t *bits = c->bits ? guarded(sizeof(uint64_t) * (size_t)(pix * Ow)) : NULL;
     const int64_t need = bconv_scratch(taps, a.O);
     int64_t *scratch = malloc(sizeof(int64_t) * (size_t)(need + 2 * taps));
     bconv_set_offsets(&a, scratch + need);
@@ -148,8 +165,8 @@ static void run_case(int k, const case_t *c, const kernel_impl *v)
      * sign on odd cases), into a second output. */
     float *wf = malloc(sizeof(float) * (size_t)(taps * a.C * a.O));
     for (int64_t i = 0; i < taps * a.C * a.O; i++) wf[i] = next_float();
-    float *fout = malloc(sizeof(float) * (size_t)(pix * a.O));
-    uint64_t *fbits = c->bits ? malloc(sizeof(uint64_t) * (size_t)(pix * Ow)) : NULL;
+    float *fout = guarded(sizeof(float) * (size_t)(pix * a.O));
+    uint64_t *fbits = c->bits ? guarded(sizeof(uint64_t) * (size_t)(pix * Ow)) : NULL;
     bconv_args f = a;
     f.xf = xf, f.wf = wf, f.sign_input = k % 2, f.out = fout, f.out_bits = fbits, f.bits_only = 0;
     float *patch = malloc(sizeof(float) * (size_t)(4 * taps * a.C));
@@ -163,10 +180,10 @@ static void run_case(int k, const case_t *c, const kernel_impl *v)
         if (isnan(out[i])) memcpy(&out[i], &canonical_nan, sizeof canonical_nan);
     for (int64_t i = 0; i < pix * a.O; i++)
         if (isnan(fout[i])) memcpy(&fout[i], &canonical_nan, sizeof canonical_nan);
-    if (!c->bits_only) h = fnv(h, out, sizeof(float) * (size_t)(pix * a.O));
-    h = fnv(h, fout, sizeof(float) * (size_t)(pix * a.O));
-    if (bits) h = fnv(h, bits, sizeof(uint64_t) * (size_t)(pix * Ow));
-    if (fbits) h = fnv(h, fbits, sizeof(uint64_t) * (size_t)(pix * Ow));
+    if (!c->bits_only) h = fnv(h, out, sizeof(float) * (size_t)(pix * a.O) + GUARD);
+    h = fnv(h, fout, sizeof(float) * (size_t)(pix * a.O) + GUARD);
+    if (bits) h = fnv(h, bits, sizeof(uint64_t) * (size_t)(pix * Ow) + GUARD);
+    if (fbits) h = fnv(h, fbits, sizeof(uint64_t) * (size_t)(pix * Ow) + GUARD);
     printf("case %d %016llx %s\n", k, (unsigned long long)h, v->name);
     free(xf), free(x), free(w), free(scale), free(shift), free(slope), free(residual);
     free(out), free(bits), free(scratch), free(wf), free(fout), free(fbits);

@@ -41,9 +41,11 @@ typedef struct {
     uint64_t *out_bits; /* optional: the signs of the output, packed (O channels) */
     /* a hint: nothing reads out afterwards, only out_bits; a kernel may leave out unwritten */
     int bits_only;
-    /* set by the AVX-512 bconv_rows for itself: each channel's sign decision as bounds on
-     * the integer d (bit 1 where d < sign_lo[o] or d > sign_hi[o]), or NULL */
-    const int32_t *sign_lo, *sign_hi;
+    /* set by the AVX-512 bconv_rows for itself: each channel's sign decision as a
+     * threshold on the integer d (bit o is (d < sign_t[o]) XOR bit o of sign_flip, packed
+     * as out_bits is), or NULL */
+    const int32_t *sign_t;
+    const uint64_t *sign_flip;
     /* The offsets of a window's taps inside the image (KH * KW each), set by the caller. */
     const int64_t *rel, *woff_all;
 } bconv_args;
