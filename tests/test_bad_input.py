@@ -373,7 +373,7 @@ def test_estimators_check_sizes_in_python_before_allocating():
     with pytest.raises(SigngradError, match=r"for 2,176 binarized weights would need .* GiB"):
         estimators.build("metaquant-lstm", model, hidden=10**7)
     est = estimators.build("metaquant-fc", model, hidden=4)  # sensible sizes still build
-    assert sum(p.numel() for p in est.parameters()) == 4 + 4 + 16 + 4 + 4 + 1
+    assert sum(p.numel() for p in est.parameters()) == 4 + 16 + 4  # bias-free 1-4-4-1
 
 
 def test_model_sizes_are_refused_up_front(tmp_path, run_cli, capsys):

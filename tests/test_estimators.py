@@ -479,3 +479,37 @@ def test_estimator_flag_errors(tmp_path, run_cli, capsys):
     assert "KEY=VALUE" in capsys.readouterr().err
     assert run_cli(*base, "--estimator", "fsg", "--estimator-param", "beta=high") == 2
     assert "not a number" in capsys.readouterr().err
+
+
+def test_metaquant_fc_gives_no_step_where_the_gradient_is_zero():
+    # FC-Grad's MLP reads g: without biases MLP(0) = 0 whatever meta-training made of it.
+    # With biases (bias=true) MLP(0) is a step that does not depend on the gradient.
+    for bias, zero_step in ((False, True), (True, False)):
+        model = small_model()
+        torch.manual_seed(0)
+        est = build("metaquant-fc", model, hidden=8, **({"bias": True} if bias else {}))
+        assert est.settings["bias"] is bias
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for seed in range(3):
+            train_step(model, est, opt, 0.1, seed)
+        for h in est.histories:
+            h.buffer[-1, ::2] = 0.0  # the latest gradient of every other weight
+        ready = list(range(len(est.layers)))
+        w_tildes = [lay.weight.detach().reshape(-1) for lay in est.layers]
+        with torch.no_grad():
+            ghat = est.gradients(ready, w_tildes)
+        assert all(bool(torch.all(g[::2] == 0)) for g in ghat) is zero_step
+        assert all(g[1::2].abs().max() > 0 for g in ghat)
+        est.detach_layers()
+
+
+def test_an_old_metaquant_fc_checkpoint_resumes_with_its_biases():
+    from signgrad import builders, config
+
+    cfg = config.Config(model="convnet", estimator="metaquant-fc").resolved()
+    state = {"estimator": build("metaquant-fc", small_model(), bias=True).state_dict()}
+    del state["estimator"]["settings"]  # saved before settings were recorded
+    old = builders.build_estimator(cfg, small_model(), state)
+    assert (old.settings["bias"], old.settings["start"]) == (True, "random")
+    old.load_state_dict(state["estimator"])  # its meta-net has the biases' shapes
+    assert builders.build_estimator(cfg, small_model()).settings["bias"] is False

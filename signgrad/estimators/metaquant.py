@@ -9,8 +9,9 @@ gradient of the pre-quantized weights W~:
   from step to step (part of the estimator's state)
 
 MLPs have ``depth`` linear layers 1 -> hidden -> ... -> 1 (default three, hidden 100,
-with biases and a ReLU between them; LSTMFC's head reads the LSTM's hidden vector); phi
-is trained by the meta-weight trick of :mod:`signgrad.estimators.base` with Adam (1e-3).
+a ReLU between them, with biases except in FC-Grad, whose MLP reads g itself; LSTMFC's
+head reads the LSTM's hidden vector); phi is trained by the meta-weight trick of
+:mod:`signgrad.estimators.base` with Adam (1e-3).
 
 ``start="identity"`` (default) makes g^ at the first step exactly g: the MLP that
 multiplies g starts at 1 (MultiFC, LSTMFC), and FC-Grad becomes g + MLP(g) with the MLP
@@ -28,6 +29,7 @@ W' = W - lr * g^, value and gradient alike.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -150,10 +152,21 @@ class _MetaQuant(LearnedEstimator):
 
 
 class FCGrad(_MetaQuant):
-    """MetaQuant FC-Grad: g^ = MLP(g) (identity start: g + MLP(g), the MLP at 0)."""
+    """MetaQuant FC-Grad: g^ = MLP(g) (identity start: g + MLP(g), the MLP at 0).
+
+    Its MLP has no biases by default (``bias=False``): MLP(0) is then 0, so a weight
+    without gradient gets no step. With biases, MLP(0) is a learned step that does not
+    depend on the gradient; under the protocol of docs/estimators.md it grew into almost
+    the whole applied gradient (drift 0.86 over the first 10 steps, STE's 0.04) and every
+    seed's training collapsed.
+    """
 
     name = "metaquant-fc"
     identity_output = 0.0  # g^ = g + MLP(g) = g
+    # _MetaQuant's constructor with bias=False as the default (keyword-only through
+    # partialmethod); a checkpoint from before settings were recorded had biases
+    __init__ = functools.partialmethod(_MetaQuant.__init__, bias=False)
+    legacy_settings = {**_MetaQuant.legacy_settings, "bias": True}
 
     def build_nets(self) -> None:
         s = self.settings
@@ -181,6 +194,9 @@ class MultiFC(FCGrad):
 
     name = "metaquant-multifc"
     identity_output = 1.0
+    # g multiplies the MLP, so its biases cannot step a weight without gradient (and the
+    # identity start needs them)
+    __init__ = functools.partialmethod(_MetaQuant.__init__, bias=True)
 
     def gradient(self, i: int, w_tilde: Tensor) -> Tensor:
         g = self.histories[i].latest()
