@@ -79,9 +79,9 @@ static const case_t CASES[] = {
     {1, 4, 4, 2, 16, 1, 1, 0, ACT_HARDTANH, 0, 1, 0, 1},
     {1, 4, 4, 2, 32, 1, 1, 0, ACT_PRELU, 1, 1, 32, 1},
     /* only the signs wanted (bits_only; the float output is not compared): the decision
-     * from bounds on the count on every AVX-512 path (16 and 32 pixels, one and two), and
-     * the float epilogue where bounds cannot be exact (NaN scales, a residual, negative
-     * PReLU slopes) */
+     * from a threshold on the count on every AVX-512 path (16 and 32 pixels, one and
+     * two), and the float epilogue where a threshold cannot be exact (NaN scales, a
+     * residual, negative PReLU slopes) */
     {1, 6, 40, 16, 16, 3, 1, 1, ACT_HARDTANH, 0, 1, 0, 0, 1},
     {1, 5, 37, 32, 32, 3, 2, 1, ACT_RELU, 0, 1, 0, 0, 1},
     {2, 5, 9, 24, 48, 3, 1, 1, ACT_NONE, 0, 1, 0, 0, 1},
