@@ -573,18 +573,25 @@ FN(avx512_block)(const bconv_args *a, const int NV, const int PX, int valid, con
         }
     const __m512i total = _mm512_set1_epi64((int64_t)valid * a->C);
     for (int p = 0; p < PX; p++) {
-        bits[p] = 0;
-        if (a->sign_t) { /* only the signs, from the thresholds on d */
+        uint64_t word = 0;
+        if (a->sign_t) { /* only the signs, from the thresholds on d (ob % 64 == 0) */
+            /* eight 8-channel masks joined in the mask registers (unused ones 0), then
+             * moved into the word at once */
+            __mmask8 below[8] = {0};
             for (int j = 0; j < NV; j++) {
                 const __m512i d = _mm512_sub_epi64(total, _mm512_slli_epi64(acc[p][j], 1));
                 const __m512i t = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)(a->sign_t + ob + 8 * j)));
-                bits[p] |= (uint64_t)_mm512_cmplt_epi64_mask(d, t) << (8 * j);
+                below[j] = _mm512_cmplt_epi64_mask(d, t);
             }
-            bits[p] ^= (a->sign_flip[ob / 64] >> (ob % 64)) & (NV == 8 ? ~0ull : (1ull << (8 * NV)) - 1);
-        }
-        else
+            const __mmask32 lo = _mm512_kunpackw(_mm512_kunpackb(below[3], below[2]), _mm512_kunpackb(below[1], below[0]));
+            const __mmask32 hi = _mm512_kunpackw(_mm512_kunpackb(below[7], below[6]), _mm512_kunpackb(below[5], below[4]));
+            word = _cvtmask64_u64(_mm512_kunpackd(hi, lo));
+            word ^= a->sign_flip[ob / 64] & (~0ull >> (64 - 8 * NV));
+        } else {
             for (int j = 0; j < NV; j++)
-                bits[p] |= FN(avx512_finish8)(a, acc[p][j], total, ob + 8 * j, y[p], rp[p]) << (8 * j);
+                word |= FN(avx512_finish8)(a, acc[p][j], total, ob + 8 * j, y[p], rp[p]) << (8 * j);
+        }
+        bits[p] = word;
     }
 }
 
