@@ -68,7 +68,7 @@ def test_every_kernel_variant_of_this_cpu_gives_the_same_bytes(host) -> None:
     assert "generic" in host["variants"][0]
 
 
-@pytest.mark.slow  # an instrumented -O3 build: about 20 s
+@pytest.mark.slow  # an instrumented -O3 build: about 16-20 s
 def test_the_kernels_under_address_and_undefined_behaviour_sanitizers(host, tmp_path) -> None:
     # Out-of-bounds accesses and undefined behaviour abort the run with a report; and a
     # build whose optimiser read the code otherwise would give other bytes (it has: GCC 12
