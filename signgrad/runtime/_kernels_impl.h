@@ -928,9 +928,8 @@ static void FN(bconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t 
     if (a->O % 8 == 0) {
         /* The 16-bit lanes' weights (w16 of avx512_lanes), for up to 2048 (tap, channel)
          * pairs (8 KiB of stack), and the sign thresholds: made by each thread at each
-         * call (the glue keeps no state between calls). Timed alone they take 20 ns (w16
-         * of 16 channels) and 40-230 ns (thresholds of 16-64 channels): about 1 us a
-         * ResNet-20 pass, whose forward alone takes 67 us at batch 1. */
+         * call (the glue keeps no state between calls): at most about ten thousand
+         * instructions a layer, against the convolution's millions of binary MACs. */
         uint32_t w16[2048];
         const int64_t pairs = (int64_t)a->KH * a->KW * a->O;
         const int narrow = a->C <= 16 && a->O % 16 == 0 && a->sw == 1 && a->KW <= LANES_MAX_KW &&
