@@ -97,6 +97,10 @@ static const case_t CASES[] = {
     /* signs only with d in {-2, 0, 2}: channels negative for every d or for none */
     {1, 4, 4, 2, 16, 1, 1, 0, ACT_HARDTANH, 0, 1, 0, 0, 1},
     {1, 4, 4, 2, 16, 1, 1, 0, ACT_RELU, 0, 1, 0, 0, 1},
+    /* signs only with C odd: the totals' parity differs between pixels, so the pixel-lane
+     * paths compare d itself (16 and 32 pixels) */
+    {1, 5, 36, 15, 16, 3, 1, 1, ACT_HARDTANH, 0, 1, 0, 0, 1},
+    {1, 5, 19, 25, 32, 3, 2, 1, ACT_RELU, 0, 1, 0, 0, 1},
 };
 
 #define GUARD 256 /* bytes */

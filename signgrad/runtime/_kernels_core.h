@@ -46,6 +46,8 @@ typedef struct {
      * as out_bits is), or NULL */
     const int32_t *sign_t;
     const uint64_t *sign_flip;
+    /* and, where C is even, floor(-sign_t[o] / 2) (see bconv_rows), or NULL */
+    const int32_t *sign_k;
     /* The offsets of a window's taps inside the image (KH * KW each), set by the caller. */
     const int64_t *rel, *woff_all;
 } bconv_args;

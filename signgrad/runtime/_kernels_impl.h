@@ -715,38 +715,6 @@ FN(lane_taps)(const bconv_args *a, int S, int ox, int m, FN(lane_tap) *lt)
     }
 }
 
-/* What a padded tap column kx added to the counts of channels ob .. ob + 15: its taps
- * read 0 words, so popcount(w) each, over the tap rows [ky0, ky1); into c[16]. */
-static inline __attribute__((always_inline)) void
-FN(padding_counts)(const bconv_args *a, int ky0, int ky1, int kx, int ob, int32_t *c)
-{
-    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-    for (int ky = ky0; ky < ky1; ky++) {
-        const uint64_t *wr = a->w + (int64_t)(ky * a->KW + kx) * a->O + ob;
-        s0 = _mm512_add_epi64(s0, _mm512_popcnt_epi64(_mm512_loadu_si512((const void *)wr)));
-        s1 = _mm512_add_epi64(s1, _mm512_popcnt_epi64(_mm512_loadu_si512((const void *)(wr + 8))));
-    }
-    _mm256_storeu_si256((__m256i *)c, _mm512_cvtepi64_epi32(s0));
-    _mm256_storeu_si256((__m256i *)(c + 8), _mm512_cvtepi64_epi32(s1));
-}
-
-/* counts[p] -= the padding's counts, for the pixels p of each padded tap column. */
-static inline __attribute__((always_inline)) void
-FN(unpad_counts)(const bconv_args *a, const FN(lane_tap) *lt, int ky0, int ky1, int ob,
-                 int32_t (*counts)[16])
-{
-    for (int kx = 0; kx < a->KW; kx++)
-        if (lt[kx].padded) {
-            int32_t c[16] __attribute__((aligned(64)));
-            FN(padding_counts)(a, ky0, ky1, kx, ob, c);
-            const __m512i cv = _mm512_load_si512((const void *)c);
-            for (uint32_t b = lt[kx].padded; b; b &= b - 1) {
-                int32_t *row = counts[__builtin_ctz(b)];
-                _mm512_store_si512((void *)row, _mm512_sub_epi32(_mm512_load_si512((const void *)row), cv));
-            }
-        }
-}
-
 /* Lane-width generic operations of the pixel-lane paths: NARROW (a constant after
  * inlining) picks 16-bit lanes (32 pixels a register) over 32-bit ones (16 pixels). */
 static inline __attribute__((always_inline)) __m512i FN(lanes_set1)(const int NARROW, int v)
@@ -761,6 +729,15 @@ FN(lanes_mask_sub)(const int NARROW, __m512i v, uint32_t lanes, int c)
                   : _mm512_mask_sub_epi32(v, (__mmask16)lanes, v, _mm512_set1_epi32(c));
 }
 
+/* acc + popcount(x XOR the broadcast weight word w) in the lanes of keep, acc elsewhere. */
+static inline __attribute__((always_inline)) __m512i
+FN(lanes_add_popcount)(const int NARROW, __m512i acc, uint32_t keep, __m512i x, uint32_t w)
+{
+    const __m512i v = _mm512_xor_si512(x, _mm512_set1_epi32((int)w));
+    return NARROW ? _mm512_mask_add_epi16(acc, (__mmask32)keep, acc, _mm512_popcnt_epi16(v))
+                  : _mm512_mask_add_epi32(acc, (__mmask16)keep, acc, _mm512_popcnt_epi32(v));
+}
+
 /* The lanes whose d = total - 2 count is below t. */
 static inline __attribute__((always_inline)) uint32_t
 FN(lanes_below)(const int NARROW, __m512i total, __m512i count, int t)
@@ -769,6 +746,14 @@ FN(lanes_below)(const int NARROW, __m512i total, __m512i count, int t)
         return _mm512_cmplt_epi16_mask(_mm512_sub_epi16(total, _mm512_slli_epi16(count, 1)),
                                        _mm512_set1_epi16((short)t));
     return _mm512_cmplt_epi32_mask(_mm512_sub_epi32(total, _mm512_slli_epi32(count, 1)), _mm512_set1_epi32(t));
+}
+
+/* The lanes of v above k. */
+static inline __attribute__((always_inline)) uint32_t
+FN(lanes_above)(const int NARROW, __m512i v, int k)
+{
+    return NARROW ? _mm512_cmpgt_epi16_mask(v, _mm512_set1_epi16((short)k))
+                  : _mm512_cmpgt_epi32_mask(v, _mm512_set1_epi32(k));
 }
 
 /* The low 16 (NARROW) or 32 bits of every S-th of the words from xp, one a lane, the
@@ -806,9 +791,10 @@ FN(lanes_gather)(const int NARROW, const int S, const uint64_t *xp, uint32_t wm)
  * every pixel against one broadcast weight word, where the per-pixel path's VPOPCNTQ
  * counts 8 channels x 64 bits of which only C are used. w16 holds each weight word twice
  * in 32 bits (w16[t * O + o]), so that the XOR broadcasts it from memory. A tap in the
- * padding reads a 0 word; its popcount(w) is taken back from its pixels' counts, as its
- * C from their totals. Then either the signs come from the thresholds on d, or the counts
- * are transposed to a pixel's 16 channels for the float epilogue. */
+ * padding adds nothing to its pixels' counts (a masked add, as cheap as the plain one),
+ * and its C is taken from their totals. Then either the signs come from the thresholds
+ * (the counts start at -total / 2: see sign_k), or the counts are transposed to a pixel's
+ * 16 channels for the float epilogue. */
 static inline __attribute__((always_inline)) void
 FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, int ky0, int ky1,
                  int ox, int m, const uint32_t *w16)
@@ -820,35 +806,32 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, 
     __m512i total = FN(lanes_set1)(NARROW, (ky1 - ky0) * KW * a->C);
     for (int kx = 0; kx < KW; kx++)
         total = FN(lanes_mask_sub)(NARROW, total, lt[kx].padded, (ky1 - ky0) * a->C);
+    /* with thresholds, the counts start at -total / 2 (total is even: sign_k) */
+    const __m512i start = !a->sign_k ? _mm512_setzero_si512()
+                          : NARROW   ? _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_srai_epi16(total, 1))
+                                     : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_srai_epi32(total, 1));
     for (int ob = 0; ob < O; ob += 16) {
         __m512i acc[16];
-        for (int j = 0; j < 16; j++) acc[j] = _mm512_setzero_si512();
+        for (int j = 0; j < 16; j++) acc[j] = start;
         for (int ky = ky0; ky < ky1; ky++) {
             const uint64_t *row = a->x + ((int64_t)n * a->H + iy0 + ky) * a->W;
             for (int kx = 0; kx < KW; kx++) {
                 const __m512i x = FN(lanes_gather)(NARROW, S, row + ox * S - a->pw + kx, lt[kx].words);
+                const uint32_t keep = ~lt[kx].padded;
                 const int64_t t = (int64_t)(ky * KW + kx) * O + ob;
-                for (int j = 0; j < 16; j++) {
-                    if (NARROW)
-                        acc[j] = _mm512_add_epi16(acc[j], _mm512_popcnt_epi16(_mm512_xor_si512(
-                                     x, _mm512_set1_epi32((int)w16[t + j]))));
-                    else
-                        acc[j] = _mm512_add_epi32(acc[j], _mm512_popcnt_epi32(_mm512_xor_si512(
-                                     x, _mm512_set1_epi32((int)(uint32_t)a->w[t + j]))));
-                }
+                for (int j = 0; j < 16; j++)
+                    acc[j] = FN(lanes_add_popcount)(NARROW, acc[j], keep, x,
+                                                    NARROW ? w16[t + j] : (uint32_t)a->w[t + j]);
             }
         }
-        if (a->sign_t) { /* only the signs, from the thresholds on d: no transpose */
-            for (int kx = 0; kx < KW; kx++)
-                if (lt[kx].padded) {
-                    int32_t c[16];
-                    FN(padding_counts)(a, ky0, ky1, kx, ob, c);
-                    for (int j = 0; j < 16; j++) acc[j] = FN(lanes_mask_sub)(NARROW, acc[j], lt[kx].padded, c[j]);
-                }
-            /* lane p: the bits of pixel ox + p; adds 1 << j (bit j, set once) where below */
+        if (a->sign_t) { /* only the signs, from the thresholds: no transpose */
+            /* lane p: the bits of pixel ox + p; adds 1 << j (bit j, set once) where d < t */
             __m512i res = _mm512_setzero_si512();
-            for (int j = 0; j < 16; j++)
-                res = FN(lanes_mask_sub)(NARROW, res, FN(lanes_below)(NARROW, total, acc[j], a->sign_t[ob + j]), -(1 << j));
+            for (int j = 0; j < 16; j++) {
+                const uint32_t below = a->sign_k ? FN(lanes_above)(NARROW, acc[j], a->sign_k[ob + j])
+                                                 : FN(lanes_below)(NARROW, total, acc[j], a->sign_t[ob + j]);
+                res = FN(lanes_mask_sub)(NARROW, res, below, -(1 << j));
+            }
             const int flip = (int)(uint16_t)(a->sign_flip[ob / 64] >> (ob % 64));
             res = _mm512_xor_si512(res, FN(lanes_set1)(NARROW, flip));
             FN(lanes_store_bits)(a, NARROW, r, ox, m, ob, res);
@@ -873,7 +856,6 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, 
             for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[j], acc[j]);
             _mm512_store_si512((void *)totals, total);
         }
-        FN(unpad_counts)(a, lt, ky0, ky1, ob, counts);
         FN(avx512_lanes_finish)(a, r, ox, m, ob, totals, counts);
     }
 }
@@ -935,11 +917,19 @@ static void FN(bconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t 
         const int narrow = a->C <= 16 && a->O % 16 == 0 && a->sw == 1 && a->KW <= LANES_MAX_KW &&
                            pairs <= 2048;
         for (int64_t i = 0; narrow && i < pairs; i++) w16[i] = (uint32_t)(uint16_t)a->w[i] * 0x10001u;
-        int32_t t[SIGN_MAX_O];
+        int32_t t[SIGN_MAX_O], k[SIGN_MAX_O];
         uint64_t flip[SIGN_MAX_O / 64];
         bconv_args b = *a;
-        if (FN(sign_thresholds)(a, t, flip)) b.sign_t = t, b.sign_flip = flip;
-        else b.sign_t = NULL, b.sign_flip = NULL;
+        b.sign_t = NULL, b.sign_flip = NULL, b.sign_k = NULL;
+        if (FN(sign_thresholds)(a, t, flip)) {
+            b.sign_t = t, b.sign_flip = flip;
+            /* With C even every total is even, and the pixel-lane paths count from -total / 2:
+             * d < t, that is 2 count > total - t, becomes count - total / 2 > floor(-t / 2). */
+            if (a->C % 2 == 0) {
+                for (int o = 0; o < a->O; o++) k[o] = t[o] >= 0 ? -((t[o] + 1) / 2) : -t[o] / 2;
+                b.sign_k = k;
+            }
+        }
         for (int64_t r = r0; r < r1; r++) FN(bconv_row_avx512)(&b, r, xoff, woff, narrow ? w16 : NULL);
         return;
     }
