@@ -291,6 +291,22 @@ def test_wrong_input_shape_is_refused():
         pm.run(np.zeros((2, 3, 8, 8), np.float32))
 
 
+@pytest.mark.skipif(K.COMPILED is None, reason="the compiled kernels are not built")
+@pytest.mark.parametrize("n", [1, 3])
+def test_every_arena_place_starts_a_cache_line(n):
+    # a pixel's 16 float channels then fill one 64-byte line: the kernels' whole-register
+    # loads and stores of them do not straddle two
+    pm = runtime.build(*fmt.read_bytes(packed_bytes(small_binary_model())), backend="compiled")
+    net = pm.network
+    _, arena, _ = net._for_batch(n)
+    assert arena.ctypes.data % 64 == 0 and arena.size == n * net.arena_per_image
+    assert net.place and all(p % network.ALIGN == 0 for p in net.place.values())
+    x = np.random.default_rng(0).standard_normal((n, 1, 8, 8)).astype(np.float32)
+    reference = runtime.build(*fmt.read_bytes(packed_bytes(small_binary_model())), backend="numpy")
+    # (the last layer's float sums round differently in numpy's BLAS: an ulp or so)
+    np.testing.assert_allclose(pm.run(x), reference.run(x), rtol=0, atol=1e-6)
+
+
 def test_layers_the_runtime_cannot_run_are_refused_at_export():
     m = nn.Sequential(layers.BinaryConv2d(1, 4, 3, input_quantizer="bnn"), nn.Sigmoid())
     with pytest.raises(SigngradError, match=r"layer '1' \(Sigmoid\) cannot be exported"):
