@@ -9,10 +9,17 @@
  * Each case runs the binary convolution and, on the same shapes, the float one (fused
  * multiply-adds in a fixed order: every machine must round them alike).
  *
+ * The binary convolution also runs on copies of its input that touch an inaccessible page
+ * at their start and at their end: a read outside the input faults (masked vector loads
+ * must leave the words outside the image alone), and the outputs must not change.
+ *
  * Build: cc -O3 -std=c11 -I signgrad/runtime tests/kernels_harness.c -o harness -lm
  */
+#define _DEFAULT_SOURCE /* mmap's MAP_ANONYMOUS */
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "_kernels_core.h"
 
@@ -101,6 +108,9 @@ static const case_t CASES[] = {
      * paths compare d itself (16 and 32 pixels) */
     {1, 5, 36, 15, 16, 3, 1, 1, ACT_HARDTANH, 0, 1, 0, 0, 1},
     {1, 5, 19, 25, 32, 3, 2, 1, ACT_RELU, 0, 1, 0, 0, 1},
+    /* 11 x 11 windows at 16-bit lanes: a row's window of 42 words, past 40 */
+    {1, 12, 40, 8, 16, 11, 1, 5, ACT_RELU, 1, 1, 0},
+    {1, 13, 37, 14, 16, 11, 1, 5, ACT_HARDTANH, 0, 1, 0, 0, 1},
 };
 
 #define GUARD 256 /* bytes */
@@ -110,6 +120,23 @@ static void *guarded(size_t n)
 {
     unsigned char *p = malloc(n + GUARD);
     memset(p + n, 0xA5, GUARD);
+    return p;
+}
+
+/* A copy of n bytes from src whose first byte follows an inaccessible page (at_end 0) or
+ * whose last byte precedes one (at_end 1); *map and *len give the mapping to unmap. */
+static void *fenced_copy(const void *src, size_t n, int at_end, void **map, size_t *len)
+{
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE), inner = (n + page - 1) / page * page;
+    *len = inner + 2 * page;
+    unsigned char *b = mmap(NULL, *len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (b == MAP_FAILED || mprotect(b, page, PROT_NONE) || mprotect(b + page + inner, page, PROT_NONE)) {
+        perror("fenced_copy");
+        exit(1);
+    }
+    *map = b;
+    unsigned char *p = at_end ? b + page + inner - n : b + page;
+    memcpy(p, src, n);
     return p;
 }
 
@@ -165,6 +192,21 @@ static void run_case(int k, const case_t *c, const kernel_impl *v)
     a.slope = c->slope_n ? slope : NULL, a.slope_n = c->slope_n;
     a.out = out, a.out_bits = bits, a.bits_only = c->bits_only;
     v->bconv_rows(&a, 0, (int64_t)a.N * a.Ho, scratch);
+    for (int at_end = 0; at_end < 2; at_end++) {
+        const size_t xb = sizeof(uint64_t) * (size_t)(nx * a.Cw);
+        const size_t ob = sizeof(float) * (size_t)(pix * a.O), bb = sizeof(uint64_t) * (size_t)(pix * Ow);
+        void *map;
+        size_t len;
+        bconv_args e = a;
+        e.x = fenced_copy(x, xb, at_end, &map, &len);
+        e.out = malloc(ob), e.out_bits = bits ? malloc(bb) : NULL;
+        v->bconv_rows(&e, 0, (int64_t)a.N * a.Ho, scratch);
+        if ((!c->bits_only && memcmp(e.out, out, ob)) || (bits && memcmp(e.out_bits, bits, bb))) {
+            fprintf(stderr, "case %d, %s: another output from a fenced copy of the input\n", k, v->name);
+            exit(1);
+        }
+        munmap(map, len), free(e.out), free(e.out_bits);
+    }
     /* The float convolution on the same shapes: float weights, the float input (its
      * sign on odd cases), into a second output. */
     float *wf = malloc(sizeof(float) * (size_t)(taps * a.C * a.O));

@@ -782,6 +782,29 @@ FN(lanes_gather)(const int NARROW, const int S, const uint64_t *xp, uint32_t wm)
     return _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
 }
 
+/* The 16-bit lanes of stride 1 for every tap column of a row at once: the low 16 bits of
+ * words xp[0 .. 47] (those outside wm read as 0), words 0-31 in lo and 32-47 in the low
+ * half of hi; tap column kx's lanes are then words kx .. kx + 31 (lanes_window_tap). */
+static inline __attribute__((always_inline)) void
+FN(lanes_window16)(const uint64_t *xp, uint64_t wm, __m512i *lo, __m512i *hi)
+{
+    const __m512i idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 60, 56, 52,
+                                         48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
+    __m512i w[6];
+    for (int i = 0; i < 6; i++) w[i] = _mm512_maskz_loadu_epi64((__mmask8)(wm >> (8 * i)), xp + 8 * i);
+    *lo = _mm512_inserti64x4(_mm512_permutex2var_epi16(w[0], idx, w[1]),
+                             _mm512_castsi512_si256(_mm512_permutex2var_epi16(w[2], idx, w[3])), 1);
+    *hi = _mm512_permutex2var_epi16(w[4], idx, w[5]);
+}
+
+static inline __attribute__((always_inline)) __m512i
+FN(lanes_window_tap)(__m512i lo, __m512i hi, int kx)
+{
+    const __m512i iota = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17,
+                                          16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    return kx ? _mm512_permutex2var_epi16(lo, _mm512_add_epi16(iota, _mm512_set1_epi16((short)kx)), hi) : lo;
+}
+
 /* Output pixels [ox, ox + m) of row r of a convolution with O % 16 == 0 and KW <=
  * LANES_MAX_KW, taps along y from ky0 to ky1, with the pixels side by side in one
  * register: for C <= 16 and stride 1 (NARROW, with w16) 32 pixels in 16-bit lanes
@@ -810,13 +833,25 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, 
     const __m512i start = !a->sign_k ? _mm512_setzero_si512()
                           : NARROW   ? _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_srai_epi16(total, 1))
                                      : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_srai_epi32(total, 1));
+    /* 16-bit lanes of stride 1 load a row's window once (m - 1 + KW <= 47 words) for all
+     * its tap columns: wm, the window's words inside the image */
+    const int window = NARROW && S == 1;
+    uint64_t wm = 0;
+    if (window) {
+        const int first = ox - a->pw, i0 = first < 0 ? -first : 0;
+        const int i1 = a->W - first < m - 1 + KW ? a->W - first : m - 1 + KW;
+        if (i1 > i0) wm = ((1ull << i1) - 1) & ~((1ull << i0) - 1);
+    }
     for (int ob = 0; ob < O; ob += 16) {
         __m512i acc[16];
         for (int j = 0; j < 16; j++) acc[j] = start;
         for (int ky = ky0; ky < ky1; ky++) {
             const uint64_t *row = a->x + ((int64_t)n * a->H + iy0 + ky) * a->W;
+            __m512i lo = _mm512_setzero_si512(), hi = lo;
+            if (window) FN(lanes_window16)(row + ox - a->pw, wm, &lo, &hi);
             for (int kx = 0; kx < KW; kx++) {
-                const __m512i x = FN(lanes_gather)(NARROW, S, row + ox * S - a->pw + kx, lt[kx].words);
+                const __m512i x = window ? FN(lanes_window_tap)(lo, hi, kx)
+                                         : FN(lanes_gather)(NARROW, S, row + ox * S - a->pw + kx, lt[kx].words);
                 const uint32_t keep = ~lt[kx].padded;
                 const int64_t t = (int64_t)(ky * KW + kx) * O + ob;
                 for (int j = 0; j < 16; j++)
