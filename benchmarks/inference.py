@@ -21,7 +21,9 @@ The roofline: ``popcount_peak`` runs XOR, popcount and add on 8192 bits held in
 registers with the instruction set the kernels use (no memory traffic): the most binary
 multiply-accumulates per second one core can do. A binary convolution's share is its
 useful multiply-accumulates (N x Ho x Wo x O x KH x KW x C) per second, from the
-runtime's per-operation clock, over that peak times the threads it ran on.
+runtime's per-operation clock, over that peak times the threads it ran on. The clock's
+times are means over a block of rounds; the share is that of the median block (of
+``--repeats``), with the range over the blocks.
 
     python benchmarks/inference.py                       # 1 and 2 threads, all
     python benchmarks/inference.py --threads 1 --no-compile --repeats 1
@@ -183,22 +185,28 @@ def roofline(args: argparse.Namespace, peak: float) -> list[str]:
             for batch in args.batches:
                 x = np.random.default_rng(0).standard_normal((batch, *SHAPE), np.float32)
                 reps = args.rounds if batch == 1 else max(5, args.rounds // 4)
-                t = np.zeros(len(net.rows))
                 for _ in range(args.warmup):
                     net.run(x)
-                for _ in range(reps):
-                    net.run(x, t)
-                t /= reps
+                # each operation's mean time per block of rounds, then the median block:
+                # a burst of noise from outside moves one block, not the result
+                blocks = np.zeros((args.repeats, len(net.rows)))
+                for b in range(args.repeats):
+                    for _ in range(reps):
+                        net.run(x, blocks[b])
+                blocks /= reps
+                t = np.median(blocks, axis=0)
                 used = net.threads_for(batch)
                 binary = [i for i, r in enumerate(net.rows) if r[0] == network.BCONV]
                 macs = sum(batch * bconv_macs(net.rows[i]) for i in binary)
                 secs = sum(t[i] for i in binary)
+                shares = sorted(100 * macs / blocks[:, binary].sum(1) / (peak * used))
                 top = sorted(range(len(t)), key=lambda i: -t[i])[:3]
                 slow = ", ".join(f"{net.names[i]} {100 * t[i] / t.sum():.0f}%" for i in top)
                 lines.append(
                     f"| {arch} | {threads} ({used} used) | {batch} | {1000 * t.sum():.3f} | "
                     f"{1000 * secs:.3f} | {macs / secs / 1e9:.0f} G | "
-                    f"{100 * macs / secs / (peak * used):.0f}% | {slow} |"
+                    f"{100 * macs / secs / (peak * used):.0f}% ({shares[0]:.0f}-{shares[-1]:.0f}%) "
+                    f"| {slow} |"
                 )
                 print(lines[-1], flush=True)
                 if args.layers:

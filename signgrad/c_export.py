@@ -119,7 +119,9 @@ def generate(graph: dict[str, Any], tensors: dict[str, np.ndarray], name: str) -
             f"C export name {name!r}: {sorted(taken)[0]} is already a name in the kernels' "
             "source; choose another name"
         )
-    net = plan(graph, tensors, threads=1)
+    # packed tight: a C array's alignment is the compiler's, so padding would only cost
+    # flash and RAM
+    net = plan(graph, tensors, threads=1, align=False)
     ops = net.table(1)
     c, h, w = (int(d) for d in graph["input"]["shape"])
     classes = [str(k) for k in graph["classes"]]

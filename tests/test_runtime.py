@@ -293,14 +293,19 @@ def test_wrong_input_shape_is_refused():
 
 @pytest.mark.skipif(K.COMPILED is None, reason="the compiled kernels are not built")
 @pytest.mark.parametrize("n", [1, 3])
-def test_every_arena_place_starts_a_cache_line(n):
-    # a pixel's 16 float channels then fill one 64-byte line: the kernels' whole-register
-    # loads and stores of them do not straddle two
+def test_every_place_starts_a_cache_line(n):
+    # a pixel's 16 float channels, or 8 weight words, then fill one 64-byte line: the
+    # kernels' whole-register loads and stores of them do not straddle two
     pm = runtime.build(*fmt.read_bytes(packed_bytes(small_binary_model())), backend="compiled")
     net = pm.network
-    _, arena, _ = net._for_batch(n)
-    assert arena.ctypes.data % 64 == 0 and arena.size == n * net.arena_per_image
+    ops, arena, bits = net._for_batch(n)
+    assert arena.size == n * net.arena_per_image and bits.size == n * net.bits_per_image
+    assert all(a.ctypes.data % 64 == 0 for a in (arena, bits, net.fp, net.wp))
     assert net.place and all(p % network.ALIGN == 0 for p in net.place.values())
+    col = {k: network.FIELDS.index(k) for k in ("op", "wt", "scale", "shift")}
+    bconv = [r for r in ops if r[col["op"]] == network.BCONV]
+    assert bconv and all(r[col["wt"]] % 8 == 0 for r in bconv)
+    assert all(r[col[k]] % network.ALIGN == 0 for r in bconv for k in ("scale", "shift"))
     x = np.random.default_rng(0).standard_normal((n, 1, 8, 8)).astype(np.float32)
     reference = runtime.build(*fmt.read_bytes(packed_bytes(small_binary_model())), backend="numpy")
     # (the last layer's float sums round differently in numpy's BLAS: an ulp or so)

@@ -212,16 +212,23 @@ def build(
     return _planned(graph, tensors, backend, threads)
 
 
-def plan(graph: dict[str, Any], tensors: dict[str, np.ndarray], threads: int = 1) -> Network:
+def plan(
+    graph: dict[str, Any], tensors: dict[str, np.ndarray], threads: int = 1, align: bool = True
+) -> Network:
     """The compiled backend's plan of a graph, after checking it as a whole: what the C
-    export writes out (it needs no compiled kernels here)."""
-    network = _planned(graph, tensors, "compiled", threads).network
+    export writes out (it needs no compiled kernels here). ``align``: see
+    :class:`~signgrad.runtime.network.Network`."""
+    network = _planned(graph, tensors, "compiled", threads, align).network
     assert network is not None
     return network
 
 
 def _planned(
-    graph: dict[str, Any], tensors: dict[str, np.ndarray], backend: str, threads: int
+    graph: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    backend: str,
+    threads: int,
+    align: bool = True,
 ) -> PackedModel:
     """The graph checked as a whole, then planned for ``backend``: the compiled one's
     network, or the numpy one's steps."""
@@ -230,7 +237,9 @@ def _planned(
     try:
         planner = _Planner(model, tensors)
         if backend == "compiled":
-            model.network = Network(graph, checked.shapes, planner.weight, planner.tensor, threads)
+            model.network = Network(
+                graph, checked.shapes, planner.weight, planner.tensor, threads, align
+            )
         else:
             planner.plan()
     except (KeyError, TypeError, ValueError, IndexError) as e:

@@ -36,9 +36,10 @@ SIGN_INPUT, BITS_ONLY = 1, 2  # flags of CONV and BCONV rows
 #: the fields that are places in the arena or the bits pool: per image, times the batch
 _SCALED = [_COL[k] for k in ("x", "y", "res", "bits")]
 _ACTS = {"relu": 1, "hardtanh": 2, "prelu": 3}
-#: arena places are multiples of this many floats (64 bytes), in an arena that starts on
-#: a 64-byte boundary: a pixel's 16 channels are then one cache line, which the AVX-512
-#: kernels load and store whole instead of across two lines
+#: arena places and the parameters' places in their pools are multiples of this many
+#: floats (64 bytes), and the arena, the pools and the bits start on a 64-byte boundary: a
+#: pixel's 16 channels, or 8 weight words, are then one cache line, which the AVX-512
+#: kernels load whole instead of across two lines (a pool's padding is zeros)
 ALIGN = 16
 _POOLS = {"maxpool2d": MAXPOOL, "avgpool2d": AVGPOOL}
 #: below this many multiply-accumulates (binary ones count 1/32) a call runs on one
@@ -76,11 +77,14 @@ class Network:
         weight: Any,
         tensor: Any,
         threads: int,
+        align: bool = True,
     ) -> None:
         """``shapes``: each value's shape (from :func:`signgrad.runtime.validate.check`);
         ``weight(node)``: a layer's weights as float32 (binary ones +-1); ``tensor(name)``:
-        a float32 tensor or None for None."""
+        a float32 tensor or None for None; ``align``: places in multiples of
+        :data:`ALIGN` floats (else packed tight)."""
         self.graph = graph
+        self.align = ALIGN if align else 1
         self.shapes = shapes
         self.threads = threads
         self._weight, self._tensor = weight, tensor
@@ -99,19 +103,26 @@ class Network:
         self.work_per_image = 0.0
         self._plan()
         self._allocate()
-        self.fp = np.concatenate(self._fp) if self._fp else np.zeros(1, np.float32)
-        self.wp = np.concatenate(self._wp) if self._wp else np.zeros(1, np.uint64)
+        self.fp = _aligned_copy(np.concatenate(self._fp) if self._fp else np.zeros(1, np.float32))
+        self.wp = _aligned_copy(np.concatenate(self._wp) if self._wp else np.zeros(1, np.uint64))
         self._cache: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     # -- pools ----------------------------------------------------------------------
     def _param(self, a: np.ndarray) -> int:
         a = np.ascontiguousarray(a, dtype=np.float32).ravel()
+        if self._fp_n % self.align:
+            self._fp.append(np.zeros(self.align - self._fp_n % self.align, np.float32))
+            self._fp_n += self._fp[-1].size
         self._fp.append(a)
         self._fp_n += a.size
         return self._fp_n - a.size
 
     def _words(self, a: np.ndarray) -> int:
         a = np.ascontiguousarray(a, dtype=np.uint64).ravel()
+        words = max(1, self.align // 2)  # 64-bit words
+        if self._wp_n % words:
+            self._wp.append(np.zeros(words - self._wp_n % words, np.uint64))
+            self._wp_n += self._wp[-1].size
         self._wp.append(a)
         self._wp_n += a.size
         return self._wp_n - a.size
@@ -141,7 +152,7 @@ class Network:
             live = [v for v in live if last.get(v[2], -1) >= i]
             if not arena_y[i]:
                 continue
-            size = -(-math.prod(self.shapes[self._names[r[_COL["y"]]]]) // ALIGN) * ALIGN
+            size = -(-math.prod(self.shapes[self._names[r[_COL["y"]]]]) // self.align) * self.align
             offset = 0
             for start, length, _ in live:  # the first gap that holds it
                 if start - offset >= size:
@@ -350,8 +361,8 @@ class Network:
             ops = self.table(n)
             # New arrays only when the batch size changes: fresh large arrays cost page
             # faults that can take longer than the whole forward pass.
-            arena = _aligned(n * self.arena_per_image)
-            bits = np.empty(max(1, n * self.bits_per_image), np.uint64)
+            arena = _aligned(n * self.arena_per_image, np.float32)
+            bits = _aligned(max(1, n * self.bits_per_image), np.uint64)
             self._cache = (n, ops, arena, bits)
         return self._cache[1:]
 
@@ -371,8 +382,15 @@ class Network:
         return arena[start : start + n * size].reshape(n, size).copy()
 
 
-def _aligned(size: int) -> np.ndarray:
-    """An uninitialized float32 array of ``size`` that starts on a 64-byte boundary."""
-    raw = np.empty(size + ALIGN, np.float32)
-    skip = (-raw.ctypes.data % (4 * ALIGN)) // 4
+def _aligned(size: int, dtype: type) -> np.ndarray:
+    """An uninitialized array of ``size`` items that starts on a 64-byte boundary."""
+    item = np.dtype(dtype).itemsize
+    raw = np.empty(size + 64 // item, dtype)
+    skip = (-raw.ctypes.data % 64) // item
     return raw[skip : skip + size]
+
+
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    out = _aligned(a.size, a.dtype.type)
+    out[:] = a
+    return out
