@@ -686,9 +686,10 @@ FN(avx512_lanes_finish)(const bconv_args *a, int64_t r, int ox, int m, int ob, c
 
 #define LANES_MAX_KW 16 /* the widest window the pixel-lane paths take */
 
-/* Of a block of m pixels from ox, stride S along x, for each tap column kx: the words to
- * load from the block's first window word (bit i: word i; those a pixel needs and inside
- * the image's row, the rest read as 0) and the pixels whose tap lies in the padding. */
+/* Of a block of m pixels from ox, stride S along x, for each tap column kx: the words
+ * lanes_gather32 loads from the block's first window word (bit i: word i; those a pixel
+ * needs and inside the image's row, the rest read as 0) and the pixels whose tap lies in
+ * the padding. */
 typedef struct {
     uint32_t words, padded;
 } FN(lane_tap);
@@ -756,29 +757,22 @@ FN(lanes_above)(const int NARROW, __m512i v, int k)
                   : _mm512_cmpgt_epi32_mask(v, _mm512_set1_epi32(k));
 }
 
-/* The low 16 (NARROW) or 32 bits of every S-th of the words from xp, one a lane, the
+/* The 32-bit lanes: the low 32 bits of every S-th of the words from xp, one a lane, the
  * words outside wm read as 0 (masked: no other word is touched). */
 static inline __attribute__((always_inline)) __m512i
-FN(lanes_gather)(const int NARROW, const int S, const uint64_t *xp, uint32_t wm)
+FN(lanes_gather32)(const int S, const uint64_t *xp, uint32_t wm)
 {
     const __m512i w0 = _mm512_maskz_loadu_epi64((__mmask8)wm, xp);
     const __m512i w1 = _mm512_maskz_loadu_epi64((__mmask8)(wm >> 8), xp + 8);
-    if (!NARROW && S == 1) /* dwords 0, 2, .., 30 of two registers */
+    if (S == 1) /* dwords 0, 2, .., 30 of two registers */
         return _mm512_permutex2var_epi32(
             w0, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), w1);
     const __m512i w2 = _mm512_maskz_loadu_epi64((__mmask8)(wm >> 16), xp + 16);
     const __m512i w3 = _mm512_maskz_loadu_epi64((__mmask8)(wm >> 24), xp + 24);
-    __m512i lo, hi;
-    if (NARROW) { /* words 0, 4, .., 60 of two registers, into each half */
-        const __m512i idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 60, 56,
-                                             52, 48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
-        lo = _mm512_permutex2var_epi16(w0, idx, w1);
-        hi = _mm512_permutex2var_epi16(w2, idx, w3);
-    } else { /* dwords 0, 4, .., 28 of two registers, into each half */
-        const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
-        lo = _mm512_permutex2var_epi32(w0, idx, w1);
-        hi = _mm512_permutex2var_epi32(w2, idx, w3);
-    }
+    /* dwords 0, 4, .., 28 of two registers, into each half */
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i lo = _mm512_permutex2var_epi32(w0, idx, w1);
+    const __m512i hi = _mm512_permutex2var_epi32(w2, idx, w3);
     return _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
 }
 
@@ -833,11 +827,10 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, 
     const __m512i start = !a->sign_k ? _mm512_setzero_si512()
                           : NARROW   ? _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_srai_epi16(total, 1))
                                      : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_srai_epi32(total, 1));
-    /* 16-bit lanes of stride 1 load a row's window once (m - 1 + KW <= 47 words) for all
-     * its tap columns: wm, the window's words inside the image */
-    const int window = NARROW && S == 1;
+    /* The 16-bit lanes (stride 1) load a row's window once (m - 1 + KW <= 47 words) for
+     * all its tap columns: wm, the window's words inside the image. */
     uint64_t wm = 0;
-    if (window) {
+    if (NARROW) {
         const int first = ox - a->pw, i0 = first < 0 ? -first : 0;
         const int i1 = a->W - first < m - 1 + KW ? a->W - first : m - 1 + KW;
         if (i1 > i0) wm = ((1ull << i1) - 1) & ~((1ull << i0) - 1);
@@ -848,10 +841,10 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, 
         for (int ky = ky0; ky < ky1; ky++) {
             const uint64_t *row = a->x + ((int64_t)n * a->H + iy0 + ky) * a->W;
             __m512i lo = _mm512_setzero_si512(), hi = lo;
-            if (window) FN(lanes_window16)(row + ox - a->pw, wm, &lo, &hi);
+            if (NARROW) FN(lanes_window16)(row + ox - a->pw, wm, &lo, &hi);
             for (int kx = 0; kx < KW; kx++) {
-                const __m512i x = window ? FN(lanes_window_tap)(lo, hi, kx)
-                                         : FN(lanes_gather)(NARROW, S, row + ox * S - a->pw + kx, lt[kx].words);
+                const __m512i x = NARROW ? FN(lanes_window_tap)(lo, hi, kx)
+                                         : FN(lanes_gather32)(S, row + ox * S - a->pw + kx, lt[kx].words);
                 const uint32_t keep = ~lt[kx].padded;
                 const int64_t t = (int64_t)(ky * KW + kx) * O + ob;
                 for (int j = 0; j < 16; j++)
