@@ -208,14 +208,14 @@ static PyObject *py_bconv2d(PyObject *Py_UNUSED(self), PyObject *args)
     a.Ho = (int)((hp - a.KH) / a.sh + 1);
     a.Wo = (int)((wp - a.KW) / a.sw + 1);
     const int64_t Ow = (a.O + 63) / 64;
-    /* Per thread bconv_scratch, then the window offsets (2 x taps) that all share; taps
-     * and O are below INT_MAX here, so these two do not overflow. */
-    const int64_t stride = bconv_scratch(taps, a.O), offsets = 2 * taps;
+    /* Per thread bconv_scratch (spaced), then the window offsets (2 x taps) that all
+     * share; taps and O are below INT_MAX here, so these two do not overflow. */
+    const int64_t stride = scratch_spaced(bconv_scratch(taps, a.O)), offsets = 2 * taps;
     int64_t npix, x_n, w_n, o_n, bits_n, scratch_n, scratch_b;
     if (!PRODUCT(npix, a.N, a.Ho, a.Wo) || !PRODUCT(x_n, a.N, a.H, a.W, a.Cw, 8) ||
         !PRODUCT(w_n, taps, a.Cw, a.O, 8) || !PRODUCT(o_n, npix, a.O, 4) ||
         !PRODUCT(bits_n, npix, Ow, 8) || !PRODUCT(scratch_n, stride, threads) ||
-        scratch_n > INT64_MAX - offsets || !PRODUCT(scratch_b, scratch_n + offsets, 8)) {
+        scratch_n > INT64_MAX - offsets - 8 || !PRODUCT(scratch_b, scratch_n + offsets + 8, 8)) {
         PyErr_SetString(PyExc_ValueError, "bconv2d: dimensions too large");
         return NULL;
     }
@@ -267,8 +267,8 @@ static PyObject *py_bconv2d(PyObject *Py_UNUSED(self), PyObject *args)
             PyErr_NoMemory();
             goto done;
         }
-        bconv_set_offsets(&a, scratch + scratch_n);
-        job.scratch = scratch;
+        bconv_set_offsets(&a, scratch_line(scratch) + scratch_n);
+        job.scratch = scratch_line(scratch);
         Py_BEGIN_ALLOW_THREADS
         team_run(threads, bconv_part, &job);
         Py_END_ALLOW_THREADS
@@ -406,17 +406,20 @@ static PyObject *py_run_net(PyObject *Py_UNUSED(self), PyObject *args)
     }
     int64_t scratch_b;
     net.scratch_stride = net_scratch(&net);
-    if (net.scratch_stride < 0 || !PRODUCT(scratch_b, net.scratch_stride, threads, 8)) {
+    if (net.scratch_stride < 0 || net.scratch_stride > INT64_MAX / 2 ||
+        !PRODUCT(scratch_b, scratch_spaced(net.scratch_stride), threads, 8) ||
+        scratch_b > INT64_MAX - 64) {
         PyErr_SetString(PyExc_ValueError, "run_net: dimensions too large");
         goto done;
     }
+    net.scratch_stride = scratch_spaced(net.scratch_stride);
     /* Allocated here, with the GIL, so that a failure is a MemoryError. */
-    scratch = PyMem_RawMalloc(scratch_b ? (size_t)scratch_b : 1);
+    scratch = PyMem_RawMalloc((size_t)scratch_b + 64);
     if (scratch == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    net.scratch = scratch;
+    net.scratch = scratch_line(scratch);
     net_job job = {&net, have[6] ? b[6].buf : NULL};
     Py_BEGIN_ALLOW_THREADS
     team_run(threads, net_part_run, &job);

@@ -60,6 +60,24 @@ static inline int64_t bconv_scratch(int64_t taps, int64_t O) { return 2 * taps +
  * KH * KW * C floats. */
 static inline int64_t fconv_scratch(int64_t taps, int64_t C) { return 2 * taps * C; }
 
+/* Threads' scratch lies this many int64 (128 bytes) apart or a multiple of it, from a
+ * 64-byte line: a thread writes its window offsets for every pixel while the next one
+ * reads its own, and sharing a cache line (or the pair a prefetcher fetches together)
+ * would make each write evict the other thread's line. */
+#define SCRATCH_SPACING 16
+
+/* A thread's share of scratch for need int64 (need >= 0, not near INT64_MAX). */
+static inline int64_t scratch_spaced(int64_t need)
+{
+    return (need + SCRATCH_SPACING - 1) / SCRATCH_SPACING * SCRATCH_SPACING;
+}
+
+/* The first 64-byte line of a block from malloc that is 64 bytes longer than needed. */
+static inline int64_t *scratch_line(void *block)
+{
+    return (int64_t *)(((uintptr_t)block + 63) & ~(uintptr_t)63);
+}
+
 /* rel and woff_all of a (2 * KH * KW int64 at rel) for its shape. */
 static inline void bconv_set_offsets(bconv_args *a, int64_t *rel)
 {
