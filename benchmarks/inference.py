@@ -271,9 +271,8 @@ def main() -> None:
         f"{max(5, args.rounds // 4)} at larger batches) x {args.repeats} repeats",
         flush=True,
     )
-    # the roofline pass first: after torch.compile's contender has run in this process,
-    # some of its rows came out slower (ResNet-20 on 2 threads at batch 32: 24% against
-    # 33-35% alone), and it compares the runtime with the CPU, not with the others
+    # the roofline pass first, before any other contender has run in this process: it
+    # compares the runtime with the CPU, not with the others
     roofline(args, peak_per_thread())
     whole_networks(args)
     print(*sizes(), sep="\n")

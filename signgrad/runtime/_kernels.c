@@ -267,8 +267,8 @@ static PyObject *py_bconv2d(PyObject *Py_UNUSED(self), PyObject *args)
             PyErr_NoMemory();
             goto done;
         }
-        bconv_set_offsets(&a, scratch_line(scratch) + scratch_n);
         job.scratch = scratch_line(scratch);
+        bconv_set_offsets(&a, job.scratch + scratch_n);
         Py_BEGIN_ALLOW_THREADS
         team_run(threads, bconv_part, &job);
         Py_END_ALLOW_THREADS

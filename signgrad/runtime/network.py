@@ -109,23 +109,13 @@ class Network:
 
     # -- pools ----------------------------------------------------------------------
     def _param(self, a: np.ndarray) -> int:
-        a = np.ascontiguousarray(a, dtype=np.float32).ravel()
-        if self._fp_n % self.align:
-            self._fp.append(np.zeros(self.align - self._fp_n % self.align, np.float32))
-            self._fp_n += self._fp[-1].size
-        self._fp.append(a)
-        self._fp_n += a.size
-        return self._fp_n - a.size
+        offset, self._fp_n = _append(self._fp, self._fp_n, a, np.float32, self.align)
+        return offset
 
     def _words(self, a: np.ndarray) -> int:
-        a = np.ascontiguousarray(a, dtype=np.uint64).ravel()
-        words = max(1, self.align // 2)  # 64-bit words
-        if self._wp_n % words:
-            self._wp.append(np.zeros(words - self._wp_n % words, np.uint64))
-            self._wp_n += self._wp[-1].size
-        self._wp.append(a)
-        self._wp_n += a.size
-        return self._wp_n - a.size
+        # 64-bit words: half as many to the same bytes
+        offset, self._wp_n = _append(self._wp, self._wp_n, a, np.uint64, max(1, self.align // 2))
+        return offset
 
     def _value(self, name: str) -> int:
         """A value's token in the rows, until :meth:`_allocate` gives it its place."""
@@ -380,6 +370,19 @@ class Network:
         size = math.prod(self.shapes[out])
         start = n * self.place[out]
         return arena[start : start + n * size].reshape(n, size).copy()
+
+
+def _append(
+    pool: list[np.ndarray], n: int, a: np.ndarray, dtype: type, unit: int
+) -> tuple[int, int]:
+    """Appends ``a`` to a pool of ``n`` items at the next multiple of ``unit`` (zeros
+    between); returns its offset and the pool's new size."""
+    a = np.ascontiguousarray(a, dtype=dtype).ravel()
+    if n % unit:
+        pool.append(np.zeros(unit - n % unit, dtype))
+        n += pool[-1].size
+    pool.append(a)
+    return n, n + a.size
 
 
 def _aligned(size: int, dtype: type) -> np.ndarray:
