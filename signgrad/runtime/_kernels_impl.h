@@ -689,13 +689,13 @@ FN(avx512_lanes_finish)(const bconv_args *a, int64_t r, int ox, int m, int ob, c
 /* Of a block of m pixels from ox, stride S along x, for each tap column kx: the words
  * lanes_gather32 loads from the block's first window word (bit i: word i; those a pixel
  * needs and inside the image's row, the rest read as 0) and the pixels whose tap lies in
- * the padding. */
+ * the padding. The 16-bit lanes (NARROW) load a row's window instead and get no words. */
 typedef struct {
     uint32_t words, padded;
 } FN(lane_tap);
 
 static inline __attribute__((always_inline)) void
-FN(lane_taps)(const bconv_args *a, int S, int ox, int m, FN(lane_tap) *lt)
+FN(lane_taps)(const bconv_args *a, const int NARROW, int S, int ox, int m, FN(lane_tap) *lt)
 {
     const int spanned = S * (m - 1) + 1; /* <= 32 */
     const uint32_t need = spanned >= 32 ? 0xFFFFFFFFu : (1u << spanned) - 1;
@@ -703,7 +703,7 @@ FN(lane_taps)(const bconv_args *a, int S, int ox, int m, FN(lane_tap) *lt)
         const int first = ox * S - a->pw + kx; /* the image column of word 0 */
         const int i0 = first < 0 ? -first : 0, i1 = a->W - first; /* [i0, i1) inside */
         uint32_t inside = 0;
-        if (i0 < 32 && i1 > i0)
+        if (!NARROW && i0 < 32 && i1 > i0)
             inside = (i1 >= 32 ? 0xFFFFFFFFu : (1u << i1) - 1) & ~((1u << i0) - 1);
         lt[kx].words = need & inside;
         /* pixels p < p0 read left of the image, p >= p1 right of it */
@@ -819,7 +819,7 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, 
     const int O = a->O, KW = a->KW;
     const int n = (int)(r / a->Ho), iy0 = (int)(r % a->Ho) * a->sh - a->ph;
     FN(lane_tap) lt[LANES_MAX_KW];
-    FN(lane_taps)(a, S, ox, m, lt);
+    FN(lane_taps)(a, NARROW, S, ox, m, lt);
     __m512i total = FN(lanes_set1)(NARROW, (ky1 - ky0) * KW * a->C);
     for (int kx = 0; kx < KW; kx++)
         total = FN(lanes_mask_sub)(NARROW, total, lt[kx].padded, (ky1 - ky0) * a->C);
