@@ -18,6 +18,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -316,16 +317,21 @@ def _group(runs: list[Path]) -> dict[str, list[Path]]:
     differing = [k for k in keys if len({_canon_key(c.get(k, _MISSING)) for c in configs}) > 1]
 
     groups: dict[tuple[str, ...], list[Path]] = {}
-    labels: dict[tuple[str, ...], str] = {}
+    full: dict[tuple[str, ...], str] = {}
+    short: dict[tuple[str, ...], str] = {}
     for run, config in zip(runs, configs, strict=True):
         ident = tuple(_canon_key(config.get(k, _MISSING)) for k in differing)
         groups.setdefault(ident, []).append(run)
-        labels.setdefault(
-            ident, ", ".join(f"{k}={_fmt_value(config.get(k, _MISSING))}" for k in differing)
-        )
+        values = [(k, config.get(k, _MISSING)) for k in differing]
+        full.setdefault(ident, ", ".join(f"{k}={_fmt_value(v)}" for k, v in values))
+        # "estimator_params=[]" says nothing: empty lists and strings are left out where
+        # that keeps every label distinct (None is a choice: "estimator=none")
+        kept = [(k, v) for k, v in values if v not in ([], {}, "")]
+        short.setdefault(ident, ", ".join(f"{k}={_fmt_value(v)}" for k, v in kept))
     if not differing:  # one configuration only
         label = runs[0].name if len(runs) == 1 else "all runs"
         return {label: list(runs)}
+    labels = short if all(short.values()) and len(set(short.values())) == len(short) else full
     return {labels[ident]: members for ident, members in groups.items()}
 
 
@@ -447,6 +453,17 @@ def compare(
     return table + "\n"
 
 
+def _minor_log_label(ax: Any, value: float, _pos: int | None = None) -> str:
+    """The label of a minor tick on a log axis: every one within a decade, only 2, 3 and 5
+    times a power of ten over up to 2.5 decades (all of them would overlap), none beyond."""
+    lo, hi = ax.get_ylim()
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 0.0
+    mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9))
+    if decades <= 1 or (decades <= 2.5 and mantissa in (2, 3, 5)):
+        return f"{value:g}"
+    return ""
+
+
 def _nan_stats(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean, min and max over runs (axis 0), ignoring NaN; all-NaN epochs stay NaN."""
     mask = ~np.isnan(values)
@@ -482,9 +499,8 @@ def _plot_compare(
         # Early losses of binary runs can be 10x the final ones; a log axis keeps the
         # differences at the end readable.
         ax_loss.set_yscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
-        ax_loss.yaxis.set_major_formatter(plain)
-        ax_loss.yaxis.set_minor_formatter(plain)
+        ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_loss.yaxis.set_minor_formatter(FuncFormatter(partial(_minor_log_label, ax_loss)))
     ax_acc.set_title("test accuracy")
     ax_acc.set_ylabel("accuracy (%)")
     for ax in (ax_loss, ax_acc):

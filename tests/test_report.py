@@ -9,9 +9,11 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from matplotlib.figure import Figure
 
 from signgrad.errors import SigngradError
 from signgrad.report import (
+    _minor_log_label,
     compare,
     group_runs,
     plot_run,
@@ -263,6 +265,41 @@ def test_group_runs_several_keys_and_single_config(tmp_path: Path) -> None:
     g = make_run(tmp_path, "g", recs, seed=4, data_mode="auto")
     h = make_run(tmp_path, "h", recs, seed=5, data_mode="stream")
     assert group_runs([f, g, h]) == {"data_mode=auto": [f, g], "data_mode=stream": [h]}
+
+
+def test_group_labels_leave_out_empty_values_while_they_stay_distinct(tmp_path: Path) -> None:
+    recs = [epoch_record(1)]
+    ste = make_run(tmp_path, "ste", recs, estimator=None, estimator_params=[])
+    ref = make_run(tmp_path, "ref", recs, estimator="metaquant-fc-ref", estimator_params=[])
+    bias = make_run(
+        tmp_path, "bias", recs, estimator="metaquant-fc", estimator_params=["bias=true"]
+    )
+    assert list(group_runs([ste, ref, bias])) == [
+        "estimator=none",
+        "estimator=metaquant-fc-ref",
+        'estimator=metaquant-fc, estimator_params=["bias=true"]',
+    ]
+    # left out, [] and "" would both read as nothing: every label keeps all its values
+    a = make_run(tmp_path, "a", recs, sharpness=[])
+    b = make_run(tmp_path, "b", recs, sharpness="")
+    assert list(group_runs([a, b])) == ["sharpness=[]", "sharpness="]
+
+
+@pytest.mark.parametrize(
+    ("limits", "labels"),
+    [
+        ((0.2, 0.6), {0.3: "0.3", 0.4: "0.4", 0.5: "0.5"}),  # within a decade: all
+        ((0.15, 10.0), {0.2: "0.2", 0.3: "0.3", 0.4: "", 0.5: "0.5", 7.0: ""}),  # 2, 3, 5
+        ((1e-3, 10.0), {0.2: "", 0.5: "", 3.0: ""}),  # four decades: none
+    ],
+)
+def test_minor_ticks_of_the_loss_axis_are_labelled_as_far_as_they_fit(
+    limits: tuple[float, float], labels: dict[float, str]
+) -> None:
+    ax = Figure().add_subplot()
+    ax.set_yscale("log")
+    ax.set_ylim(*limits)
+    assert {v: _minor_log_label(ax, v) for v in labels} == labels
 
 
 # --------------------------------------------------------------------------- compare
