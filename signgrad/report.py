@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter
 
 from signgrad import diagnostics
 from signgrad.checkpoint import CONFIG_NAME, METRICS_NAME, atomic_write
@@ -453,6 +453,13 @@ def compare(
     return table + "\n"
 
 
+def _log_axis(ax: Any) -> None:
+    """A log y axis labelled with plain numbers (0.2, not 2 x 10^-1)."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(partial(_minor_log_label, ax)))
+
+
 def _minor_log_label(ax: Any, value: float, _pos: int | None = None) -> str:
     """The label of a minor tick on a log axis: every one within a decade, only 2, 3 and 5
     times a power of ten over up to 2.5 decades (all of them would overlap), none beyond."""
@@ -498,9 +505,7 @@ def _plot_compare(
     if np.nanmin(losses) > 0:
         # Early losses of binary runs can be 10x the final ones; a log axis keeps the
         # differences at the end readable.
-        ax_loss.set_yscale("log")
-        ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax_loss.yaxis.set_minor_formatter(FuncFormatter(partial(_minor_log_label, ax_loss)))
+        _log_axis(ax_loss)
     ax_acc.set_title("test accuracy")
     ax_acc.set_ylabel("accuracy (%)")
     for ax in (ax_loss, ax_acc):
@@ -596,12 +601,20 @@ def diagnose(
 def _plot_diagnostics(
     panels: list[tuple[str, int, np.ndarray, dict[str, np.ndarray]]], path: Path
 ) -> Path:
+    return _save_atomic(_diagnostics_figure(panels), path)
+
+
+def _diagnostics_figure(panels: list[tuple[str, int, np.ndarray, dict[str, np.ndarray]]]) -> Figure:
+    """One panel per series of ``_DIAG_PANELS``, a line (mean) and band (min-max) per group
+    of ``panels`` (label, runs, steps, series by key)."""
     fig = Figure(figsize=(15.0, 7.5), layout="constrained")
     axes = fig.subplots(2, 3).ravel()
+    positive = {key: True for key, _, _ in _DIAG_PANELS}
     for i, (label, n, xs, series) in enumerate(panels):
         color = f"C{i % 10}"
         for ax, (key, title, scale) in zip(axes, _DIAG_PANELS, strict=False):
             mean, lo, hi = _nan_stats(scale * series[key])
+            positive[key] &= not bool(np.nanmin(lo, initial=np.inf) <= 0)
             ax.plot(xs, mean, color=color, linewidth=1, label=f"{label} (n={n})")
             if n > 1:
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
@@ -609,13 +622,15 @@ def _plot_diagnostics(
     for ax in axes[: len(_DIAG_PANELS)]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[0].yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axes[0].yaxis.set_minor_formatter(NullFormatter())  # 2, 3, ... 9 crowd a wide range
+    # The loss, and norm ratios that run from 1 (STE) to orders of magnitude above it: log
+    # axes, where every value is positive.
+    for ax, (key, _, _) in zip(axes, _DIAG_PANELS, strict=False):
+        if key in ("loss", "norm_ratio") and positive[key]:
+            _log_axis(ax)
     axes[-1].axis("off")
     handles, names = axes[0].get_legend_handles_labels()
     axes[-1].legend(handles, names, loc="center", fontsize="small", title="mean, band = min–max")
-    return _save_atomic(fig, path)
+    return fig
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:

@@ -8,11 +8,14 @@ import statistics
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
 from signgrad.errors import SigngradError
 from signgrad.report import (
+    _DIAG_PANELS,
+    _diagnostics_figure,
     _minor_log_label,
     compare,
     group_runs,
@@ -300,6 +303,25 @@ def test_minor_ticks_of_the_loss_axis_are_labelled_as_far_as_they_fit(
     ax.set_yscale("log")
     ax.set_ylim(*limits)
     assert {v: _minor_log_label(ax, v) for v in labels} == labels
+
+
+@pytest.mark.parametrize(
+    ("norm_ratio", "scale"),
+    [
+        ([[1.0, 10.0, 1e4], [1.0, 20.0, 1e5]], "log"),  # STE's 1 to orders above it
+        ([[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]], "linear"),  # a zero cannot go on a log axis
+    ],
+)
+def test_diagnostics_plot_puts_positive_norm_ratios_on_a_log_axis(
+    norm_ratio: list[list[float]], scale: str
+) -> None:
+    series = {key: np.full((2, 3), 0.5) for key, _, _ in _DIAG_PANELS}
+    series["norm_ratio"] = np.array(norm_ratio)
+    axes = _diagnostics_figure([("a", 2, np.arange(1.0, 4.0), series)]).axes
+    keys = [key for key, _, _ in _DIAG_PANELS]
+    assert axes[keys.index("norm_ratio")].get_yscale() == scale
+    assert axes[keys.index("loss")].get_yscale() == "log"
+    assert axes[keys.index("cos")].get_yscale() == "linear"
 
 
 # --------------------------------------------------------------------------- compare
