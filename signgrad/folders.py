@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -94,8 +95,8 @@ _RRC_TRIES = 10
 
 @dataclass(repr=False)
 class FileList:
-    """Files of one split: paths relative to ``base`` as numpy bytes (shared by forked
-    workers without copy-on-write of Python objects) and int64 labels."""
+    """Files of one split: paths relative to ``base`` as numpy bytes (one buffer to hand
+    to each worker, not a Python object per file) and int64 labels."""
 
     base: Path
     paths: np.ndarray
@@ -323,6 +324,22 @@ def default_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
+def _worker_context() -> Any:
+    """Where decoding workers start from: a fork server where the platform has one.
+
+    Forking the training process itself (the default on Linux before Python 3.14) copies
+    a process with threads (Gloo's, the previous loader's queue feeder, tqdm's monitor),
+    and a child can inherit a lock one of them held and wait on it forever: a two-rank
+    streamed run hung that way when its evaluation loader forked. A fork server is a
+    single-threaded process started once, with this module (and torch) imported, so that
+    each worker is still a cheap fork."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None  # spawn is the platform's default (Windows, macOS)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # no effect once the server runs
+    return ctx
+
+
 class StreamLoader:
     """Iterates (x, y) batches of one split of a :class:`StreamSet`, decoded by
     ``workers`` processes (0: in this process) and moved to ``device``.
@@ -398,6 +415,7 @@ class StreamLoader:
             _Files(self.files, ds.channels, ds.size, self.train and ds.augment),
             batch_sampler=self._batches(),
             num_workers=workers,
+            multiprocessing_context=_worker_context() if workers else None,
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,13 @@ def test_streamed_batches_do_not_depend_on_workers(cifar, tmp_path):
     assert not torch.equal(other[0][0], _batches(sets[0], "train")[0][0])
     y = torch.cat([y for _, y in _batches(sets[0], "test")])
     assert y.tolist() == sets[0].folder.test.labels.tolist()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux's default start is fork")
+def test_decoding_workers_start_from_a_fork_server_not_from_the_training_process():
+    """Forking the training process, whose other threads may hold locks, hung a two-rank
+    run; the workers above (workers=2) start from a single-threaded fork server."""
+    assert folders._worker_context().get_start_method() == "forkserver"
 
 
 def test_streamed_shards_of_the_ranks_make_up_the_global_batch(cifar, tmp_path):
