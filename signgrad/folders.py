@@ -324,7 +324,7 @@ def default_workers() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-def _worker_context() -> Any:
+def _worker_context() -> multiprocessing.context.BaseContext | None:
     """Where decoding workers start from: a fork server where the platform has one.
 
     Forking the training process itself (the default on Linux before Python 3.14) copies
@@ -334,7 +334,7 @@ def _worker_context() -> Any:
     single-threaded process started once, with this module (and torch) imported, so that
     each worker is still a cheap fork."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
-        return None  # spawn is the platform's default (Windows, macOS)
+        return None  # Windows: spawn, its only start method
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])  # no effect once the server runs
     return ctx
