@@ -283,12 +283,12 @@ static inline __attribute__((always_inline)) FN(params16) FN(avx512_params16)(co
  * their second operand when one is NaN: v second, so a NaN passes through as in numpy's
  * maximum and clip). */
 static inline __attribute__((always_inline)) __m512
-FN(avx512_act16)(const bconv_args *a, const FN(params16) *q, __m512 v)
+FN(avx512_act16)(const int act, const FN(params16) *q, __m512 v)
 {
     const __m512 zero = _mm512_setzero_ps();
-    if (a->act == ACT_RELU) return _mm512_max_ps(zero, v);
-    if (a->act == ACT_HARDTANH) return _mm512_min_ps(q->hi, _mm512_max_ps(q->lo, v));
-    if (a->act == ACT_PRELU)
+    if (act == ACT_RELU) return _mm512_max_ps(zero, v);
+    if (act == ACT_HARDTANH) return _mm512_min_ps(q->hi, _mm512_max_ps(q->lo, v));
+    if (act == ACT_PRELU)
         return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ), _mm512_mul_ps(v, q->slope), v);
     return v;
 }
@@ -302,7 +302,7 @@ FN(avx512_finish16)(const bconv_args *a, const FN(params16) *q, int64_t pix, int
     const __m512 zero = _mm512_setzero_ps();
     v = _mm512_add_ps(_mm512_mul_ps(v, q->scale), q->shift);
     if (a->residual) v = _mm512_add_ps(v, _mm512_loadu_ps(a->residual + pix * O + ob));
-    v = FN(avx512_act16)(a, q, v);
+    v = FN(avx512_act16)(a->act, q, v);
     _mm512_storeu_ps(a->out + pix * O + ob, v);
     if (a->out_bits) {
         const uint64_t bits = (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ) << (ob % 64);
@@ -317,7 +317,7 @@ static inline __attribute__((always_inline)) __mmask16
 FN(signs16)(const bconv_args *a, const FN(params16) *q, __m512i d)
 {
     const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), q->scale), q->shift);
-    return _mm512_cmp_ps_mask(FN(avx512_act16)(a, q, v), _mm512_setzero_ps(), _CMP_NGE_UQ);
+    return _mm512_cmp_ps_mask(FN(avx512_act16)(a->act, q, v), _mm512_setzero_ps(), _CMP_NGE_UQ);
 }
 
 #define SIGN_MAX_O 1024 /* channels whose thresholds bconv_rows keeps on its stack */
@@ -669,18 +669,40 @@ static inline __attribute__((always_inline)) void FN(transpose16)(__m512i r[16])
     }
 }
 
-/* The epilogue of channels ob .. ob + 15 of output pixels [ox, ox + m) of row r, from
- * their counts (counts[p][j]: pixel ox + p, channel ob + j) and C times their valid taps
- * (total[p]). */
+/* The epilogue of channels ob .. ob + 15 of m output pixels from pix, from their d (C
+ * times the valid taps minus twice the count; d[p][j]: pixel pix + p, channel ob + j),
+ * with the activation act: a constant after inlining, and the pointers in locals, so that
+ * the loop holds only its own operations (a store through out could alias *a). */
 static inline __attribute__((always_inline)) void
-FN(avx512_lanes_finish)(const bconv_args *a, int64_t r, int ox, int m, int ob, const int32_t *total,
-                        const int32_t (*counts)[16])
+FN(lanes_finish_act)(const bconv_args *a, const int act, int64_t pix, int m, int ob,
+                     const int32_t (*d)[16])
 {
     const FN(params16) q = FN(avx512_params16)(a, ob);
+    const int O = a->O, Ow = (O + 63) / 64, sh = ob % 64;
+    float *out = a->out + pix * O + ob;
+    const float *res = a->residual ? a->residual + pix * O + ob : NULL;
+    uint64_t *bits = a->out_bits ? a->out_bits + pix * Ow + ob / 64 : NULL;
     for (int p = 0; p < m; p++) {
-        const __m512i d = _mm512_sub_epi32(_mm512_set1_epi32(total[p]),
-                                           _mm512_slli_epi32(_mm512_load_si512((const void *)counts[p]), 1));
-        FN(avx512_finish16)(a, &q, r * a->Wo + ox + p, ob, _mm512_cvtepi32_ps(d));
+        __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)d[p]));
+        v = _mm512_add_ps(_mm512_mul_ps(v, q.scale), q.shift);
+        if (res) v = _mm512_add_ps(v, _mm512_loadu_ps(res + (int64_t)p * O));
+        v = FN(avx512_act16)(act, &q, v);
+        _mm512_storeu_ps(out + (int64_t)p * O, v);
+        if (bits) {
+            const uint64_t b = (uint64_t)_mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NGE_UQ) << sh;
+            bits[(int64_t)p * Ow] = sh ? bits[(int64_t)p * Ow] | b : b;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void
+FN(avx512_lanes_finish)(const bconv_args *a, int64_t pix, int m, int ob, const int32_t (*d)[16])
+{
+    switch (a->act) {
+    case ACT_RELU: FN(lanes_finish_act)(a, ACT_RELU, pix, m, ob, d); break;
+    case ACT_HARDTANH: FN(lanes_finish_act)(a, ACT_HARDTANH, pix, m, ob, d); break;
+    case ACT_PRELU: FN(lanes_finish_act)(a, ACT_PRELU, pix, m, ob, d); break;
+    default: FN(lanes_finish_act)(a, ACT_NONE, pix, m, ob, d); break;
     }
 }
 
@@ -735,8 +757,8 @@ static inline __attribute__((always_inline)) __m512i
 FN(lanes_add_popcount)(const int NARROW, __m512i acc, uint32_t keep, __m512i x, uint32_t w)
 {
     const __m512i v = _mm512_xor_si512(x, _mm512_set1_epi32((int)w));
-    return NARROW ? _mm512_mask_add_epi16(acc, (__mmask32)keep, acc, _mm512_popcnt_epi16(v))
-                  : _mm512_mask_add_epi32(acc, (__mmask16)keep, acc, _mm512_popcnt_epi32(v));
+    return NARROW ? _mm512_add_epi16(acc, _mm512_maskz_popcnt_epi16((__mmask32)keep, v))
+                  : _mm512_add_epi32(acc, _mm512_maskz_popcnt_epi32((__mmask16)keep, v));
 }
 
 /* The lanes whose d = total - 2 count is below t. */
@@ -865,26 +887,26 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, 
             FN(lanes_store_bits)(a, NARROW, r, ox, m, ob, res);
             continue;
         }
-        /* through memory: indexed by pixel, the registers would be spilled in the loop */
-        int32_t counts[32][16] __attribute__((aligned(64))), totals[32] __attribute__((aligned(64)));
+        /* d = total - 2 count in the lanes, then through memory, indexed by pixel (in
+         * registers they would be spilled in the loop) */
+        int32_t d[32][16] __attribute__((aligned(64)));
         if (NARROW) { /* to 32 bits, then per half of the pixels */
-            uint16_t c16[16][32] __attribute__((aligned(64)));
-            for (int j = 0; j < 16; j++) _mm512_store_si512((void *)c16[j], acc[j]);
+            int16_t d16[16][32] __attribute__((aligned(64)));
+            for (int j = 0; j < 16; j++)
+                _mm512_store_si512((void *)d16[j], _mm512_sub_epi16(total, _mm512_slli_epi16(acc[j], 1)));
             for (int half = 0; half < 2; half++) {
                 __m512i v[16];
                 for (int j = 0; j < 16; j++)
-                    v[j] = _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(c16[j] + 16 * half)));
+                    v[j] = _mm512_cvtepi16_epi32(_mm256_load_si256((const __m256i *)(d16[j] + 16 * half)));
                 FN(transpose16)(v);
-                for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[16 * half + j], v[j]);
+                for (int j = 0; j < 16; j++) _mm512_store_si512((void *)d[16 * half + j], v[j]);
             }
-            _mm512_store_si512((void *)totals, _mm512_cvtepi16_epi32(_mm512_castsi512_si256(total)));
-            _mm512_store_si512((void *)(totals + 16), _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(total, 1)));
         } else {
+            for (int j = 0; j < 16; j++) acc[j] = _mm512_sub_epi32(total, _mm512_slli_epi32(acc[j], 1));
             FN(transpose16)(acc);
-            for (int j = 0; j < 16; j++) _mm512_store_si512((void *)counts[j], acc[j]);
-            _mm512_store_si512((void *)totals, total);
+            for (int j = 0; j < 16; j++) _mm512_store_si512((void *)d[j], acc[j]);
         }
-        FN(avx512_lanes_finish)(a, r, ox, m, ob, totals, counts);
+        FN(avx512_lanes_finish)(a, r * a->Wo + ox, m, ob, (const int32_t(*)[16])d);
     }
 }
 
