@@ -830,10 +830,11 @@ FN(lanes_window_tap)(__m512i lo, __m512i hi, int kx)
  * every pixel against one broadcast weight word, where the per-pixel path's VPOPCNTQ
  * counts 8 channels x 64 bits of which only C are used. w16 holds each weight word twice
  * in 32 bits (w16[t * O + o]), so that the XOR broadcasts it from memory. A tap in the
- * padding adds nothing to its pixels' counts (a masked add, as cheap as the plain one),
- * and its C is taken from their totals. Then either the signs come from the thresholds
- * (the counts start at -total / 2: see sign_k), or the counts are transposed to a pixel's
- * 16 channels for the float epilogue. */
+ * padding adds nothing to its pixels' counts (its popcount zero-masked: as cheap as the
+ * plain one, and the add stays unmasked, which keeps GCC from copying and spilling the
+ * accumulators), and its C is taken from their totals. Then either the signs come from
+ * the thresholds (the counts start at -total / 2: see sign_k), or d = total - 2 count is
+ * transposed to a pixel's 16 channels for the float epilogue. */
 static inline __attribute__((always_inline)) void
 FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, int ky0, int ky1,
                  int ox, int m, const uint32_t *w16)
