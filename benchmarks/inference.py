@@ -225,7 +225,7 @@ def roofline(args: argparse.Namespace, peak: float) -> list[str]:
             only = "yes" if f["flags"] & network.BITS_ONLY else ""
             lines.append(
                 f"| {net.names[i]} | {f['c']} | {f['o']} | {f['sw']} | {only} | "
-                f"{1000 * t[i]:.3f} | {share:.0f}% |"
+                f"{1000 * t[i]:.4g} | {share:.0f}% |"  # 4 digits: batch 1 is microseconds
             )
         print(*lines[-len(binary) - 5 :], sep="\n", flush=True)
     return lines
