@@ -672,7 +672,9 @@ static inline __attribute__((always_inline)) void FN(transpose16)(__m512i r[16])
 /* The epilogue of channels ob .. ob + 15 of m output pixels from pix, from their d (C
  * times the valid taps minus twice the count; d[p][j]: pixel pix + p, channel ob + j),
  * with the activation act: a constant after inlining, and the pointers in locals, so that
- * the loop holds only its own operations (a store through out could alias *a). */
+ * the loop holds only its own operations (a store through out could alias *a). The same
+ * operations as avx512_finish16, written out: through a shared helper taking the pointers,
+ * GCC compiled a slower loop. */
 static inline __attribute__((always_inline)) void
 FN(lanes_finish_act)(const bconv_args *a, const int act, int64_t pix, int m, int ob,
                      const int32_t (*d)[16])
