@@ -546,5 +546,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> NoReturn:
+    """The process entry of ``signgrad`` and ``python -m signgrad``: run :func:`main` and
+    exit with its status; a rank of a multi-process ``torchrun`` run exits through
+    :func:`signgrad.distributed.exit_process` (why: there)."""
+    code = main()
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        from signgrad import distributed  # torch is there: torchrun is part of it
+
+        distributed.exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -14,7 +14,8 @@ batch. What this module holds:
   whole global batch, on CUDA through PyTorch's ``SyncBatchNorm``, on the CPU (which
   PyTorch's does not serve) through a differentiable all-reduce;
 - :func:`state_digest` and :func:`check_identical`: the proof, once per epoch, that every
-  rank holds the same model, optimizer and estimator state.
+  rank holds the same model, optimizer and estimator state;
+- :func:`exit_process`: how a rank's process ends (without finalizing the interpreter).
 
 ``--batch-size`` is the global batch: each of W ranks trains B / W images per step, so
 the learning rate and the number of steps per epoch do not depend on W, and a run may
@@ -23,12 +24,14 @@ resume on another number of ranks.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -46,6 +49,7 @@ __all__ = [
     "check_shard",
     "check_identical",
     "convert_sync_batchnorm",
+    "exit_process",
     "from_environment",
     "shard_range",
     "state_digest",
@@ -122,6 +126,24 @@ def setup(ctx: Context, device: torch.device) -> bool:
 def teardown(created: bool) -> None:
     if created and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a rank's process with exit status ``code``: run the ``atexit`` handlers, flush
+    stdout and stderr, and exit without finalizing the interpreter.
+
+    Why: Gloo's worker threads outlive :func:`teardown` (a DistributedDataParallel model
+    keeps its process group alive), and one may still be releasing the tensors of the last
+    collective when the main thread returns. Releasing a tensor that Python has seen takes
+    the GIL; in a finalizing interpreter that aborts the process, so a finished run ends
+    with SIGABRT and torchrun reports it failed. A process has nothing left for
+    finalization to do once its files are closed, as signgrad's are by then; a script of
+    your own that trains under torchrun can end with this call too.
+    """
+    atexit._run_exitfuncs()  # logging's flush, and whatever a library registered
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shard_range(lo: int, hi: int, rank: int, world: int) -> tuple[int, int]:

@@ -346,6 +346,40 @@ def test_a_mistake_under_torchrun_is_one_line_on_every_rank_and_no_hang(
     assert (tmp_path / "taken" / checkpoint.CHECKPOINT_NAME).read_bytes() == b"not a checkpoint"
 
 
+_EXIT_PROBE = """
+import atexit, sys
+from signgrad import cli
+
+class Finalized:
+    def __del__(self):
+        print("finalized", flush=True)
+
+keep = Finalized()  # a global: collected when the interpreter finalizes
+atexit.register(lambda: print("atexit ran"))
+print("buffered", end=" ")  # a pipe: block-buffered until flushed
+sys.argv = ["signgrad", *sys.argv[1:]]
+cli.entry()
+"""
+
+
+@pytest.mark.parametrize("world", ["2", "1", None])
+@pytest.mark.parametrize("argv, code", [(["--version"], 0), (["no-such-command"], 2)])
+def test_a_torchrun_rank_exits_without_finalizing_the_interpreter(world, argv, code) -> None:
+    """Gloo's worker threads outlive the process group and may still release a tensor
+    (which takes the GIL) while the main thread exits; in a finalizing interpreter that
+    aborts a finished run. So a rank of a multi-rank run leaves without finalization,
+    after the atexit handlers and with its output flushed; a single process exits as
+    usual. Both keep ``main``'s exit status."""
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    if world is not None:
+        env["WORLD_SIZE"] = world
+    proc = subprocess.run([sys.executable, "-c", _EXIT_PROBE, *argv], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == code, proc.stderr
+    assert "buffered" in proc.stdout and "atexit ran" in proc.stdout
+    assert ("finalized" in proc.stdout) == (world != "2"), proc.stdout
+
+
 @pytest.mark.slow
 def test_a_streamed_image_folder_trains_on_two_ranks_as_on_one(pictures, tmp_path) -> None:
     """The streaming loader under torchrun: each rank decodes its part of every batch
