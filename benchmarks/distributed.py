@@ -132,8 +132,10 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     args = p.parse_args()
     if args.worker:
+        from signgrad import distributed
+
         worker(args)
-        return
+        distributed.exit_process(0)  # Gloo's workers could abort a finalizing interpreter
     print(
         f"torch {torch.__version__}, {os.cpu_count()} cores, {args.model}, global batch "
         f"{args.batch_size}, {args.steps} steps per launch, {args.threads} thread(s) per "
