@@ -135,8 +135,8 @@ def exit_process(code: int) -> NoReturn:
     Why: Gloo's worker threads outlive :func:`teardown` (a DistributedDataParallel model
     keeps its process group alive), and one may still be releasing the tensors of the last
     collective when the main thread returns. Releasing a tensor that Python has seen takes
-    the GIL; in a finalizing interpreter that aborts the process, so a finished run ends
-    with SIGABRT and torchrun reports it failed. A process has nothing left for
+    the GIL; in a finalizing interpreter that aborts the process, so a finished run could
+    end with SIGABRT and torchrun would report it failed. A process has nothing left for
     finalization to do once its files are closed, as signgrad's are by then; a script of
     your own that trains under torchrun can end with this call too.
     """
