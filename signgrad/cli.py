@@ -514,6 +514,12 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") in ("0", "")
 
 
+def _is_multi_rank() -> bool:
+    """True in every process of a torchrun run of more than one rank (read from the
+    environment, as distributed.from_environment does, without importing torch)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -551,7 +557,7 @@ def entry() -> NoReturn:
     exit with its status; a rank of a multi-process ``torchrun`` run exits through
     :func:`signgrad.distributed.exit_process` (why: there)."""
     code = main()
-    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+    if _is_multi_rank():
         from signgrad import distributed  # torch is there: torchrun is part of it
 
         distributed.exit_process(code)
