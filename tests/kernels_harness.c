@@ -111,6 +111,15 @@ static const case_t CASES[] = {
     /* 11 x 11 windows at 16-bit lanes: a row's window of 42 words, past 40 */
     {1, 12, 40, 8, 16, 11, 1, 5, ACT_RELU, 1, 1, 0},
     {1, 13, 37, 14, 16, 11, 1, 5, ACT_HARDTANH, 0, 1, 0, 0, 1},
+    /* images taller than one plane of input rows (the pixel-lane paths take 30 output
+     * rows of a 3 x 3 window at a time, 15 at stride 2): chunks inside an image */
+    {2, 40, 35, 16, 16, 3, 1, 1, ACT_HARDTANH, 1, 1, 0},
+    {1, 45, 20, 16, 32, 3, 1, 1, ACT_RELU, 0, 1, 0, 0, 1},
+    {2, 34, 18, 24, 16, 3, 1, 1, ACT_PRELU, 1, 1, 16},
+    {2, 37, 33, 32, 32, 3, 2, 1, ACT_NONE, 1, 1, 0},
+    /* padding wider than a block's window: blocks wholly in the padding */
+    {1, 4, 6, 16, 16, 3, 1, 20, ACT_RELU, 1, 1, 0},
+    {1, 3, 5, 20, 16, 3, 2, 60, ACT_HARDTANH, 0, 1, 0, 0, 1},
 };
 
 #define GUARD 256 /* bytes */

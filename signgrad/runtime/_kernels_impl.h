@@ -708,35 +708,63 @@ FN(avx512_lanes_finish)(const bconv_args *a, int64_t pix, int m, int ob, const i
     }
 }
 
-#define LANES_MAX_KW 16 /* the widest window the pixel-lane paths take */
+#define LANES_MAX_KW 16 /* the widest (and tallest) window the pixel-lane paths take */
 
-/* Of a block of m pixels from ox, stride S along x, for each tap column kx: the words
- * lanes_gather32 loads from the block's first window word (bit i: word i; those a pixel
- * needs and inside the image's row, the rest read as 0) and the pixels whose tap lies in
- * the padding. The 16-bit lanes (NARROW) load a row's window instead and get no words. */
-typedef struct {
-    uint32_t words, padded;
-} FN(lane_tap);
-
+/* Of a block of m pixels from ox, stride S along x, for each tap column kx: the pixels
+ * whose tap lies in the padding (bit p: pixel ox + p). */
 static inline __attribute__((always_inline)) void
-FN(lane_taps)(const bconv_args *a, const int NARROW, int S, int ox, int m, FN(lane_tap) *lt)
+FN(lane_taps)(const bconv_args *a, int S, int ox, int m, uint32_t *padded)
 {
-    const int spanned = S * (m - 1) + 1; /* <= 32 */
-    const uint32_t need = spanned >= 32 ? 0xFFFFFFFFu : (1u << spanned) - 1;
     for (int kx = 0; kx < a->KW; kx++) {
-        const int first = ox * S - a->pw + kx; /* the image column of word 0 */
-        const int i0 = first < 0 ? -first : 0, i1 = a->W - first; /* [i0, i1) inside */
-        uint32_t inside = 0;
-        if (!NARROW && i0 < 32 && i1 > i0)
-            inside = (i1 >= 32 ? 0xFFFFFFFFu : (1u << i1) - 1) & ~((1u << i0) - 1);
-        lt[kx].words = need & inside;
+        const int first = ox * S - a->pw + kx; /* the image column of pixel ox's tap */
         /* pixels p < p0 read left of the image, p >= p1 right of it */
         const int p0 = first < 0 ? (-first + S - 1) / S : 0;
         const int p1 = a->W - first <= 0 ? 0 : (a->W - first + S - 1) / S;
         const uint32_t all = m >= 32 ? 0xFFFFFFFFu : (1u << m) - 1;
         const uint32_t left = p0 >= 32 ? 0xFFFFFFFFu : (1u << p0) - 1;
         const uint32_t right = p1 >= 32 ? 0 : ~((1u << p1) - 1);
-        lt[kx].padded = all & (left | right);
+        padded[kx] = all & (left | right);
+    }
+}
+
+/* The pixel-lane paths read their input as a plane: for a block of output pixels, each
+ * input row's words from the block's first window column on, one a lane (the low 16 bits
+ * of each with NARROW, else the low 32), so that a tap's lanes are one unaligned load.
+ * PLANE_COLS covers a block's widest window (32 pixels and 15 more words at stride 1,
+ * or 16 at stride 2: 2 x 15 + 16); PLANE_ROWS rows make a chunk of output rows. */
+#define PLANE_COLS 48
+#define PLANE_ROWS 32
+
+/* One plane row (see PLANE_COLS): the words of row from image column c0 on, those outside
+ * the image as 0 (masked loads: no other word is touched); at stride 2 the even columns
+ * (from c0) in dst[0 .. 23] and the odd ones in dst[24 .. 47], so that the stride-2
+ * pixels of one tap lie side by side. */
+static inline __attribute__((always_inline)) void
+FN(lanes_plane_row)(const bconv_args *a, const int NARROW, const int S, const uint64_t *row, int c0,
+                    uint32_t *dst)
+{
+    const int i0 = c0 >= 0 ? 0 : -c0 < PLANE_COLS ? -c0 : PLANE_COLS;
+    const int i1 = a->W - c0 < PLANE_COLS ? a->W - c0 : PLANE_COLS;
+    const uint64_t inside = i1 > i0 ? ((1ull << i1) - 1) & ~((1ull << i0) - 1) : 0;
+    const uint64_t *xp = row + c0;
+    if (NARROW) {
+        for (int g = 0; g < PLANE_COLS / 8; g++)
+            _mm_store_si128((__m128i *)dst + g,
+                            _mm512_cvtepi64_epi16(_mm512_maskz_loadu_epi64((__mmask8)(inside >> (8 * g)), xp + 8 * g)));
+    } else if (S == 1) { /* a block of 16 pixels reads at most 15 + 16 columns */
+        for (int g = 0; g < 4; g++)
+            _mm256_store_si256((__m256i *)dst + g,
+                               _mm512_cvtepi64_epi32(_mm512_maskz_loadu_epi64((__mmask8)(inside >> (8 * g)), xp + 8 * g)));
+    } else { /* the low dwords of the even words, then of the odd ones, of 16 words */
+        const __m512i even = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+        const __m512i odd = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 0, 0, 0, 0, 0, 0, 0, 0);
+        for (int g = 0; g < PLANE_COLS / 16; g++) {
+            const __m512i w0 = _mm512_maskz_loadu_epi64((__mmask8)(inside >> (16 * g)), xp + 16 * g);
+            const __m512i w1 = _mm512_maskz_loadu_epi64((__mmask8)(inside >> (16 * g + 8)), xp + 16 * g + 8);
+            _mm256_store_si256((__m256i *)dst + g, _mm512_castsi512_si256(_mm512_permutex2var_epi32(w0, even, w1)));
+            _mm256_store_si256((__m256i *)(dst + 24) + g,
+                               _mm512_castsi512_si256(_mm512_permutex2var_epi32(w0, odd, w1)));
+        }
     }
 }
 
@@ -781,48 +809,6 @@ FN(lanes_above)(const int NARROW, __m512i v, int k)
                   : _mm512_cmpgt_epi32_mask(v, _mm512_set1_epi32(k));
 }
 
-/* The 32-bit lanes: the low 32 bits of every S-th of the words from xp, one a lane, the
- * words outside wm read as 0 (masked: no other word is touched). */
-static inline __attribute__((always_inline)) __m512i
-FN(lanes_gather32)(const int S, const uint64_t *xp, uint32_t wm)
-{
-    const __m512i w0 = _mm512_maskz_loadu_epi64((__mmask8)wm, xp);
-    const __m512i w1 = _mm512_maskz_loadu_epi64((__mmask8)(wm >> 8), xp + 8);
-    if (S == 1) /* dwords 0, 2, .., 30 of two registers */
-        return _mm512_permutex2var_epi32(
-            w0, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), w1);
-    const __m512i w2 = _mm512_maskz_loadu_epi64((__mmask8)(wm >> 16), xp + 16);
-    const __m512i w3 = _mm512_maskz_loadu_epi64((__mmask8)(wm >> 24), xp + 24);
-    /* dwords 0, 4, .., 28 of two registers, into each half */
-    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i lo = _mm512_permutex2var_epi32(w0, idx, w1);
-    const __m512i hi = _mm512_permutex2var_epi32(w2, idx, w3);
-    return _mm512_inserti64x4(lo, _mm512_castsi512_si256(hi), 1);
-}
-
-/* The 16-bit lanes of stride 1 for every tap column of a row at once: the low 16 bits of
- * words xp[0 .. 47] (those outside wm read as 0), words 0-31 in lo and 32-47 in the low
- * half of hi; tap column kx's lanes are then words kx .. kx + 31 (lanes_window_tap). */
-static inline __attribute__((always_inline)) void
-FN(lanes_window16)(const uint64_t *xp, uint64_t wm, __m512i *lo, __m512i *hi)
-{
-    const __m512i idx = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 60, 56, 52,
-                                         48, 44, 40, 36, 32, 28, 24, 20, 16, 12, 8, 4, 0);
-    __m512i w[6];
-    for (int i = 0; i < 6; i++) w[i] = _mm512_maskz_loadu_epi64((__mmask8)(wm >> (8 * i)), xp + 8 * i);
-    *lo = _mm512_inserti64x4(_mm512_permutex2var_epi16(w[0], idx, w[1]),
-                             _mm512_castsi512_si256(_mm512_permutex2var_epi16(w[2], idx, w[3])), 1);
-    *hi = _mm512_permutex2var_epi16(w[4], idx, w[5]);
-}
-
-static inline __attribute__((always_inline)) __m512i
-FN(lanes_window_tap)(__m512i lo, __m512i hi, int kx)
-{
-    const __m512i iota = _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17,
-                                          16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    return kx ? _mm512_permutex2var_epi16(lo, _mm512_add_epi16(iota, _mm512_set1_epi16((short)kx)), hi) : lo;
-}
-
 /* Output pixels [ox, ox + m) of row r of a convolution with O % 16 == 0 and KW <=
  * LANES_MAX_KW, taps along y from ky0 to ky1, with the pixels side by side in one
  * register: for C <= 16 and stride 1 (NARROW, with w16) 32 pixels in 16-bit lanes
@@ -830,8 +816,10 @@ FN(lanes_window_tap)(__m512i lo, __m512i hi, int kx)
  * 32-bit lanes (VPOPCNTD); NARROW and S are constants after inlining. A lane holds the
  * low bits of the pixel's one channel word (the rest are 0), so that one popcount counts
  * every pixel against one broadcast weight word, where the per-pixel path's VPOPCNTQ
- * counts 8 channels x 64 bits of which only C are used. w16 holds each weight word twice
- * in 32 bits (w16[t * O + o]), so that the XOR broadcasts it from memory. A tap in the
+ * counts 8 channels x 64 bits of which only C are used. The lanes come from plane, the
+ * block's plane rows (lanes_plane_row) from input row iy0 + ky0, padded the pixels each
+ * tap column puts in the padding (lane_taps). w16 holds each weight word twice in 32
+ * bits (w16[t * O + o]), so that the XOR broadcasts it from memory. A tap in the
  * padding adds nothing to its pixels' counts (its popcount zero-masked: as cheap as the
  * plain one, and the add stays unmasked, which keeps GCC from copying and spilling the
  * accumulators), and its C is taken from their totals. Then either the signs come from
@@ -839,38 +827,27 @@ FN(lanes_window_tap)(__m512i lo, __m512i hi, int kx)
  * transposed to a pixel's 16 channels for the float epilogue. */
 static inline __attribute__((always_inline)) void
 FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, int ky0, int ky1,
-                 int ox, int m, const uint32_t *w16)
+                 int ox, int m, const uint32_t *w16, const uint32_t *padded,
+                 const uint32_t (*plane)[PLANE_COLS])
 {
     const int O = a->O, KW = a->KW;
-    const int n = (int)(r / a->Ho), iy0 = (int)(r % a->Ho) * a->sh - a->ph;
-    FN(lane_tap) lt[LANES_MAX_KW];
-    FN(lane_taps)(a, NARROW, S, ox, m, lt);
     __m512i total = FN(lanes_set1)(NARROW, (ky1 - ky0) * KW * a->C);
-    for (int kx = 0; kx < KW; kx++)
-        total = FN(lanes_mask_sub)(NARROW, total, lt[kx].padded, (ky1 - ky0) * a->C);
+    for (int kx = 0; kx < KW; kx++) total = FN(lanes_mask_sub)(NARROW, total, padded[kx], (ky1 - ky0) * a->C);
     /* with thresholds, the counts start at -total / 2 (total is even: sign_k) */
     const __m512i start = !a->sign_k ? _mm512_setzero_si512()
                           : NARROW   ? _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_srai_epi16(total, 1))
                                      : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_srai_epi32(total, 1));
-    /* The 16-bit lanes (stride 1) load a row's window once (m - 1 + KW <= 47 words) for
-     * all its tap columns: wm, the window's words inside the image. */
-    uint64_t wm = 0;
-    if (NARROW) {
-        const int first = ox - a->pw, i0 = first < 0 ? -first : 0;
-        const int i1 = a->W - first < m - 1 + KW ? a->W - first : m - 1 + KW;
-        if (i1 > i0) wm = ((1ull << i1) - 1) & ~((1ull << i0) - 1);
-    }
     for (int ob = 0; ob < O; ob += 16) {
         __m512i acc[16];
         for (int j = 0; j < 16; j++) acc[j] = start;
         for (int ky = ky0; ky < ky1; ky++) {
-            const uint64_t *row = a->x + ((int64_t)n * a->H + iy0 + ky) * a->W;
-            __m512i lo = _mm512_setzero_si512(), hi = lo;
-            if (NARROW) FN(lanes_window16)(row + ox - a->pw, wm, &lo, &hi);
+            const uint32_t *row = plane[ky - ky0];
             for (int kx = 0; kx < KW; kx++) {
-                const __m512i x = NARROW ? FN(lanes_window_tap)(lo, hi, kx)
-                                         : FN(lanes_gather32)(S, row + ox * S - a->pw + kx, lt[kx].words);
-                const uint32_t keep = ~lt[kx].padded;
+                /* pixel p's column: p + kx, or 2p + kx at stride 2 (even columns first) */
+                const __m512i x = NARROW   ? _mm512_loadu_si512((const uint16_t *)row + kx)
+                                  : S == 1 ? _mm512_loadu_si512(row + kx)
+                                           : _mm512_loadu_si512(row + kx % 2 * (PLANE_COLS / 2) + kx / 2);
+                const uint32_t keep = ~padded[kx];
                 const int64_t t = (int64_t)(ky * KW + kx) * O + ob;
                 for (int j = 0; j < 16; j++)
                     acc[j] = FN(lanes_add_popcount)(NARROW, acc[j], keep, x,
@@ -913,41 +890,78 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, 
     }
 }
 
-/* AVX-512 row for O % 8 == 0. Convolutions of C <= 32 channels, O % 16 == 0, stride 1 or
- * 2 along x and windows up to LANES_MAX_KW wide take their pixels sixteen at a time
- * (avx512_lanes), or 32 with w16 (C <= 16, stride 1); the others go through
+/* Does the convolution take its pixels in lanes (avx512_lanes)? */
+static inline int FN(lanes_fit)(const bconv_args *a)
+{
+    return a->C <= 32 && a->O % 16 == 0 && (a->sw == 1 || a->sw == 2) && a->KW <= LANES_MAX_KW &&
+           a->KH <= LANES_MAX_KW && a->sh <= LANES_MAX_KW;
+}
+
+/* Rows r .. of avx512_lanes, up to r1 and within one image: as many as one plane of
+ * PLANE_ROWS input rows covers (at least 2: KH and sh are at most 16). Each block of
+ * pixels converts those rows once (the rows above and below the image are never read),
+ * then runs every row of the chunk. Returns the next row. */
+static inline __attribute__((always_inline)) int64_t
+FN(lanes_chunk)(const bconv_args *a, const int NARROW, const int S, int64_t r, int64_t r1,
+                const uint32_t *w16)
+{
+    const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
+    int64_t rows = (PLANE_ROWS - a->KH) / a->sh + 1;
+    rows = rows < a->Ho - oy ? rows : a->Ho - oy;
+    rows = rows < r1 - r ? rows : r1 - r;
+    const int iy_first = oy * a->sh - a->ph, span = (int)(rows - 1) * a->sh + a->KH;
+    const int B = NARROW ? 32 : 16;
+    uint32_t plane[PLANE_ROWS][PLANE_COLS] __attribute__((aligned(64)));
+    uint32_t padded[LANES_MAX_KW];
+    for (int ox = 0; ox < a->Wo; ox += B) {
+        const int m = a->Wo - ox < B ? a->Wo - ox : B;
+        FN(lane_taps)(a, S, ox, m, padded);
+        for (int i = 0; i < span; i++) {
+            const int iy = iy_first + i;
+            if (iy >= 0 && iy < a->H)
+                FN(lanes_plane_row)(a, NARROW, S, a->x + ((int64_t)n * a->H + iy) * a->W, ox * S - a->pw,
+                                    plane[i]);
+        }
+        for (int q = 0; q < rows; q++) {
+            /* the taps along y inside the image (none, with padding beyond the kernel) */
+            const int iy0 = iy_first + q * a->sh;
+            int ky0 = iy0 < 0 ? -iy0 : 0, ky1 = a->H - iy0 < a->KH ? a->H - iy0 : a->KH;
+            if (ky1 <= ky0) ky0 = ky1 = 0;
+            FN(avx512_lanes)(a, NARROW, S, r + q, ky0, ky1, ox, m, w16, padded,
+                             (const uint32_t(*)[PLANE_COLS])plane[q * a->sh + ky0]);
+        }
+    }
+    return r + rows;
+}
+
+/* AVX-512 rows for O % 8 == 0. Convolutions of C <= 32 channels, O % 16 == 0, stride 1 or
+ * 2 along x and windows up to LANES_MAX_KW wide and tall take their pixels sixteen at a
+ * time (avx512_lanes), or 32 with w16 (C <= 16, stride 1); the others go through
  * avx512_pixels, two at a time where both have every tap inside the image. */
 static inline __attribute__((always_inline)) void
-FN(bconv_row_avx512)(const bconv_args *a, int64_t r, int64_t *xoff, int64_t *woff,
-                     const uint32_t *w16)
+FN(bconv_rows_avx512_)(const bconv_args *a, int64_t r0, int64_t r1, int64_t *xoff, int64_t *woff,
+                       const uint32_t *w16)
 {
-    const int oy = (int)(r % a->Ho), iy0 = oy * a->sh - a->ph;
-    if (a->C <= 32 && a->O % 16 == 0 && (a->sw == 1 || a->sw == 2) && a->KW <= LANES_MAX_KW) {
-        /* the taps along y inside the image (none, with padding beyond the kernel) */
-        const int ky0 = iy0 < 0 ? -iy0 : 0;
-        int ky1 = a->H - iy0 < a->KH ? a->H - iy0 : a->KH;
-        ky1 = ky1 < ky0 ? ky0 : ky1;
-        if (w16)
-            for (int ox = 0; ox < a->Wo; ox += 32)
-                FN(avx512_lanes)(a, 1, 1, r, ky0, ky1, ox, a->Wo - ox < 32 ? a->Wo - ox : 32, w16);
-        else
-            for (int ox = 0; ox < a->Wo; ox += 16) {
-                const int m = a->Wo - ox < 16 ? a->Wo - ox : 16;
-                if (a->sw == 1) FN(avx512_lanes)(a, 0, 1, r, ky0, ky1, ox, m, NULL);
-                else FN(avx512_lanes)(a, 0, 2, r, ky0, ky1, ox, m, NULL);
-            }
+    if (FN(lanes_fit)(a)) {
+        for (int64_t r = r0; r < r1;)
+            r = w16          ? FN(lanes_chunk)(a, 1, 1, r, r1, w16)
+                : a->sw == 1 ? FN(lanes_chunk)(a, 0, 1, r, r1, NULL)
+                             : FN(lanes_chunk)(a, 0, 2, r, r1, NULL);
         return;
     }
-    const int rows_inside = iy0 >= 0 && iy0 + a->KH <= a->H;
-    for (int ox = 0; ox < a->Wo;) {
-        const int ix0 = ox * a->sw - a->pw;
-        const int inside = rows_inside && ix0 >= 0 && ix0 + a->KW <= a->W;
-        if (inside && ox + 1 < a->Wo && ix0 + a->sw + a->KW <= a->W) {
-            FN(avx512_pixels)(a, 2, r, ox, 1, xoff, woff);
-            ox += 2;
-        } else {
-            FN(avx512_pixels)(a, 1, r, ox, inside, xoff, woff);
-            ox += 1;
+    for (int64_t r = r0; r < r1; r++) {
+        const int oy = (int)(r % a->Ho), iy0 = oy * a->sh - a->ph;
+        const int rows_inside = iy0 >= 0 && iy0 + a->KH <= a->H;
+        for (int ox = 0; ox < a->Wo;) {
+            const int ix0 = ox * a->sw - a->pw;
+            const int inside = rows_inside && ix0 >= 0 && ix0 + a->KW <= a->W;
+            if (inside && ox + 1 < a->Wo && ix0 + a->sw + a->KW <= a->W) {
+                FN(avx512_pixels)(a, 2, r, ox, 1, xoff, woff);
+                ox += 2;
+            } else {
+                FN(avx512_pixels)(a, 1, r, ox, inside, xoff, woff);
+                ox += 1;
+            }
         }
     }
 }
@@ -967,8 +981,7 @@ static void FN(bconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t 
          * instructions a layer, against the convolution's millions of binary MACs. */
         uint32_t w16[2048];
         const int64_t pairs = (int64_t)a->KH * a->KW * a->O;
-        const int narrow = a->C <= 16 && a->O % 16 == 0 && a->sw == 1 && a->KW <= LANES_MAX_KW &&
-                           pairs <= 2048;
+        const int narrow = FN(lanes_fit)(a) && a->C <= 16 && a->sw == 1 && pairs <= 2048;
         for (int64_t i = 0; narrow && i < pairs; i++) w16[i] = (uint32_t)(uint16_t)a->w[i] * 0x10001u;
         int32_t t[SIGN_MAX_O], k[SIGN_MAX_O];
         uint64_t flip[SIGN_MAX_O / 64];
@@ -983,7 +996,7 @@ static void FN(bconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t 
                 b.sign_k = k;
             }
         }
-        for (int64_t r = r0; r < r1; r++) FN(bconv_row_avx512)(&b, r, xoff, woff, narrow ? w16 : NULL);
+        FN(bconv_rows_avx512_)(&b, r0, r1, xoff, woff, narrow ? w16 : NULL);
         return;
     }
 #endif
