@@ -120,6 +120,19 @@ static const case_t CASES[] = {
     /* padding wider than a block's window: blocks wholly in the padding */
     {1, 4, 6, 16, 16, 3, 1, 20, ACT_RELU, 1, 1, 0},
     {1, 3, 5, 20, 16, 3, 2, 60, ACT_HARDTANH, 0, 1, 0, 0, 1},
+    /* rows of 16 pixels (16-bit lanes) or 8 (32-bit): two rows a register, the last one
+     * of an odd count alone; at both strides, across chunks, and with rows wholly in
+     * the padding */
+    {1, 7, 16, 16, 16, 3, 1, 1, ACT_HARDTANH, 1, 1, 0},
+    {2, 5, 16, 12, 32, 3, 1, 1, ACT_RELU, 0, 1, 0, 0, 1},
+    {1, 9, 32, 16, 32, 3, 2, 1, ACT_RELU, 0, 1, 0, 0, 1},
+    {2, 32, 32, 16, 16, 3, 2, 1, ACT_PRELU, 1, 1, 16},
+    {1, 5, 8, 32, 32, 3, 1, 1, ACT_NONE, 1, 1, 0},
+    {2, 40, 8, 24, 16, 3, 1, 1, ACT_HARDTANH, 0, 1, 0, 0, 1},
+    {1, 11, 16, 32, 64, 3, 2, 1, ACT_RELU, 0, 1, 0, 0, 1},
+    {1, 7, 15, 20, 16, 3, 2, 1, ACT_HARDTANH, 1, 1, 0},
+    {1, 3, 4, 16, 16, 3, 1, 7, ACT_RELU, 1, 1, 0},
+    {1, 3, 2, 30, 16, 3, 1, 4, ACT_HARDTANH, 0, 1, 0, 0, 1},
 };
 
 #define GUARD 256 /* bytes */

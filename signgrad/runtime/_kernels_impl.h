@@ -736,18 +736,29 @@ FN(lane_taps)(const bconv_args *a, int S, int ox, int m, uint32_t *padded)
 #define PLANE_ROWS 32
 
 /* One plane row (see PLANE_COLS): the words of row from image column c0 on, those outside
- * the image as 0 (masked loads: no other word is touched); at stride 2 the even columns
- * (from c0) in dst[0 .. 23] and the odd ones in dst[24 .. 47], so that the stride-2
- * pixels of one tap lie side by side. */
+ * the image (and all of them for a row outside it, NULL) as 0 (masked loads: no other
+ * word is touched); at stride 2 the even columns (from c0) in lanes 0 .. 23 and the odd
+ * ones in lanes 24 .. 47, so that the stride-2 pixels of one tap lie side by side. */
 static inline __attribute__((always_inline)) void
 FN(lanes_plane_row)(const bconv_args *a, const int NARROW, const int S, const uint64_t *row, int c0,
                     uint32_t *dst)
 {
     const int i0 = c0 >= 0 ? 0 : -c0 < PLANE_COLS ? -c0 : PLANE_COLS;
     const int i1 = a->W - c0 < PLANE_COLS ? a->W - c0 : PLANE_COLS;
-    const uint64_t inside = i1 > i0 ? ((1ull << i1) - 1) & ~((1ull << i0) - 1) : 0;
-    const uint64_t *xp = row + c0;
-    if (NARROW) {
+    const uint64_t inside = row && i1 > i0 ? ((1ull << i1) - 1) & ~((1ull << i0) - 1) : 0;
+    const uint64_t *xp = row ? row + c0 : a->x;
+    if (NARROW && S == 2) { /* the low words of the even words, then of the odd ones */
+        const __m512i even = _mm512_setr_epi64(0x0018001000080000, 0x0038003000280020, 0, 0, 0, 0, 0, 0);
+        const __m512i odd = _mm512_setr_epi64(0x001C0014000C0004, 0x003C0034002C0024, 0, 0, 0, 0, 0, 0);
+        uint16_t *d16 = (uint16_t *)dst;
+        for (int g = 0; g < PLANE_COLS / 16; g++) {
+            const __m512i w0 = _mm512_maskz_loadu_epi64((__mmask8)(inside >> (16 * g)), xp + 16 * g);
+            const __m512i w1 = _mm512_maskz_loadu_epi64((__mmask8)(inside >> (16 * g + 8)), xp + 16 * g + 8);
+            _mm_storeu_si128((__m128i *)(d16 + 8 * g), _mm512_castsi512_si128(_mm512_permutex2var_epi16(w0, even, w1)));
+            _mm_storeu_si128((__m128i *)(d16 + PLANE_COLS / 2 + 8 * g),
+                             _mm512_castsi512_si128(_mm512_permutex2var_epi16(w0, odd, w1)));
+        }
+    } else if (NARROW) {
         for (int g = 0; g < PLANE_COLS / 8; g++)
             _mm_store_si128((__m128i *)dst + g,
                             _mm512_cvtepi64_epi16(_mm512_maskz_loadu_epi64((__mmask8)(inside >> (8 * g)), xp + 8 * g)));
@@ -762,7 +773,7 @@ FN(lanes_plane_row)(const bconv_args *a, const int NARROW, const int S, const ui
             const __m512i w0 = _mm512_maskz_loadu_epi64((__mmask8)(inside >> (16 * g)), xp + 16 * g);
             const __m512i w1 = _mm512_maskz_loadu_epi64((__mmask8)(inside >> (16 * g + 8)), xp + 16 * g + 8);
             _mm256_store_si256((__m256i *)dst + g, _mm512_castsi512_si256(_mm512_permutex2var_epi32(w0, even, w1)));
-            _mm256_store_si256((__m256i *)(dst + 24) + g,
+            _mm256_store_si256((__m256i *)(dst + PLANE_COLS / 2) + g,
                                _mm512_castsi512_si256(_mm512_permutex2var_epi32(w0, odd, w1)));
         }
     }
@@ -810,45 +821,60 @@ FN(lanes_above)(const int NARROW, __m512i v, int k)
 }
 
 /* Output pixels [ox, ox + m) of row r of a convolution with O % 16 == 0 and KW <=
- * LANES_MAX_KW, taps along y from ky0 to ky1, with the pixels side by side in one
- * register: for C <= 16 and stride 1 (NARROW, with w16) 32 pixels in 16-bit lanes
- * (VPOPCNTW, AVX512-BITALG), else for C <= 32 and stride S of 1 or 2, 16 pixels in
- * 32-bit lanes (VPOPCNTD); NARROW and S are constants after inlining. A lane holds the
- * low bits of the pixel's one channel word (the rest are 0), so that one popcount counts
- * every pixel against one broadcast weight word, where the per-pixel path's VPOPCNTQ
- * counts 8 channels x 64 bits of which only C are used. The lanes come from plane, the
- * block's plane rows (lanes_plane_row) from input row iy0 + ky0, padded the pixels each
- * tap column puts in the padding (lane_taps). w16 holds each weight word twice in 32
- * bits (w16[t * O + o]), so that the XOR broadcasts it from memory. A tap in the
- * padding adds nothing to its pixels' counts (its popcount zero-masked: as cheap as the
- * plain one, and the add stays unmasked, which keeps GCC from copying and spilling the
- * accumulators), and its C is taken from their totals. Then either the signs come from
- * the thresholds (the counts start at -total / 2: see sign_k), or d = total - 2 count is
- * transposed to a pixel's 16 channels for the float epilogue. */
+ * LANES_MAX_KW, with the pixels side by side in one register: for C <= 16 (NARROW, with
+ * w16) 32 pixels in 16-bit lanes (VPOPCNTW, AVX512-BITALG), else for C <= 32 16 pixels in
+ * 32-bit lanes (VPOPCNTD); at stride S of 1 or 2. With HALF, a row fills half of them
+ * (Wo is 16 or 8, ox 0) and the next row (r + 1, if m is 2 Wo) the other half, which
+ * keeps every lane busy. NARROW, S and HALF are constants after inlining. A lane holds
+ * the low bits of the pixel's one channel word (the rest are 0), so that one popcount
+ * counts every pixel against one broadcast weight word, where the per-pixel path's
+ * VPOPCNTQ counts 8 channels x 64 bits of which only C are used. The lanes come from
+ * plane rows (lanes_plane_row): pa[ky] for tap row ky of row r, pb[ky] of row r + 1; ky
+ * holds each row's taps along y inside the image, [ky[0], ky[1]) and [ky[2], ky[3]);
+ * padded the pixels each tap column puts in the padding (lane_taps, in both halves).
+ * w16 holds each weight word twice in 32 bits (w16[t * O + o]), so that the XOR
+ * broadcasts it from memory. A tap in the padding adds nothing to its pixels' counts
+ * (its popcount zero-masked: as cheap as the plain one, and the add stays unmasked,
+ * which keeps GCC from copying and spilling the accumulators), and its C is taken from
+ * their totals. Then either the signs come from the thresholds (the counts start at
+ * -total / 2: see sign_k), or d = total - 2 count is transposed to a pixel's 16
+ * channels for the float epilogue. */
 static inline __attribute__((always_inline)) void
-FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, int64_t r, int ky0, int ky1,
-                 int ox, int m, const uint32_t *w16, const uint32_t *padded,
-                 const uint32_t (*plane)[PLANE_COLS])
+FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, const int HALF, int64_t r,
+                 const int *ky, int ox, int m, const uint32_t *w16, const uint32_t *padded,
+                 const uint32_t (*pa)[PLANE_COLS], const uint32_t (*pb)[PLANE_COLS])
 {
-    const int O = a->O, KW = a->KW;
-    __m512i total = FN(lanes_set1)(NARROW, (ky1 - ky0) * KW * a->C);
-    for (int kx = 0; kx < KW; kx++) total = FN(lanes_mask_sub)(NARROW, total, padded[kx], (ky1 - ky0) * a->C);
+    const int O = a->O, KW = a->KW, C = a->C;
+    const uint32_t all = NARROW ? 0xFFFFFFFFu : 0xFFFFu;
+    const uint32_t low = HALF ? (NARROW ? 0xFFFFu : 0xFFu) : all, up = all & ~low;
+    const int a0 = ky[0], a1 = ky[1];
+    const int b0 = HALF && ky[3] > ky[2] ? ky[2] : a0, b1 = HALF && ky[3] > ky[2] ? ky[3] : a0;
+    __m512i total = FN(lanes_set1)(NARROW, (a1 - a0) * KW * C);
+    if (HALF) total = FN(lanes_mask_sub)(NARROW, total, up, (a1 - a0 - (b1 - b0)) * KW * C);
+    for (int kx = 0; kx < KW; kx++) {
+        total = FN(lanes_mask_sub)(NARROW, total, padded[kx] & low, (a1 - a0) * C);
+        if (HALF) total = FN(lanes_mask_sub)(NARROW, total, padded[kx] & up, (b1 - b0) * C);
+    }
     /* with thresholds, the counts start at -total / 2 (total is even: sign_k) */
     const __m512i start = !a->sign_k ? _mm512_setzero_si512()
                           : NARROW   ? _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_srai_epi16(total, 1))
                                      : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_srai_epi32(total, 1));
+    const int k0 = b0 < a0 ? b0 : a0, k1 = b1 > a1 ? b1 : a1;
     for (int ob = 0; ob < O; ob += 16) {
         __m512i acc[16];
         for (int j = 0; j < 16; j++) acc[j] = start;
-        for (int ky = ky0; ky < ky1; ky++) {
-            const uint32_t *row = plane[ky - ky0];
+        for (int y = k0; y < k1; y++) {
+            const uint32_t rows = !HALF ? all : (y >= a0 && y < a1 ? low : 0) | (y >= b0 && y < b1 ? up : 0);
+            const char *ra = (const char *)pa[y], *rb = (const char *)pb[y];
             for (int kx = 0; kx < KW; kx++) {
                 /* pixel p's column: p + kx, or 2p + kx at stride 2 (even columns first) */
-                const __m512i x = NARROW   ? _mm512_loadu_si512((const uint16_t *)row + kx)
-                                  : S == 1 ? _mm512_loadu_si512(row + kx)
-                                           : _mm512_loadu_si512(row + kx % 2 * (PLANE_COLS / 2) + kx / 2);
-                const uint32_t keep = ~padded[kx];
-                const int64_t t = (int64_t)(ky * KW + kx) * O + ob;
+                const int64_t off = (S == 1 ? kx : kx % 2 * (PLANE_COLS / 2) + kx / 2) * (NARROW ? 2 : 4);
+                const __m512i x =
+                    HALF ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ra + off))),
+                                              _mm256_loadu_si256((const __m256i *)(rb + off)), 1)
+                         : _mm512_loadu_si512(ra + off);
+                const uint32_t keep = ~padded[kx] & rows;
+                const int64_t t = (int64_t)(y * KW + kx) * O + ob;
                 for (int j = 0; j < 16; j++)
                     acc[j] = FN(lanes_add_popcount)(NARROW, acc[j], keep, x,
                                                     NARROW ? w16[t + j] : (uint32_t)a->w[t + j]);
@@ -899,36 +925,44 @@ static inline int FN(lanes_fit)(const bconv_args *a)
 
 /* Rows r .. of avx512_lanes, up to r1 and within one image: as many as one plane of
  * PLANE_ROWS input rows covers (at least 2: KH and sh are at most 16). Each block of
- * pixels converts those rows once (the rows above and below the image are never read),
- * then runs every row of the chunk. Returns the next row. */
+ * pixels converts those rows once (those above and below the image as zeros), then runs
+ * the chunk's rows, two at a time with HALF. Returns the next row. */
 static inline __attribute__((always_inline)) int64_t
-FN(lanes_chunk)(const bconv_args *a, const int NARROW, const int S, int64_t r, int64_t r1,
-                const uint32_t *w16)
+FN(lanes_chunk)(const bconv_args *a, const int NARROW, const int S, const int HALF, int64_t r,
+                int64_t r1, const uint32_t *w16)
 {
     const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
     int64_t rows = (PLANE_ROWS - a->KH) / a->sh + 1;
     rows = rows < a->Ho - oy ? rows : a->Ho - oy;
     rows = rows < r1 - r ? rows : r1 - r;
     const int iy_first = oy * a->sh - a->ph, span = (int)(rows - 1) * a->sh + a->KH;
-    const int B = NARROW ? 32 : 16;
+    const int B = HALF ? a->Wo : NARROW ? 32 : 16;
     uint32_t plane[PLANE_ROWS][PLANE_COLS] __attribute__((aligned(64)));
     uint32_t padded[LANES_MAX_KW];
     for (int ox = 0; ox < a->Wo; ox += B) {
         const int m = a->Wo - ox < B ? a->Wo - ox : B;
         FN(lane_taps)(a, S, ox, m, padded);
+        if (HALF)
+            for (int kx = 0; kx < a->KW; kx++) padded[kx] |= padded[kx] << B;
         for (int i = 0; i < span; i++) {
             const int iy = iy_first + i;
-            if (iy >= 0 && iy < a->H)
-                FN(lanes_plane_row)(a, NARROW, S, a->x + ((int64_t)n * a->H + iy) * a->W, ox * S - a->pw,
-                                    plane[i]);
+            const uint64_t *row = iy >= 0 && iy < a->H ? a->x + ((int64_t)n * a->H + iy) * a->W : NULL;
+            FN(lanes_plane_row)(a, NARROW, S, row, ox * S - a->pw, plane[i]);
         }
-        for (int q = 0; q < rows; q++) {
-            /* the taps along y inside the image (none, with padding beyond the kernel) */
-            const int iy0 = iy_first + q * a->sh;
-            int ky0 = iy0 < 0 ? -iy0 : 0, ky1 = a->H - iy0 < a->KH ? a->H - iy0 : a->KH;
-            if (ky1 <= ky0) ky0 = ky1 = 0;
-            FN(avx512_lanes)(a, NARROW, S, r + q, ky0, ky1, ox, m, w16, padded,
-                             (const uint32_t(*)[PLANE_COLS])plane[q * a->sh + ky0]);
+        for (int q = 0; q < rows; q += HALF ? 2 : 1) {
+            /* each row's taps along y inside the image (none, with padding beyond the
+             * kernel); a missing second row has none */
+            int ky[4] = {0, 0, 0, 0};
+            for (int h = 0; h < (HALF && q + 1 < rows ? 2 : 1); h++) {
+                const int iy0 = iy_first + (q + h) * a->sh;
+                int k0 = iy0 < 0 ? -iy0 : 0, k1 = a->H - iy0 < a->KH ? a->H - iy0 : a->KH;
+                if (k1 <= k0) k0 = k1 = 0;
+                ky[2 * h] = k0, ky[2 * h + 1] = k1;
+            }
+            const int two = HALF && q + 1 < rows;
+            FN(avx512_lanes)(a, NARROW, S, HALF, r + q, ky, ox, two ? 2 * m : m, w16, padded,
+                             (const uint32_t(*)[PLANE_COLS])plane[q * a->sh],
+                             (const uint32_t(*)[PLANE_COLS])plane[(q + two) * a->sh]);
         }
     }
     return r + rows;
@@ -943,10 +977,14 @@ FN(bconv_rows_avx512_)(const bconv_args *a, int64_t r0, int64_t r1, int64_t *xof
                        const uint32_t *w16)
 {
     if (FN(lanes_fit)(a)) {
-        for (int64_t r = r0; r < r1;)
-            r = w16          ? FN(lanes_chunk)(a, 1, 1, r, r1, w16)
-                : a->sw == 1 ? FN(lanes_chunk)(a, 0, 1, r, r1, NULL)
-                             : FN(lanes_chunk)(a, 0, 2, r, r1, NULL);
+        /* rows of 16 pixels (16-bit lanes) or 8 fill half a register: two at a time */
+        const int half = 2 * a->Wo == (w16 ? 32 : 16);
+        for (int64_t r = r0; r < r1;) {
+            if (w16 && a->sw == 2) r = FN(lanes_chunk)(a, 1, 2, 1, r, r1, w16);
+            else if (w16) r = half ? FN(lanes_chunk)(a, 1, 1, 1, r, r1, w16) : FN(lanes_chunk)(a, 1, 1, 0, r, r1, w16);
+            else if (a->sw == 1) r = half ? FN(lanes_chunk)(a, 0, 1, 1, r, r1, NULL) : FN(lanes_chunk)(a, 0, 1, 0, r, r1, NULL);
+            else r = half ? FN(lanes_chunk)(a, 0, 2, 1, r, r1, NULL) : FN(lanes_chunk)(a, 0, 2, 0, r, r1, NULL);
+        }
         return;
     }
     for (int64_t r = r0; r < r1; r++) {
@@ -981,7 +1019,8 @@ static void FN(bconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t 
          * instructions a layer, against the convolution's millions of binary MACs. */
         uint32_t w16[2048];
         const int64_t pairs = (int64_t)a->KH * a->KW * a->O;
-        const int narrow = FN(lanes_fit)(a) && a->C <= 16 && a->sw == 1 && pairs <= 2048;
+        /* (16-bit lanes at stride 2 only two rows of 16 pixels at a time: HALF) */
+        const int narrow = FN(lanes_fit)(a) && a->C <= 16 && (a->sw == 1 || a->Wo == 16) && pairs <= 2048;
         for (int64_t i = 0; narrow && i < pairs; i++) w16[i] = (uint32_t)(uint16_t)a->w[i] * 0x10001u;
         int32_t t[SIGN_MAX_O], k[SIGN_MAX_O];
         uint64_t flip[SIGN_MAX_O / 64];
