@@ -133,6 +133,10 @@ static const case_t CASES[] = {
     {1, 7, 15, 20, 16, 3, 2, 1, ACT_HARDTANH, 1, 1, 0},
     {1, 3, 4, 16, 16, 3, 1, 7, ACT_RELU, 1, 1, 0},
     {1, 3, 2, 30, 16, 3, 1, 4, ACT_HARDTANH, 0, 1, 0, 0, 1},
+    /* 33 to 64 channels: 8 pixels in 64-bit lanes, across chunks, C odd and even */
+    {1, 35, 19, 64, 64, 3, 1, 1, ACT_HARDTANH, 1, 1, 0},
+    {1, 6, 10, 50, 32, 5, 1, 2, ACT_PRELU, 0, 1, 32, 0, 1},
+    {1, 5, 9, 63, 16, 3, 1, 1, ACT_RELU, 0, 1, 0, 0, 1},
 };
 
 #define GUARD 256 /* bytes */

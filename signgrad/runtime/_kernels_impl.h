@@ -367,19 +367,20 @@ static int FN(sign_thresholds)(const bconv_args *a, int32_t *t, uint64_t *flip)
 }
 
 /* The sign words of lanes' pixels, m of them from pixel ox of row r, into channels ob ..
- * ob + 15: lane p of res holds pixel ox + p's bits in its low 16 bits (16-bit lanes,
- * NARROW: 32 pixels; 32-bit lanes: 16). With one word a pixel (O <= 64) they are
+ * ob + 15: lane p of res holds pixel ox + p's bits in its low 16 bits (lanes of LB
+ * bits: 32 pixels of 16 bits, 16 of 32 or 8 of 64). With one word a pixel (O <= 64) they are
  * widened eight at a time and stored as they lie (ob % 64 == 0, the first to write the
  * word) or OR-ed in; otherwise a word at a time. */
 static inline __attribute__((always_inline)) void
-FN(lanes_store_bits)(const bconv_args *a, const int NARROW, int64_t r, int ox, int m, int ob,
+FN(lanes_store_bits)(const bconv_args *a, const int LB, int64_t r, int ox, int m, int ob,
                      __m512i res)
 {
     const int Ow = (a->O + 63) / 64, sh = ob % 64;
     uint64_t *out = a->out_bits + (r * a->Wo + ox) * Ow + ob / 64;
     uint16_t words[32] __attribute__((aligned(64)));
-    if (NARROW) _mm512_store_si512((void *)words, res);
-    else _mm256_store_si256((__m256i *)words, _mm512_cvtepi32_epi16(res));
+    if (LB == 16) _mm512_store_si512((void *)words, res);
+    else if (LB == 32) _mm256_store_si256((__m256i *)words, _mm512_cvtepi32_epi16(res));
+    else _mm_store_si128((__m128i *)words, _mm512_cvtepi64_epi16(res));
     if (Ow == 1) {
         for (int g = 0; g * 8 < m; g++) {
             const __m512i v = _mm512_sll_epi64(_mm512_cvtepu16_epi64(_mm_load_si128((const __m128i *)(words + 8 * g))),
@@ -728,10 +729,11 @@ FN(lane_taps)(const bconv_args *a, int S, int ox, int m, uint32_t *padded)
 }
 
 /* The pixel-lane paths read their input as a plane: for a block of output pixels, each
- * input row's words from the block's first window column on, one a lane (the low 16 bits
- * of each with NARROW, else the low 32), so that a tap's lanes are one unaligned load.
- * PLANE_COLS covers a block's widest window (32 pixels and 15 more words at stride 1,
- * or 16 at stride 2: 2 x 15 + 16); PLANE_ROWS rows make a chunk of output rows. */
+ * input row's words from the block's first window column on, one a lane (the low 16,
+ * 32 or all 64 bits of each), so that a tap's lanes are one unaligned load. A plane row
+ * of PLANE_COLS 32-bit lanes covers a block's widest window (32 pixels and 15 more words
+ * at stride 1, or 16 at stride 2: 2 x 15 + 16; with 64-bit lanes 8 pixels and 15 more);
+ * PLANE_ROWS rows make a chunk of output rows. */
 #define PLANE_COLS 48
 #define PLANE_ROWS 32
 
@@ -740,14 +742,17 @@ FN(lane_taps)(const bconv_args *a, int S, int ox, int m, uint32_t *padded)
  * word is touched); at stride 2 the even columns (from c0) in lanes 0 .. 23 and the odd
  * ones in lanes 24 .. 47, so that the stride-2 pixels of one tap lie side by side. */
 static inline __attribute__((always_inline)) void
-FN(lanes_plane_row)(const bconv_args *a, const int NARROW, const int S, const uint64_t *row, int c0,
+FN(lanes_plane_row)(const bconv_args *a, const int LB, const int S, const uint64_t *row, int c0,
                     uint32_t *dst)
 {
     const int i0 = c0 >= 0 ? 0 : -c0 < PLANE_COLS ? -c0 : PLANE_COLS;
     const int i1 = a->W - c0 < PLANE_COLS ? a->W - c0 : PLANE_COLS;
     const uint64_t inside = row && i1 > i0 ? ((1ull << i1) - 1) & ~((1ull << i0) - 1) : 0;
     const uint64_t *xp = row ? row + c0 : a->x;
-    if (NARROW && S == 2) { /* the low words of the even words, then of the odd ones */
+    if (LB == 64) { /* the words themselves: 8 pixels and 15 more (stride 1 only) */
+        for (int g = 0; g < PLANE_COLS / 16; g++)
+            _mm512_store_si512((uint64_t *)dst + 8 * g, _mm512_maskz_loadu_epi64((__mmask8)(inside >> (8 * g)), xp + 8 * g));
+    } else if (LB == 16 && S == 2) { /* the low words of the even words, then of the odd ones */
         const __m512i even = _mm512_setr_epi64(0x0018001000080000, 0x0038003000280020, 0, 0, 0, 0, 0, 0);
         const __m512i odd = _mm512_setr_epi64(0x001C0014000C0004, 0x003C0034002C0024, 0, 0, 0, 0, 0, 0);
         uint16_t *d16 = (uint16_t *)dst;
@@ -758,7 +763,7 @@ FN(lanes_plane_row)(const bconv_args *a, const int NARROW, const int S, const ui
             _mm_storeu_si128((__m128i *)(d16 + PLANE_COLS / 2 + 8 * g),
                              _mm512_castsi512_si128(_mm512_permutex2var_epi16(w0, odd, w1)));
         }
-    } else if (NARROW) {
+    } else if (LB == 16) {
         for (int g = 0; g < PLANE_COLS / 8; g++)
             _mm_store_si128((__m128i *)dst + g,
                             _mm512_cvtepi64_epi16(_mm512_maskz_loadu_epi64((__mmask8)(inside >> (8 * g)), xp + 8 * g)));
@@ -779,86 +784,101 @@ FN(lanes_plane_row)(const bconv_args *a, const int NARROW, const int S, const ui
     }
 }
 
-/* Lane-width generic operations of the pixel-lane paths: NARROW (a constant after
- * inlining) picks 16-bit lanes (32 pixels a register) over 32-bit ones (16 pixels). */
-static inline __attribute__((always_inline)) __m512i FN(lanes_set1)(const int NARROW, int v)
+/* Lane-width generic operations of the pixel-lane paths: LB (a constant after inlining)
+ * picks lanes of 16 bits (32 pixels a register), 32 (16) or 64 (8). */
+static inline __attribute__((always_inline)) __m512i FN(lanes_set1)(const int LB, int v)
 {
-    return NARROW ? _mm512_set1_epi16((short)v) : _mm512_set1_epi32(v);
+    return LB == 16 ? _mm512_set1_epi16((short)v) : LB == 32 ? _mm512_set1_epi32(v) : _mm512_set1_epi64(v);
 }
 
 static inline __attribute__((always_inline)) __m512i
-FN(lanes_mask_sub)(const int NARROW, __m512i v, uint32_t lanes, int c)
+FN(lanes_mask_sub)(const int LB, __m512i v, uint32_t lanes, int c)
 {
-    return NARROW ? _mm512_mask_sub_epi16(v, (__mmask32)lanes, v, _mm512_set1_epi16((short)c))
-                  : _mm512_mask_sub_epi32(v, (__mmask16)lanes, v, _mm512_set1_epi32(c));
+    return LB == 16   ? _mm512_mask_sub_epi16(v, (__mmask32)lanes, v, _mm512_set1_epi16((short)c))
+           : LB == 32 ? _mm512_mask_sub_epi32(v, (__mmask16)lanes, v, _mm512_set1_epi32(c))
+                      : _mm512_mask_sub_epi64(v, (__mmask8)lanes, v, _mm512_set1_epi64(c));
 }
 
-/* acc + popcount(x XOR the broadcast weight word w) in the lanes of keep, acc elsewhere. */
+/* acc + popcount(x XOR the broadcast weight word w) in the lanes of keep, acc elsewhere
+ * (with 16-bit lanes w holds the weight twice, in each half). */
 static inline __attribute__((always_inline)) __m512i
-FN(lanes_add_popcount)(const int NARROW, __m512i acc, uint32_t keep, __m512i x, uint32_t w)
+FN(lanes_add_popcount)(const int LB, __m512i acc, uint32_t keep, __m512i x, uint64_t w)
 {
-    const __m512i v = _mm512_xor_si512(x, _mm512_set1_epi32((int)w));
-    return NARROW ? _mm512_add_epi16(acc, _mm512_maskz_popcnt_epi16((__mmask32)keep, v))
-                  : _mm512_add_epi32(acc, _mm512_maskz_popcnt_epi32((__mmask16)keep, v));
+    if (LB == 64)
+        return _mm512_add_epi64(acc, _mm512_maskz_popcnt_epi64((__mmask8)keep,
+                                                               _mm512_xor_si512(x, _mm512_set1_epi64((long long)w))));
+    const __m512i v = _mm512_xor_si512(x, _mm512_set1_epi32((int)(uint32_t)w));
+    return LB == 16 ? _mm512_add_epi16(acc, _mm512_maskz_popcnt_epi16((__mmask32)keep, v))
+                    : _mm512_add_epi32(acc, _mm512_maskz_popcnt_epi32((__mmask16)keep, v));
+}
+
+/* d = total - 2 count */
+static inline __attribute__((always_inline)) __m512i FN(lanes_d)(const int LB, __m512i total, __m512i count)
+{
+    return LB == 16   ? _mm512_sub_epi16(total, _mm512_slli_epi16(count, 1))
+           : LB == 32 ? _mm512_sub_epi32(total, _mm512_slli_epi32(count, 1))
+                      : _mm512_sub_epi64(total, _mm512_slli_epi64(count, 1));
 }
 
 /* The lanes whose d = total - 2 count is below t. */
 static inline __attribute__((always_inline)) uint32_t
-FN(lanes_below)(const int NARROW, __m512i total, __m512i count, int t)
+FN(lanes_below)(const int LB, __m512i total, __m512i count, int t)
 {
-    if (NARROW)
-        return _mm512_cmplt_epi16_mask(_mm512_sub_epi16(total, _mm512_slli_epi16(count, 1)),
-                                       _mm512_set1_epi16((short)t));
-    return _mm512_cmplt_epi32_mask(_mm512_sub_epi32(total, _mm512_slli_epi32(count, 1)), _mm512_set1_epi32(t));
+    const __m512i d = FN(lanes_d)(LB, total, count), tv = FN(lanes_set1)(LB, t);
+    return LB == 16   ? _mm512_cmplt_epi16_mask(d, tv)
+           : LB == 32 ? _mm512_cmplt_epi32_mask(d, tv)
+                      : _mm512_cmplt_epi64_mask(d, tv);
 }
 
 /* The lanes of v above k. */
-static inline __attribute__((always_inline)) uint32_t
-FN(lanes_above)(const int NARROW, __m512i v, int k)
+static inline __attribute__((always_inline)) uint32_t FN(lanes_above)(const int LB, __m512i v, int k)
 {
-    return NARROW ? _mm512_cmpgt_epi16_mask(v, _mm512_set1_epi16((short)k))
-                  : _mm512_cmpgt_epi32_mask(v, _mm512_set1_epi32(k));
+    const __m512i kv = FN(lanes_set1)(LB, k);
+    return LB == 16   ? _mm512_cmpgt_epi16_mask(v, kv)
+           : LB == 32 ? _mm512_cmpgt_epi32_mask(v, kv)
+                      : _mm512_cmpgt_epi64_mask(v, kv);
 }
 
-/* Output pixels [ox, ox + m) of row r of a convolution with O % 16 == 0 and KW <=
- * LANES_MAX_KW, with the pixels side by side in one register: for C <= 16 (NARROW, with
- * w16) 32 pixels in 16-bit lanes (VPOPCNTW, AVX512-BITALG), else for C <= 32 16 pixels in
- * 32-bit lanes (VPOPCNTD); at stride S of 1 or 2. With HALF, a row fills half of them
- * (Wo is 16 or 8, ox 0) and the next row (r + 1, if m is 2 Wo) the other half, which
- * keeps every lane busy. NARROW, S and HALF are constants after inlining. A lane holds
- * the low bits of the pixel's one channel word (the rest are 0), so that one popcount
- * counts every pixel against one broadcast weight word, where the per-pixel path's
- * VPOPCNTQ counts 8 channels x 64 bits of which only C are used. The lanes come from
- * plane rows (lanes_plane_row): pa[ky] for tap row ky of row r, pb[ky] of row r + 1; ky
- * holds each row's taps along y inside the image, [ky[0], ky[1]) and [ky[2], ky[3]);
- * padded the pixels each tap column puts in the padding (lane_taps, in both halves).
- * w16 holds each weight word twice in 32 bits (w16[t * O + o]), so that the XOR
- * broadcasts it from memory. A tap in the padding adds nothing to its pixels' counts
- * (its popcount zero-masked: as cheap as the plain one, and the add stays unmasked,
- * which keeps GCC from copying and spilling the accumulators), and its C is taken from
- * their totals. Then either the signs come from the thresholds (the counts start at
- * -total / 2: see sign_k), or d = total - 2 count is transposed to a pixel's 16
- * channels for the float epilogue. */
+/* Output pixels [ox, ox + m) of row r of a convolution with O % 16 == 0, with the pixels
+ * side by side in one register, a pixel's one channel word in a lane of LB bits: 32
+ * pixels in 16-bit lanes for C <= 16 (VPOPCNTW, AVX512-BITALG; with w16), 16 in 32-bit
+ * lanes for C <= 32, both at stride S of 1 or 2, and 8 in 64-bit lanes for C <= 64 at
+ * stride 1. With HALF, a row fills half of the lanes (Wo is 16 or 8, ox 0) and the next
+ * row (r + 1, if m is 2 Wo) the other half, which keeps every lane busy. LB, S and HALF
+ * are constants after inlining. One popcount thus counts every pixel against one
+ * broadcast weight word, where the per-pixel path's VPOPCNTQ counts 8 channels x 64 bits
+ * of which only C are used. The lanes come from plane rows (lanes_plane_row): pa[ky] for
+ * tap row ky of row r, pb[ky] of row r + 1; ky holds each row's taps along y inside the
+ * image, [ky[0], ky[1]) and [ky[2], ky[3]); padded the pixels each tap column puts in the
+ * padding (lane_taps, in both halves). w16 holds each weight word twice in 32 bits
+ * (w16[t * O + o]), so that the XOR broadcasts it from memory. A tap in the padding adds
+ * nothing to its pixels' counts (its popcount zero-masked: as cheap as the plain one, and
+ * the add stays unmasked, which keeps GCC from copying and spilling the accumulators),
+ * and its C is taken from their totals. Then either the signs come from the thresholds
+ * (the counts start at -total / 2: see sign_k), or d = total - 2 count is transposed to
+ * a pixel's 16 channels for the float epilogue. */
 static inline __attribute__((always_inline)) void
-FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, const int HALF, int64_t r,
+FN(avx512_lanes)(const bconv_args *a, const int LB, const int S, const int HALF, int64_t r,
                  const int *ky, int ox, int m, const uint32_t *w16, const uint32_t *padded,
                  const uint32_t (*pa)[PLANE_COLS], const uint32_t (*pb)[PLANE_COLS])
 {
     const int O = a->O, KW = a->KW, C = a->C;
-    const uint32_t all = NARROW ? 0xFFFFFFFFu : 0xFFFFu;
-    const uint32_t low = HALF ? (NARROW ? 0xFFFFu : 0xFFu) : all, up = all & ~low;
+    const uint32_t all = LB == 16 ? 0xFFFFFFFFu : LB == 32 ? 0xFFFFu : 0xFFu;
+    const uint32_t low = HALF ? (LB == 16 ? 0xFFFFu : 0xFFu) : all, up = all & ~low;
     const int a0 = ky[0], a1 = ky[1];
     const int b0 = HALF && ky[3] > ky[2] ? ky[2] : a0, b1 = HALF && ky[3] > ky[2] ? ky[3] : a0;
-    __m512i total = FN(lanes_set1)(NARROW, (a1 - a0) * KW * C);
-    if (HALF) total = FN(lanes_mask_sub)(NARROW, total, up, (a1 - a0 - (b1 - b0)) * KW * C);
+    __m512i total = FN(lanes_set1)(LB, (a1 - a0) * KW * C);
+    if (HALF) total = FN(lanes_mask_sub)(LB, total, up, (a1 - a0 - (b1 - b0)) * KW * C);
     for (int kx = 0; kx < KW; kx++) {
-        total = FN(lanes_mask_sub)(NARROW, total, padded[kx] & low, (a1 - a0) * C);
-        if (HALF) total = FN(lanes_mask_sub)(NARROW, total, padded[kx] & up, (b1 - b0) * C);
+        total = FN(lanes_mask_sub)(LB, total, padded[kx] & low, (a1 - a0) * C);
+        if (HALF) total = FN(lanes_mask_sub)(LB, total, padded[kx] & up, (b1 - b0) * C);
     }
     /* with thresholds, the counts start at -total / 2 (total is even: sign_k) */
-    const __m512i start = !a->sign_k ? _mm512_setzero_si512()
-                          : NARROW   ? _mm512_sub_epi16(_mm512_setzero_si512(), _mm512_srai_epi16(total, 1))
-                                     : _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_srai_epi32(total, 1));
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i start = !a->sign_k  ? zero
+                          : LB == 16 ? _mm512_sub_epi16(zero, _mm512_srai_epi16(total, 1))
+                          : LB == 32 ? _mm512_sub_epi32(zero, _mm512_srai_epi32(total, 1))
+                                     : _mm512_sub_epi64(zero, _mm512_srai_epi64(total, 1));
     const int k0 = b0 < a0 ? b0 : a0, k1 = b1 > a1 ? b1 : a1;
     for (int ob = 0; ob < O; ob += 16) {
         __m512i acc[16];
@@ -868,7 +888,7 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, const int H
             const char *ra = (const char *)pa[y], *rb = (const char *)pb[y];
             for (int kx = 0; kx < KW; kx++) {
                 /* pixel p's column: p + kx, or 2p + kx at stride 2 (even columns first) */
-                const int64_t off = (S == 1 ? kx : kx % 2 * (PLANE_COLS / 2) + kx / 2) * (NARROW ? 2 : 4);
+                const int64_t off = (S == 1 ? kx : kx % 2 * (PLANE_COLS / 2) + kx / 2) * (LB / 8);
                 const __m512i x =
                     HALF ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ra + off))),
                                               _mm256_loadu_si256((const __m256i *)(rb + off)), 1)
@@ -876,30 +896,28 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, const int H
                 const uint32_t keep = ~padded[kx] & rows;
                 const int64_t t = (int64_t)(y * KW + kx) * O + ob;
                 for (int j = 0; j < 16; j++)
-                    acc[j] = FN(lanes_add_popcount)(NARROW, acc[j], keep, x,
-                                                    NARROW ? w16[t + j] : (uint32_t)a->w[t + j]);
+                    acc[j] = FN(lanes_add_popcount)(LB, acc[j], keep, x, LB == 16 ? w16[t + j] : a->w[t + j]);
             }
         }
         if (a->sign_t) { /* only the signs, from the thresholds: no transpose */
             /* lane p: the bits of pixel ox + p; adds 1 << j (bit j, set once) where d < t */
             __m512i res = _mm512_setzero_si512();
             for (int j = 0; j < 16; j++) {
-                const uint32_t below = a->sign_k ? FN(lanes_above)(NARROW, acc[j], a->sign_k[ob + j])
-                                                 : FN(lanes_below)(NARROW, total, acc[j], a->sign_t[ob + j]);
-                res = FN(lanes_mask_sub)(NARROW, res, below, -(1 << j));
+                const uint32_t below = a->sign_k ? FN(lanes_above)(LB, acc[j], a->sign_k[ob + j])
+                                                 : FN(lanes_below)(LB, total, acc[j], a->sign_t[ob + j]);
+                res = FN(lanes_mask_sub)(LB, res, below, -(1 << j));
             }
             const int flip = (int)(uint16_t)(a->sign_flip[ob / 64] >> (ob % 64));
-            res = _mm512_xor_si512(res, FN(lanes_set1)(NARROW, flip));
-            FN(lanes_store_bits)(a, NARROW, r, ox, m, ob, res);
+            res = _mm512_xor_si512(res, FN(lanes_set1)(LB, flip));
+            FN(lanes_store_bits)(a, LB, r, ox, m, ob, res);
             continue;
         }
         /* d = total - 2 count in the lanes, then through memory, indexed by pixel (in
          * registers they would be spilled in the loop) */
         int32_t d[32][16] __attribute__((aligned(64)));
-        if (NARROW) { /* to 32 bits, then per half of the pixels */
+        if (LB == 16) { /* to 32 bits, then per half of the pixels */
             int16_t d16[16][32] __attribute__((aligned(64)));
-            for (int j = 0; j < 16; j++)
-                _mm512_store_si512((void *)d16[j], _mm512_sub_epi16(total, _mm512_slli_epi16(acc[j], 1)));
+            for (int j = 0; j < 16; j++) _mm512_store_si512((void *)d16[j], FN(lanes_d)(LB, total, acc[j]));
             for (int half = 0; half < 2; half++) {
                 __m512i v[16];
                 for (int j = 0; j < 16; j++)
@@ -907,10 +925,12 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, const int H
                 FN(transpose16)(v);
                 for (int j = 0; j < 16; j++) _mm512_store_si512((void *)d[16 * half + j], v[j]);
             }
-        } else {
-            for (int j = 0; j < 16; j++) acc[j] = _mm512_sub_epi32(total, _mm512_slli_epi32(acc[j], 1));
+        } else { /* (64-bit lanes: narrowed to 32 bits, 8 pixels in the low half) */
+            for (int j = 0; j < 16; j++)
+                acc[j] = LB == 32 ? FN(lanes_d)(LB, total, acc[j])
+                                  : _mm512_castsi256_si512(_mm512_cvtepi64_epi32(FN(lanes_d)(LB, total, acc[j])));
             FN(transpose16)(acc);
-            for (int j = 0; j < 16; j++) _mm512_store_si512((void *)d[j], acc[j]);
+            for (int j = 0; j < 512 / LB; j++) _mm512_store_si512((void *)d[j], acc[j]);
         }
         FN(avx512_lanes_finish)(a, r * a->Wo + ox, m, ob, (const int32_t(*)[16])d);
     }
@@ -919,8 +939,8 @@ FN(avx512_lanes)(const bconv_args *a, const int NARROW, const int S, const int H
 /* Does the convolution take its pixels in lanes (avx512_lanes)? */
 static inline int FN(lanes_fit)(const bconv_args *a)
 {
-    return a->C <= 32 && a->O % 16 == 0 && (a->sw == 1 || a->sw == 2) && a->KW <= LANES_MAX_KW &&
-           a->KH <= LANES_MAX_KW && a->sh <= LANES_MAX_KW;
+    return (a->C <= 32 ? a->sw == 1 || a->sw == 2 : a->C <= 64 && a->sw == 1) && a->O % 16 == 0 &&
+           a->KW <= LANES_MAX_KW && a->KH <= LANES_MAX_KW && a->sh <= LANES_MAX_KW;
 }
 
 /* Rows r .. of avx512_lanes, up to r1 and within one image: as many as one plane of
@@ -928,7 +948,7 @@ static inline int FN(lanes_fit)(const bconv_args *a)
  * pixels converts those rows once (those above and below the image as zeros), then runs
  * the chunk's rows, two at a time with HALF. Returns the next row. */
 static inline __attribute__((always_inline)) int64_t
-FN(lanes_chunk)(const bconv_args *a, const int NARROW, const int S, const int HALF, int64_t r,
+FN(lanes_chunk)(const bconv_args *a, const int LB, const int S, const int HALF, int64_t r,
                 int64_t r1, const uint32_t *w16)
 {
     const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
@@ -936,7 +956,7 @@ FN(lanes_chunk)(const bconv_args *a, const int NARROW, const int S, const int HA
     rows = rows < a->Ho - oy ? rows : a->Ho - oy;
     rows = rows < r1 - r ? rows : r1 - r;
     const int iy_first = oy * a->sh - a->ph, span = (int)(rows - 1) * a->sh + a->KH;
-    const int B = HALF ? a->Wo : NARROW ? 32 : 16;
+    const int B = HALF ? a->Wo : 512 / LB;
     uint32_t plane[PLANE_ROWS][PLANE_COLS] __attribute__((aligned(64)));
     uint32_t padded[LANES_MAX_KW];
     for (int ox = 0; ox < a->Wo; ox += B) {
@@ -947,7 +967,7 @@ FN(lanes_chunk)(const bconv_args *a, const int NARROW, const int S, const int HA
         for (int i = 0; i < span; i++) {
             const int iy = iy_first + i;
             const uint64_t *row = iy >= 0 && iy < a->H ? a->x + ((int64_t)n * a->H + iy) * a->W : NULL;
-            FN(lanes_plane_row)(a, NARROW, S, row, ox * S - a->pw, plane[i]);
+            FN(lanes_plane_row)(a, LB, S, row, ox * S - a->pw, plane[i]);
         }
         for (int q = 0; q < rows; q += HALF ? 2 : 1) {
             /* each row's taps along y inside the image (none, with padding beyond the
@@ -960,7 +980,7 @@ FN(lanes_chunk)(const bconv_args *a, const int NARROW, const int S, const int HA
                 ky[2 * h] = k0, ky[2 * h + 1] = k1;
             }
             const int two = HALF && q + 1 < rows;
-            FN(avx512_lanes)(a, NARROW, S, HALF, r + q, ky, ox, two ? 2 * m : m, w16, padded,
+            FN(avx512_lanes)(a, LB, S, HALF, r + q, ky, ox, two ? 2 * m : m, w16, padded,
                              (const uint32_t(*)[PLANE_COLS])plane[q * a->sh],
                              (const uint32_t(*)[PLANE_COLS])plane[(q + two) * a->sh]);
         }
@@ -968,22 +988,23 @@ FN(lanes_chunk)(const bconv_args *a, const int NARROW, const int S, const int HA
     return r + rows;
 }
 
-/* AVX-512 rows for O % 8 == 0. Convolutions of C <= 32 channels, O % 16 == 0, stride 1 or
- * 2 along x and windows up to LANES_MAX_KW wide and tall take their pixels sixteen at a
- * time (avx512_lanes), or 32 with w16 (C <= 16, stride 1); the others go through
- * avx512_pixels, two at a time where both have every tap inside the image. */
+/* AVX-512 rows for O % 8 == 0. Convolutions of C <= 64 channels, O % 16 == 0 and
+ * windows up to LANES_MAX_KW wide and tall take their pixels in lanes (avx512_lanes: C <=
+ * 32 at stride 1 or 2 along x, else stride 1; 16-bit lanes with w16); the others go
+ * through avx512_pixels, two at a time where both have every tap inside the image. */
 static inline __attribute__((always_inline)) void
 FN(bconv_rows_avx512_)(const bconv_args *a, int64_t r0, int64_t r1, int64_t *xoff, int64_t *woff,
                        const uint32_t *w16)
 {
     if (FN(lanes_fit)(a)) {
-        /* rows of 16 pixels (16-bit lanes) or 8 fill half a register: two at a time */
+        /* rows of 16 pixels (16-bit lanes) or 8 (32-bit) fill half a register: two at a time */
         const int half = 2 * a->Wo == (w16 ? 32 : 16);
         for (int64_t r = r0; r < r1;) {
-            if (w16 && a->sw == 2) r = FN(lanes_chunk)(a, 1, 2, 1, r, r1, w16);
-            else if (w16) r = half ? FN(lanes_chunk)(a, 1, 1, 1, r, r1, w16) : FN(lanes_chunk)(a, 1, 1, 0, r, r1, w16);
-            else if (a->sw == 1) r = half ? FN(lanes_chunk)(a, 0, 1, 1, r, r1, NULL) : FN(lanes_chunk)(a, 0, 1, 0, r, r1, NULL);
-            else r = half ? FN(lanes_chunk)(a, 0, 2, 1, r, r1, NULL) : FN(lanes_chunk)(a, 0, 2, 0, r, r1, NULL);
+            if (w16 && a->sw == 2) r = FN(lanes_chunk)(a, 16, 2, 1, r, r1, w16);
+            else if (w16) r = half ? FN(lanes_chunk)(a, 16, 1, 1, r, r1, w16) : FN(lanes_chunk)(a, 16, 1, 0, r, r1, w16);
+            else if (a->C > 32) r = FN(lanes_chunk)(a, 64, 1, 0, r, r1, NULL);
+            else if (a->sw == 1) r = half ? FN(lanes_chunk)(a, 32, 1, 1, r, r1, NULL) : FN(lanes_chunk)(a, 32, 1, 0, r, r1, NULL);
+            else r = half ? FN(lanes_chunk)(a, 32, 2, 1, r, r1, NULL) : FN(lanes_chunk)(a, 32, 2, 0, r, r1, NULL);
         }
         return;
     }
