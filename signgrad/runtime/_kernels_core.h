@@ -96,7 +96,7 @@ static inline void bconv_set_offsets(bconv_args *a, int64_t *rel)
 #include <immintrin.h>
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx2,fma,popcnt")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq,avx512bitalg,avx512vbmi2,avx2,fma,popcnt")
 #define SUFFIX avx512
 #define USE_AVX512 1
 #include "_kernels_impl.h"
@@ -144,16 +144,17 @@ typedef struct {
 static kernel_impl impl;
 static const char *impl_name = "generic";
 
-/* Pick the best variant this CPU runs: AVX-512 VPOPCNTDQ, then AVX2+POPCNT on x86-64;
- * NEON on aarch64, where every CPU has it. */
+/* Pick the best variant this CPU runs: AVX-512 VPOPCNTDQ (with BITALG and VBMI2, which
+ * every CPU with both VPOPCNTDQ and BITALG has: Ice Lake and later, Zen 4 and later),
+ * then AVX2+POPCNT on x86-64; NEON on aarch64, where every CPU has it. */
 static void select_impl(void)
 {
     impl = KERNEL_IMPL("generic", generic);
 #ifdef X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512bitalg") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq"))
+        __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
         impl = KERNEL_IMPL("avx512-vpopcntdq", avx512);
     else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("popcnt"))

@@ -830,13 +830,15 @@ FN(lanes_below)(const int LB, __m512i total, __m512i count, int t)
                       : _mm512_cmplt_epi64_mask(d, tv);
 }
 
-/* The lanes of v above k. */
-static inline __attribute__((always_inline)) uint32_t FN(lanes_above)(const int LB, __m512i v, int k)
+/* res shifted left by one, with bit 0 set in the lanes where v is above k: the sign of
+ * k - v (VPSHLD concatenates and shifts; |k|, |v| <= 16384, so k - v does not wrap). */
+static inline __attribute__((always_inline)) __m512i
+FN(lanes_shift_in_sign)(const int LB, __m512i res, __m512i v, int k)
 {
     const __m512i kv = FN(lanes_set1)(LB, k);
-    return LB == 16   ? _mm512_cmpgt_epi16_mask(v, kv)
-           : LB == 32 ? _mm512_cmpgt_epi32_mask(v, kv)
-                      : _mm512_cmpgt_epi64_mask(v, kv);
+    return LB == 16   ? _mm512_shldi_epi16(res, _mm512_sub_epi16(kv, v), 1)
+           : LB == 32 ? _mm512_shldi_epi32(res, _mm512_sub_epi32(kv, v), 1)
+                      : _mm512_shldi_epi64(res, _mm512_sub_epi64(kv, v), 1);
 }
 
 /* Output pixels [ox, ox + m) of row r of a convolution with O % 16 == 0, with the pixels
@@ -900,13 +902,16 @@ FN(avx512_lanes)(const bconv_args *a, const int LB, const int S, const int HALF,
             }
         }
         if (a->sign_t) { /* only the signs, from the thresholds: no transpose */
-            /* lane p: the bits of pixel ox + p; adds 1 << j (bit j, set once) where d < t */
+            /* lane p: the bits of pixel ox + p. With sign_k, channel j's bit is the sign of
+             * k - count, shifted in from the top (VPSHLD, from channel 15 down); else it
+             * adds 1 << j (bit j, set once) where d < t. */
             __m512i res = _mm512_setzero_si512();
-            for (int j = 0; j < 16; j++) {
-                const uint32_t below = a->sign_k ? FN(lanes_above)(LB, acc[j], a->sign_k[ob + j])
-                                                 : FN(lanes_below)(LB, total, acc[j], a->sign_t[ob + j]);
-                res = FN(lanes_mask_sub)(LB, res, below, -(1 << j));
-            }
+            if (a->sign_k)
+                for (int j = 15; j >= 0; j--) res = FN(lanes_shift_in_sign)(LB, res, acc[j], a->sign_k[ob + j]);
+            else
+                for (int j = 0; j < 16; j++)
+                    res = FN(lanes_mask_sub)(LB, res, FN(lanes_below)(LB, total, acc[j], a->sign_t[ob + j]),
+                                             -(1 << j));
             const int flip = (int)(uint16_t)(a->sign_flip[ob / 64] >> (ob % 64));
             res = _mm512_xor_si512(res, FN(lanes_set1)(LB, flip));
             FN(lanes_store_bits)(a, LB, r, ox, m, ob, res);
