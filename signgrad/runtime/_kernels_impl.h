@@ -920,15 +920,12 @@ FN(avx512_lanes)(const bconv_args *a, const int LB, const int S, const int HALF,
         /* d = total - 2 count in the lanes, then through memory, indexed by pixel (in
          * registers they would be spilled in the loop) */
         int32_t d[32][16] __attribute__((aligned(64)));
-        if (LB == 16) { /* to 32 bits, then per half of the pixels */
-            int16_t d16[16][32] __attribute__((aligned(64)));
-            for (int j = 0; j < 16; j++) _mm512_store_si512((void *)d16[j], FN(lanes_d)(LB, total, acc[j]));
-            for (int half = 0; half < 2; half++) {
-                __m512i v[16];
-                for (int j = 0; j < 16; j++)
-                    v[j] = _mm512_cvtepi16_epi32(_mm256_load_si256((const __m256i *)(d16[j] + 16 * half)));
-                FN(transpose16)(v);
-                for (int j = 0; j < 16; j++) _mm512_store_si512((void *)d[16 * half + j], v[j]);
+        if (LB == 16) { /* transposed as 32-bit pairs of pixels, then split and widened */
+            for (int j = 0; j < 16; j++) acc[j] = FN(lanes_d)(LB, total, acc[j]);
+            FN(transpose16)(acc);
+            for (int i = 0; i < 16; i++) {
+                _mm512_store_si512((void *)d[2 * i], _mm512_srai_epi32(_mm512_slli_epi32(acc[i], 16), 16));
+                _mm512_store_si512((void *)d[2 * i + 1], _mm512_srai_epi32(acc[i], 16));
             }
         } else { /* (64-bit lanes: narrowed to 32 bits, 8 pixels in the low half) */
             for (int j = 0; j < 16; j++)
