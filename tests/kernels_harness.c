@@ -111,8 +111,8 @@ static const case_t CASES[] = {
     /* 11 x 11 windows at 16-bit lanes: a row's window of 42 words, past 40 */
     {1, 12, 40, 8, 16, 11, 1, 5, ACT_RELU, 1, 1, 0},
     {1, 13, 37, 14, 16, 11, 1, 5, ACT_HARDTANH, 0, 1, 0, 0, 1},
-    /* images taller than one plane of input rows (the pixel-lane paths take 30 output
-     * rows of a 3 x 3 window at a time, 15 at stride 2): chunks inside an image */
+    /* images taller than one plane of input rows (the pixel-lane paths take 32 output
+     * rows of a 3 x 3 window at a time, 16 at stride 2): chunks inside an image */
     {2, 40, 35, 16, 16, 3, 1, 1, ACT_HARDTANH, 1, 1, 0},
     {1, 45, 20, 16, 32, 3, 1, 1, ACT_RELU, 0, 1, 0, 0, 1},
     {2, 34, 18, 24, 16, 3, 1, 1, ACT_PRELU, 1, 1, 16},
@@ -137,6 +137,10 @@ static const case_t CASES[] = {
     {1, 35, 19, 64, 64, 3, 1, 1, ACT_HARDTANH, 1, 1, 0},
     {1, 6, 10, 50, 32, 5, 1, 2, ACT_PRELU, 0, 1, 32, 0, 1},
     {1, 5, 9, 63, 16, 3, 1, 1, ACT_RELU, 0, 1, 0, 0, 1},
+    /* two rows a register across chunks: 16 + 4 rows at stride 2; an odd chunk size
+     * (4 x 4 windows: 31 rows) made even, 30 + 9 */
+    {1, 40, 32, 16, 16, 3, 2, 1, ACT_HARDTANH, 1, 1, 0},
+    {1, 40, 17, 12, 16, 4, 1, 1, ACT_RELU, 1, 1, 0},
 };
 
 #define GUARD 256 /* bytes */

@@ -733,9 +733,10 @@ FN(lane_taps)(const bconv_args *a, int S, int ox, int m, uint32_t *padded)
  * 32 or all 64 bits of each), so that a tap's lanes are one unaligned load. A plane row
  * of PLANE_COLS 32-bit lanes covers a block's widest window (32 pixels and 15 more words
  * at stride 1, or 16 at stride 2: 2 x 15 + 16; with 64-bit lanes 8 pixels and 15 more);
- * PLANE_ROWS rows make a chunk of output rows. */
+ * PLANE_ROWS rows make a chunk of output rows: 34 take a whole image of 32 rows through
+ * a 3 x 3 window, or of 16 at stride 2, at once. */
 #define PLANE_COLS 48
-#define PLANE_ROWS 32
+#define PLANE_ROWS 34
 
 /* One plane row (see PLANE_COLS): the words of row from image column c0 on, those outside
  * the image (and all of them for a row outside it, NULL) as 0 (masked loads: no other
@@ -946,7 +947,8 @@ static inline int FN(lanes_fit)(const bconv_args *a)
 }
 
 /* Rows r .. of avx512_lanes, up to r1 and within one image: as many as one plane of
- * PLANE_ROWS input rows covers (at least 2: KH and sh are at most 16). Each block of
+ * PLANE_ROWS input rows covers (at least 2: KH and sh are at most 16; an even number
+ * with HALF unless the image or r1 ends the chunk, so that no pair is split). Each block of
  * pixels converts those rows once (those above and below the image as zeros), then runs
  * the chunk's rows, two at a time with HALF. Returns the next row. */
 static inline __attribute__((always_inline)) int64_t
@@ -955,8 +957,8 @@ FN(lanes_chunk)(const bconv_args *a, const int LB, const int S, const int HALF, 
 {
     const int n = (int)(r / a->Ho), oy = (int)(r % a->Ho);
     int64_t rows = (PLANE_ROWS - a->KH) / a->sh + 1;
-    rows = rows < a->Ho - oy ? rows : a->Ho - oy;
-    rows = rows < r1 - r ? rows : r1 - r;
+    const int64_t left = a->Ho - oy < r1 - r ? a->Ho - oy : r1 - r;
+    rows = HALF && rows < left ? rows / 2 * 2 : rows < left ? rows : left;
     const int iy_first = oy * a->sh - a->ph, span = (int)(rows - 1) * a->sh + a->KH;
     const int B = HALF ? a->Wo : 512 / LB;
     uint32_t plane[PLANE_ROWS][PLANE_COLS] __attribute__((aligned(64)));
