@@ -368,9 +368,9 @@ static int FN(sign_thresholds)(const bconv_args *a, int32_t *t, uint64_t *flip)
 
 /* The sign words of lanes' pixels, m of them from pixel ox of row r, into channels ob ..
  * ob + 15: lane p of res holds pixel ox + p's bits in its low 16 bits (lanes of LB
- * bits: 32 pixels of 16 bits, 16 of 32 or 8 of 64). With one word a pixel (O <= 64) they are
- * widened eight at a time and stored as they lie (ob % 64 == 0, the first to write the
- * word) or OR-ed in; otherwise a word at a time. */
+ * bits: 32 pixels of 16 bits, 16 of 32 or 8 of 64). With one word a pixel (O <= 64)
+ * they are widened eight at a time and stored as they lie (ob % 64 == 0, the first to
+ * write the word) or OR-ed in; otherwise a word at a time. */
 static inline __attribute__((always_inline)) void
 FN(lanes_store_bits)(const bconv_args *a, const int LB, int64_t r, int ox, int m, int ob,
                      __m512i res)
@@ -931,7 +931,7 @@ FN(avx512_lanes)(const bconv_args *a, const int LB, const int S, const int HALF,
         } else { /* (64-bit lanes: narrowed to 32 bits, 8 pixels in the low half) */
             for (int j = 0; j < 16; j++)
                 acc[j] = LB == 32 ? FN(lanes_d)(LB, total, acc[j])
-                                  : _mm512_castsi256_si512(_mm512_cvtepi64_epi32(FN(lanes_d)(LB, total, acc[j])));
+                                  : _mm512_zextsi256_si512(_mm512_cvtepi64_epi32(FN(lanes_d)(LB, total, acc[j])));
             FN(transpose16)(acc);
             for (int j = 0; j < 512 / LB; j++) _mm512_store_si512((void *)d[j], acc[j]);
         }
@@ -948,9 +948,9 @@ static inline int FN(lanes_fit)(const bconv_args *a)
 
 /* Rows r .. of avx512_lanes, up to r1 and within one image: as many as one plane of
  * PLANE_ROWS input rows covers (at least 2: KH and sh are at most 16; an even number
- * with HALF unless the image or r1 ends the chunk, so that no pair is split). Each block of
- * pixels converts those rows once (those above and below the image as zeros), then runs
- * the chunk's rows, two at a time with HALF. Returns the next row. */
+ * with HALF unless the image or r1 ends the chunk, so that no pair is split). Each
+ * block of pixels converts those rows once (those above and below the image as zeros),
+ * then runs the chunk's rows, two at a time with HALF. Returns the next row. */
 static inline __attribute__((always_inline)) int64_t
 FN(lanes_chunk)(const bconv_args *a, const int LB, const int S, const int HALF, int64_t r,
                 int64_t r1, const uint32_t *w16)
@@ -997,7 +997,7 @@ FN(lanes_chunk)(const bconv_args *a, const int LB, const int S, const int HALF, 
  * 32 at stride 1 or 2 along x, else stride 1; 16-bit lanes with w16); the others go
  * through avx512_pixels, two at a time where both have every tap inside the image. */
 static inline __attribute__((always_inline)) void
-FN(bconv_rows_avx512_)(const bconv_args *a, int64_t r0, int64_t r1, int64_t *xoff, int64_t *woff,
+FN(avx512_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t *xoff, int64_t *woff,
                        const uint32_t *w16)
 {
     if (FN(lanes_fit)(a)) {
@@ -1060,7 +1060,7 @@ static void FN(bconv_rows)(const bconv_args *a, int64_t r0, int64_t r1, int64_t 
                 b.sign_k = k;
             }
         }
-        FN(bconv_rows_avx512_)(&b, r0, r1, xoff, woff, narrow ? w16 : NULL);
+        FN(avx512_rows)(&b, r0, r1, xoff, woff, narrow ? w16 : NULL);
         return;
     }
 #endif
