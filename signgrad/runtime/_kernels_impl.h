@@ -698,7 +698,9 @@ FN(lanes_finish_act)(const bconv_args *a, const int act, int64_t pix, int m, int
     }
 }
 
-static inline __attribute__((always_inline)) void
+/* Out of line: inlined into the pixel-lane kernel, whose accumulators hold most registers,
+ * GCC kept the loop's pointers on the stack and reloaded one per pixel. */
+static __attribute__((noinline)) void
 FN(avx512_lanes_finish)(const bconv_args *a, int64_t pix, int m, int ob, const int32_t (*d)[16])
 {
     switch (a->act) {
