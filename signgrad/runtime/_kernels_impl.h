@@ -978,14 +978,14 @@ FN(lanes_chunk)(const bconv_args *a, const int LB, const int S, const int HALF, 
         for (int q = 0; q < rows; q += HALF ? 2 : 1) {
             /* each row's taps along y inside the image (none, with padding beyond the
              * kernel); a missing second row has none */
+            const int two = HALF && q + 1 < rows;
             int ky[4] = {0, 0, 0, 0};
-            for (int h = 0; h < (HALF && q + 1 < rows ? 2 : 1); h++) {
+            for (int h = 0; h <= two; h++) {
                 const int iy0 = iy_first + (q + h) * a->sh;
                 int k0 = iy0 < 0 ? -iy0 : 0, k1 = a->H - iy0 < a->KH ? a->H - iy0 : a->KH;
                 if (k1 <= k0) k0 = k1 = 0;
                 ky[2 * h] = k0, ky[2 * h + 1] = k1;
             }
-            const int two = HALF && q + 1 < rows;
             FN(avx512_lanes)(a, LB, S, HALF, r + q, ky, ox, two ? 2 * m : m, w16, padded,
                              (const uint32_t(*)[PLANE_COLS])plane[q * a->sh],
                              (const uint32_t(*)[PLANE_COLS])plane[(q + two) * a->sh]);
